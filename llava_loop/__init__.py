@@ -1,0 +1,27 @@
+"""llava_loop: a plain-PyTorch training loop for finetuning LLaVA-style vision-language models.
+
+Example:
+    >>> from llava_loop import fit, LoopConfig
+    >>> from llava_loop.testing import tiny_llava, synthetic_vqa
+    >>> model, processor = tiny_llava()
+    >>> loop = fit(model, processor, synthetic_vqa(32), synthetic_vqa(8, seed=1),
+    ...            config=LoopConfig(output_dir="run", max_steps=4))  # doctest: +SKIP
+"""
+
+from .callbacks import EVENTS, Callback, EarlyStopping
+from .collators import EvalCollator, TrainCollator
+from .config import LoopConfig
+from .loop import Loop, LoopState, fit
+
+__all__ = [
+    "EVENTS",
+    "Callback",
+    "EarlyStopping",
+    "EvalCollator",
+    "Loop",
+    "LoopConfig",
+    "LoopState",
+    "TrainCollator",
+    "fit",
+]
+__version__ = "0.1.0"

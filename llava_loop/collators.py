@@ -1,0 +1,351 @@
+"""Collators: records in, model-ready batches out.
+
+`TrainCollator` renders the whole conversation with the processor's chat template and trains only on
+the assistant answers (plus their end-of-turn token), right-padded. `EvalCollator` renders the
+conversation up to the final answer with the generation prompt, left-padded, and passes the
+references through. Both find the answers in the *rendered text* and map characters to tokens with
+the tokenizer's offsets, so they work the same for templates with and without ``{% generation %}``
+markers and never tokenize pieces separately (which is where SentencePiece "tokenization mismatch"
+bugs come from).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .data import BadSampleError, SkippedSample, record_images
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+# Keys that describe the batch rather than feed the model.
+META_KEYS = ("ids", "references", "prompts", "skipped", "num_truncated")
+
+
+@dataclass
+class RenderedSample:
+    """One record rendered to text, with the character spans that carry a loss."""
+
+    id: str
+    text: str
+    images: list
+    spans: list[tuple[int, int]]
+    add_special_tokens: bool
+
+
+class ChatRenderer:
+    """Turns records into chat-template text and finds every assistant answer in it.
+
+    The end of each answer is extended over the end-of-turn token that the template emits right
+    after it (``</s>``, ``<|im_end|>``, ``<|eot_id|>``, ...); where the template emits none, the
+    tokenizer's EOS is inserted so that the model learns to stop.
+    """
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.image_token = getattr(processor, "image_token", "<image>")
+        if getattr(processor, "chat_template", None) is None and self.tokenizer.chat_template is None:
+            raise ValueError(
+                "the processor has no chat template; set processor.chat_template (the llava-hf "
+                "template is llava_loop.testing.LLAVA_TEMPLATE)"
+            )
+        eos = self.tokenizer.eos_token
+        if eos is None:
+            raise ValueError("the tokenizer has no eos_token; set one so the model can learn to stop")
+        self.eos_token = eos
+        specials = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        specials.update(self.tokenizer.all_special_tokens)
+        specials.discard(self.image_token)
+        specials.discard(self.tokenizer.pad_token)
+        # Longest first so "<|im_end|>" wins over a shorter token it starts with.
+        self.end_of_turn_tokens = sorted(specials, key=len, reverse=True)
+
+    def messages(self, record: dict) -> list[dict]:
+        """Convert LLaVA ``conversations`` to chat-template messages, images at their markers."""
+        roles = {"human": "user", "gpt": "assistant", "system": "system"}
+        messages = []
+        for turn in record["conversations"]:
+            content = []
+            for k, piece in enumerate(turn["value"].split(self.image_token)):
+                if k > 0:
+                    content.append({"type": "image"})
+                if piece.strip():
+                    content.append({"type": "text", "text": piece.strip()})
+            messages.append({"role": roles[turn["from"]], "content": content})
+        return messages
+
+    def _apply(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def render(self, record: dict, *, for_generation: bool = False) -> RenderedSample:
+        """Render a record; with ``for_generation``, up to the generation prompt of the final answer."""
+        messages = self.messages(record)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise BadSampleError(record["id"], record.get("source", "<memory>"), "no assistant turn")
+        if for_generation:
+            history = self._apply(messages[:last])
+            prompt = self._apply(messages[:last], add_generation_prompt=True)
+            if not prompt.startswith(history):
+                raise ValueError(
+                    "the chat template renders a conversation differently once the generation prompt "
+                    "is added; llava_loop needs the generation prompt to be a suffix"
+                )
+            text, _ = self._mark_answers(messages[:last], history)
+            text, spans = text + prompt[len(history) :], []
+        else:
+            text, spans = self._mark_answers(messages[: last + 1], self._apply(messages[: last + 1]))
+            text = text.rstrip()
+        bos = self.tokenizer.bos_token
+        return RenderedSample(
+            id=record["id"],
+            text=text,
+            images=record_images(record),
+            spans=spans,
+            add_special_tokens=not (bos and text.startswith(bos)),
+        )
+
+    def _mark_answers(self, messages: list[dict], rendered: str) -> tuple[str, list[tuple[int, int]]]:
+        """Find each assistant answer in ``rendered``; extend it over, or insert, its end-of-turn token."""
+        original, text = rendered, rendered
+        spans: list[tuple[int, int]] = []
+        inserted = cursor = 0  # characters of EOS inserted so far; end of the previous answer
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            answer = "".join(c["text"] for c in message["content"] if c["type"] == "text")
+            # Search from the end of this turn's prompt, so an answer word that also occurs in the
+            # question is not matched there.
+            start = cursor
+            for prompt in (self._apply(messages[:i], add_generation_prompt=True), self._apply(messages[:i])):
+                if original.startswith(prompt):
+                    start = max(cursor, len(prompt) + inserted)
+                    break
+            pos = text.find(answer, start)
+            if pos < 0 or not answer:
+                raise ValueError(
+                    f"the chat template does not render assistant answer {answer[:60]!r} verbatim; "
+                    "llava_loop needs the answer text to appear in the rendered conversation"
+                )
+            end = pos + len(answer)
+            tail = text[end:].lstrip(" ")
+            eot = next((t for t in self.end_of_turn_tokens if tail.startswith(t)), None)
+            if eot is not None:
+                end = len(text) - len(tail) + len(eot)
+            else:
+                text = text[:end] + self.eos_token + text[end:]
+                end += len(self.eos_token)
+                inserted += len(self.eos_token)
+            spans.append((pos, end))
+            cursor = end
+        return text, spans
+
+
+class _Collator:
+    def __init__(
+        self,
+        processor: Any,
+        *,
+        pad_token_id: int | None = None,
+        on_bad_sample: str = "raise",
+    ):
+        if on_bad_sample not in ("raise", "skip"):
+            raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
+        self.processor = processor
+        self.renderer = ChatRenderer(processor)
+        self.tokenizer = self.renderer.tokenizer
+        if pad_token_id is None:
+            pad_token_id = self.tokenizer.pad_token_id
+        if pad_token_id is None:
+            raise ValueError("the tokenizer has no pad_token; set tokenizer.pad_token or pass pad_token_id")
+        self.pad_token_id = pad_token_id
+        self.on_bad_sample = on_bad_sample
+        self.image_token_id = getattr(processor, "image_token_id", None)
+
+    def _encode(self, sample: RenderedSample) -> dict[str, torch.Tensor]:
+        """Run the processor on one sample (it expands image markers and processes images)."""
+        kwargs = {"text": [sample.text], "return_tensors": "pt", "add_special_tokens": sample.add_special_tokens}
+        if sample.images:
+            kwargs["images"] = sample.images
+        return dict(self.processor(**kwargs))
+
+    def _token_mask(self, sample: RenderedSample, input_ids: torch.Tensor) -> torch.Tensor:
+        """True for tokens of ``input_ids`` (processor output) overlapping a loss span."""
+        enc = self.tokenizer(
+            sample.text, add_special_tokens=sample.add_special_tokens, return_offsets_mapping=True
+        )
+        flags = [any(s < b and e > a for s, e in sample.spans) and b > a for a, b in enc["offset_mapping"]]
+        # The processor repeats each image token N times; walk both sequences with runs collapsed.
+        out = torch.zeros(len(input_ids), dtype=torch.bool)
+        j = 0
+        ids = enc["input_ids"]
+        full = input_ids.tolist()
+        i = 0
+        while i < len(ids):
+            if j >= len(full) or ids[i] != full[j]:
+                raise ValueError(
+                    f"sample {sample.id!r}: the processor's tokens differ from the tokenizer's at "
+                    f"token {i}; cannot place the labels safely"
+                )
+            if ids[i] == self.image_token_id:
+                while i < len(ids) and ids[i] == self.image_token_id:
+                    i += 1
+                while j < len(full) and full[j] == self.image_token_id:
+                    j += 1
+                continue
+            out[j] = flags[i]
+            i += 1
+            j += 1
+        if j != len(full):
+            raise ValueError(f"sample {sample.id!r}: processor output is longer than the tokenized text")
+        return out
+
+    def _bad(self, record_id: str, source: str, reason: str, skipped: list) -> None:
+        if self.on_bad_sample == "raise":
+            raise BadSampleError(record_id, source, reason)
+        logger.warning("skipping sample %r (%s): %s", record_id, source, reason)
+        skipped.append(SkippedSample(record_id, source, reason))
+
+    def _batch(self, encoded: list[dict[str, torch.Tensor]], left: bool, extra: dict) -> dict[str, Any]:
+        """Pad per-token tensors (same shape as ``input_ids``), concatenate image tensors along dim 0."""
+        batch: dict[str, Any] = {}
+        longest = max((e["input_ids"].shape[-1] for e in encoded), default=0)
+        for key in dict.fromkeys(k for e in encoded for k in e):
+            values = [e[key] for e in encoded if key in e]
+            if all(key in e and e[key].shape == e["input_ids"].shape for e in encoded):
+                fill = {"input_ids": self.pad_token_id, "labels": self.ignore_index}.get(key, 0)
+                batch[key] = torch.cat([_pad(v, longest, fill, left) for v in values])
+            else:
+                batch[key] = _cat_images(values, key)
+        batch.update(extra)
+        return batch
+
+
+class TrainCollator(_Collator):
+    """Prompt + answers → ``input_ids, attention_mask, labels, pixel_values`` (right padded).
+
+    ``labels`` equal ``input_ids`` on the tokens of every assistant answer and its end-of-turn/EOS
+    token (EOS is inserted where the template emits none) and ``ignore_index`` everywhere else:
+    system text, prompts, image tokens and padding. With ``max_length`` the sequence is cut at the
+    end; a sample whose image tokens would be cut, or whose answers are cut away entirely, is a bad
+    sample (raised, or skipped and reported under ``batch["skipped"]``), never a loss-0 sample.
+
+    Args:
+        processor: A Hugging Face processor with a chat template (e.g. ``LlavaProcessor``).
+        max_length: Maximum tokens per sample, image tokens included; None keeps everything.
+        pad_token_id: Padding id for ``input_ids`` (default: the tokenizer's pad token).
+        ignore_index: Label value for tokens without loss.
+        on_bad_sample: ``"raise"`` or ``"skip"``.
+
+    Example:
+        >>> from llava_loop.testing import tiny_llava, synthetic_vqa
+        >>> model, processor = tiny_llava()
+        >>> batch = TrainCollator(processor)(synthetic_vqa(2))
+        >>> sorted(k for k in batch if k not in META_KEYS)
+        ['attention_mask', 'input_ids', 'labels', 'pixel_values']
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        max_length: int | None = None,
+        *,
+        pad_token_id: int | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        on_bad_sample: str = "raise",
+    ):
+        super().__init__(processor, pad_token_id=pad_token_id, on_bad_sample=on_bad_sample)
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be positive or None, got {max_length}")
+        self.max_length = max_length
+        self.ignore_index = ignore_index
+
+    def __call__(self, records: list) -> dict[str, Any]:
+        encoded, ids, skipped, truncated = [], [], [], 0
+        for record in records:
+            if isinstance(record, SkippedSample):
+                skipped.append(record)
+                continue
+            sample = self.renderer.render(record)
+            enc = self._encode(sample)
+            input_ids = enc["input_ids"][0]
+            mask = self._token_mask(sample, input_ids)
+            labels = torch.where(mask, input_ids, torch.full_like(input_ids, self.ignore_index))
+            if self.max_length is not None and len(input_ids) > self.max_length:
+                cut = self.max_length
+                if self.image_token_id is not None and (input_ids[cut:] == self.image_token_id).any():
+                    self._bad(sample.id, record.get("source", "<memory>"),
+                              f"{len(input_ids)} tokens with image tokens beyond max_length={cut}", skipped)
+                    continue
+                if not mask[:cut].any():
+                    self._bad(sample.id, record.get("source", "<memory>"),
+                              f"answer entirely truncated: {len(input_ids)} tokens > max_length={cut}", skipped)
+                    continue
+                enc = {k: (v[:, :cut] if v.dim() == 2 and v.shape[-1] == len(input_ids) else v) for k, v in enc.items()}
+                labels = labels[:cut]
+                truncated += 1
+            enc["labels"] = labels[None]
+            encoded.append(enc)
+            ids.append(sample.id)
+        return self._batch(encoded, left=False, extra={"ids": ids, "skipped": skipped, "num_truncated": truncated})
+
+
+class EvalCollator(_Collator):
+    """Prompt only (+ generation prompt) → left-padded ``input_ids`` for ``generate``.
+
+    The conversation is rendered up to, not including, the final assistant answer; earlier turns
+    appear exactly as in training. ``references`` holds, per sample, the final answer followed by
+    any extra ``answers``. The batch has no ``labels``: `Loop` refuses it for training.
+
+    Args:
+        processor: A Hugging Face processor with a chat template.
+        pad_token_id: Padding id (default: the tokenizer's pad token).
+        on_bad_sample: ``"raise"`` or ``"skip"``.
+
+    Example:
+        >>> from llava_loop.testing import tiny_llava, synthetic_vqa
+        >>> model, processor = tiny_llava()
+        >>> batch = EvalCollator(processor)(synthetic_vqa(2))
+        >>> batch["references"][0] == synthetic_vqa(2)[0]["answers"]
+        True
+    """
+
+    ignore_index = IGNORE_INDEX
+
+    def __call__(self, records: list) -> dict[str, Any]:
+        encoded, ids, refs, prompts, skipped = [], [], [], [], []
+        for record in records:
+            if isinstance(record, SkippedSample):
+                skipped.append(record)
+                continue
+            sample = self.renderer.render(record, for_generation=True)
+            encoded.append(self._encode(sample))
+            final = next(t["value"] for t in reversed(record["conversations"]) if t["from"] == "gpt")
+            refs.append(list(dict.fromkeys([final.strip(), *record.get("answers", [])])))
+            ids.append(sample.id)
+            prompts.append(sample.text)
+        return self._batch(
+            encoded, left=True, extra={"ids": ids, "references": refs, "prompts": prompts, "skipped": skipped}
+        )
+
+
+def _pad(t: torch.Tensor, length: int, fill: int, left: bool) -> torch.Tensor:
+    pad = t.new_full((t.shape[0], length - t.shape[-1]), fill)
+    return torch.cat([pad, t] if left else [t, pad], dim=-1)
+
+
+def _cat_images(values: list[torch.Tensor], key: str) -> torch.Tensor:
+    """Concatenate per-sample image tensors, zero-padding dim 1 where sizes differ (tiled images)."""
+    if values[0].dim() >= 2 and len({v.shape[1:] for v in values}) > 1:
+        if len({v.shape[2:] for v in values}) > 1:
+            raise ValueError(f"cannot batch {key!r}: per-sample shapes {[tuple(v.shape) for v in values]}")
+        most = max(v.shape[1] for v in values)
+        values = [torch.cat([v, v.new_zeros(v.shape[0], most - v.shape[1], *v.shape[2:])], 1) for v in values]
+    return torch.cat(values)

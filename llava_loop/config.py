@@ -1,0 +1,495 @@
+"""`LoopConfig`: every setting of a training run in one typed dataclass.
+
+The docstring under each field is its documentation and its CLI help, so keep it
+complete (units, sentinels). `__post_init__` validates and normalizes every field.
+
+Example:
+    >>> cfg = LoopConfig(learning_rate=1e-4, metric_for_best="rougeL")
+    >>> cfg.metric_for_best
+    'eval/rougeL'
+"""
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import itertools
+import json
+import math
+import re
+import textwrap
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+_NONE_STRINGS = ("none", "null")
+_POSITIVE = ("batch_size", "eval_batch_size", "grad_accum_steps", "lora_alpha")
+_POSITIVE += ("max_new_tokens", "num_beams", "max_length", "save_total_limit")
+_POSITIVE += ("eval_max_samples",)
+_NON_NEGATIVE = ("max_steps", "weight_decay", "warmup_steps", "max_grad_norm")
+_NON_NEGATIVE += ("lora_r", "eval_steps", "save_steps", "early_stopping_patience")
+_NON_NEGATIVE += ("log_steps", "num_workers", "max_bad_steps", "seed")
+# Name tokens meaning "lower is better" when greater_is_better is None.
+_LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ppl", "wer", "cer", "error"})
+
+
+@dataclass
+class LoopConfig:
+    """Settings of one finetuning run: schedule, optimizer, LoRA, eval, checkpoints.
+
+    Build it in code, from a YAML/JSON file (`from_file`) or from CLI flags
+    (`from_args`). Invalid values raise `ValueError` naming the field, the value and
+    what is allowed. A *step* is an optimizer step (`grad_accum_steps` batches).
+
+    Example:
+        >>> cfg = LoopConfig.from_dict({"num_epochs": 3, "lora_r": 8})
+        >>> cfg.save("run.yaml")  # doctest: +SKIP
+        >>> LoopConfig.from_file("run.yaml") == cfg  # doctest: +SKIP
+        True
+    """
+
+    output_dir: str = "llava_loop_output"
+    """Directory for checkpoints, logs and the saved config."""
+    num_epochs: float = 1.0
+    """Passes over the training data (> 0, fractions allowed); unused if max_steps>0."""
+    max_steps: int = 0
+    """Total optimizer steps; 0 = derived from num_epochs; > 0 overrides num_epochs."""
+    batch_size: int = 4
+    """Training samples per device per micro-step (one forward/backward)."""
+    eval_batch_size: int = 8
+    """Evaluation samples per device per batch."""
+    grad_accum_steps: int = 1
+    """Micro-steps (batches) accumulated into one optimizer step."""
+    learning_rate: float = 2e-4
+    """Peak learning rate (> 0) of the trained language-model / LoRA parameters."""
+    projector_lr: float | None = None
+    """Peak learning rate of the multimodal projector; None = learning_rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (>= 0)."""
+    lr_scheduler: str = "cosine"
+    """Learning-rate schedule: any transformers.SchedulerType value ("cosine", ...)."""
+    warmup_ratio: float = 0.03
+    """Fraction of the total optimizer steps spent warming up, in [0, 1)."""
+    warmup_steps: int = 0
+    """Warmup length in optimizer steps; > 0 overrides warmup_ratio."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping threshold; 0 = no clipping."""
+    precision: str = "auto"
+    """Training precision: "auto", "fp32", "bf16" or "fp16"; auto = bf16 on a GPU that
+    supports it, else fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations during backward to save memory (slower steps)."""
+    lora_r: int = 16
+    """LoRA rank; 0 = full finetune without LoRA."""
+    lora_alpha: int = 32
+    """LoRA scale numerator: adapter updates are scaled by lora_alpha / lora_r."""
+    lora_dropout: float = 0.05
+    """Dropout probability on the LoRA input, in [0, 1)."""
+    lora_target_modules: str | list[str] | None = None
+    """Modules that get LoRA: a list of module-name suffixes, or one full-match regex
+    string (config files only); None = every linear layer of the language model only."""
+    freeze_vision_tower: bool = True
+    """Keep the vision encoder frozen."""
+    train_projector: bool = True
+    """Fully train the multimodal projector (no LoRA on it)."""
+    max_length: int | None = None
+    """Tokens per training sample, image tokens included; None = no truncation."""
+    eval_steps: int = 0
+    """Optimizer steps between evaluations; 0 = no periodic eval (fit still evaluates
+    once at the end when eval data is given)."""
+    eval_each_epoch: bool = False
+    """Also evaluate at the end of every epoch."""
+    eval_before_training: bool = False
+    """Evaluate once before the first step (a step-0 baseline in metrics.jsonl)."""
+    save_steps: int = 0
+    """Optimizer steps between checkpoints; 0 = only the final checkpoint."""
+    save_total_limit: int | None = None
+    """Most checkpoints kept on disk, oldest deleted first; None = keep all. The best
+    checkpoint (by metric_for_best) is never deleted."""
+    metric_for_best: str | None = None
+    """Reported key that picks the best checkpoint, e.g. "eval/loss", "eval/rougeL"; a
+    key without "/" gets "eval/" prepended ("rougeL" -> "eval/rougeL"); None = none."""
+    greater_is_better: bool | None = None
+    """Whether a larger metric_for_best is better; None = inferred from its name (loss,
+    perplexity, ppl, wer, cer, error: lower is better; anything else: higher)."""
+    early_stopping_patience: int = 0
+    """Evaluations without improvement of metric_for_best before stopping; 0 = off.
+    Requires metric_for_best."""
+    log_steps: int = 10
+    """Optimizer steps between training-metric logs; 0 = no periodic logging."""
+    seed: int = 42
+    """Seed for the Python, NumPy and torch RNGs and data shuffling, in [0, 2**32)."""
+    resume_from: str | None = None
+    """Checkpoint to resume from: "latest" (newest in output_dir) or a checkpoint path;
+    None = start fresh."""
+    max_new_tokens: int = 64
+    """Maximum tokens generated per eval sample."""
+    num_beams: int = 1
+    """Beams for generation; 1 = no beam search. Combines with do_sample."""
+    do_sample: bool = False
+    """Sample during generation instead of greedy / beam decoding."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0); used only with do_sample."""
+    top_p: float = 1.0
+    """Nucleus-sampling probability mass in (0, 1]; 1 = off; only with do_sample."""
+    merge_lora_for_eval: bool = True
+    """Merge LoRA adapters before generating and unmerge after (faster eval)."""
+    eval_max_samples: int | None = None
+    """Cap on eval samples per evaluation (the first N); None = all."""
+    num_workers: int = 0
+    """DataLoader worker processes; 0 = load data in the main process."""
+    shuffle: bool = True
+    """Shuffle the training data every epoch."""
+    on_bad_sample: str = "raise"
+    """Sample that cannot be loaded or tokenized: "raise" or "skip" (with a warning)."""
+    max_bad_steps: int = 3
+    """Consecutive non-finite-loss steps tolerated (each skipped with a warning) before
+    stopping with an error; 0 = stop at the first."""
+    report_to: list[str] = field(default_factory=list)
+    """Trackers via accelerate, e.g. ["tensorboard"], ["wandb"]; [] or "none" = none."""
+    handle_signals: bool = True
+    """On SIGTERM/SIGINT finish the current step, save a checkpoint and exit cleanly."""
+
+    def __post_init__(self) -> None:
+        hints = _type_hints(type(self))
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]  # "wandb" -> ["wandb"]
+        if _is_none_word(self.report_to):
+            self.report_to = []
+        for name, annotation in hints.items():
+            setattr(self, name, _coerce(name, getattr(self, name), annotation))
+
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                or_none = " or None" if type(None) in _members(hints[name]) else ""
+                _fail(name, value, f"an int > 0{or_none}")
+        for name in _NON_NEGATIVE:
+            if not getattr(self, name) >= 0:  # `not >=` also catches NaN
+                _fail(name, getattr(self, name), "a number >= 0")
+        for name in ("num_epochs", "learning_rate", "projector_lr", "temperature"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                _fail(name, value, "a finite number > 0")
+        for name in ("warmup_ratio", "lora_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "a number in [0, 1)")
+        if not 0 < self.top_p <= 1:
+            _fail("top_p", self.top_p, "a number in (0, 1]")
+        if self.seed >= 2**32:
+            _fail("seed", self.seed, "an int in [0, 2**32)")
+
+        _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check_choice("on_bad_sample", self.on_bad_sample, ("raise", "skip"))
+        _check_choice("lr_scheduler", self.lr_scheduler, _scheduler_names())
+        for tracker in self.report_to:
+            _check_choice("report_to", tracker, _tracker_names())
+        targets = self.lora_target_modules
+        if targets is not None and not (targets and all(targets)):
+            _fail("lora_target_modules", targets, "None, a regex or module names")
+        if targets is not None and self.lora_r == 0:
+            _fail("lora_target_modules", targets, "None when lora_r=0 (no LoRA)")
+
+        if self.metric_for_best is not None:
+            if not self.metric_for_best.strip("/ "):
+                _fail("metric_for_best", self.metric_for_best, 'a key like "eval/loss"')
+            if "/" not in self.metric_for_best:
+                self.metric_for_best = f"eval/{self.metric_for_best}"
+        if self.early_stopping_patience > 0 and self.metric_for_best is None:
+            raise ValueError(
+                f"early_stopping_patience={self.early_stopping_patience} requires "
+                'metric_for_best (e.g. "eval/loss"); set it, or set '
+                "early_stopping_patience=0 to disable early stopping."
+            )
+
+    def resolved_precision(self, device: torch.device | str) -> str:
+        """Return the precision to train in on `device`: "fp32", "bf16" or "fp16".
+
+        "auto" is bf16 on a CUDA GPU that supports it, else fp32.
+
+        Raises:
+            ValueError: for fp16 on a CPU, or bf16 on a GPU without bf16 support.
+
+        Example:
+            >>> LoopConfig().resolved_precision(torch.device("cpu"))
+            'fp32'
+        """
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        if self.precision == "auto":
+            return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        if self.precision == "fp16" and device.type == "cpu":
+            raise ValueError(
+                'precision="fp16" is not supported on the CPU: accelerate applies no '
+                "fp16 autocast or loss scaling there (the run would silently be fp32) "
+                'and CPUs lack fast fp16 kernels. Use "bf16" (CPU autocast supports '
+                'it, no loss scaling needed) or "fp32".'
+            )
+        if self.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                f'precision="bf16" but {device} has no bfloat16 support; use "fp16" '
+                'or "fp32".'
+            )
+        return self.precision
+
+    def resolved_greater_is_better(self) -> bool:
+        """Return greater_is_better, or infer it from metric_for_best when None.
+
+        Raises:
+            ValueError: if metric_for_best is None (no metric to compare).
+        """
+        if self.metric_for_best is None:
+            raise ValueError("metric_for_best is None: there is no best metric.")
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        key = self.metric_for_best.rsplit("/", 1)[-1].lower()
+        return not _LOWER_IS_BETTER.intersection(re.split(r"[^a-z0-9]+", key))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a plain, JSON/YAML-serializable dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LoopConfig":
+        """Build a config from a mapping; missing keys keep their defaults.
+
+        Raises:
+            TypeError: if `d` is not a mapping.
+            ValueError: on unknown keys (with close-match suggestions) or bad values.
+        """
+        if not isinstance(d, Mapping):
+            raise TypeError(
+                f"Expected a mapping of field names, got {type(d).__name__}"
+            )
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [key for key in d if key not in names]
+        if unknown:
+            close = {k: difflib.get_close_matches(str(k), names, n=3) for k in unknown}
+            hints = [
+                f"{k!r} (did you mean {c}?)" if c else repr(k) for k, c in close.items()
+            ]
+            raise ValueError(f"Unknown {cls.__name__} keys: {', '.join(hints)}.")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as YAML (.yaml/.yml) or JSON (.json), creating parents."""
+        path = Path(path)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        elif path.suffix.lower() == ".json":
+            text = json.dumps(self.to_dict(), indent=2) + "\n"
+        else:
+            raise ValueError(f"Cannot save config to {path}: use .yaml, .yml or .json.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "LoopConfig":
+        """Load a YAML or JSON (by .json extension) config; an empty file = defaults.
+
+        Raises:
+            FileNotFoundError: if `path` does not exist.
+            ValueError: naming the file, on parse errors, unknown keys or bad values.
+        """
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        try:
+            is_json = path.suffix.lower() == ".json"
+            data = json.loads(text) if is_json else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ValueError(f"Could not parse config file {path}: {err}") from err
+        try:
+            return cls.from_dict({} if data is None else data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"Invalid config file {path}: {err}") from err
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Return {field name: docstring}; "" where the source is unavailable."""
+        return dict(_field_docs(cls))
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add a `--field-name` flag per field to `parser` (help = field docstring).
+
+        Bools get `--flag/--no-flag`; optional fields take "none"/"null" for None;
+        lists take one or more values. Every default is `argparse.SUPPRESS`, so only
+        flags given explicitly appear in the namespace. Returns `parser`.
+        """
+        group = parser.add_argument_group(f"{cls.__name__} options")
+        docs, hints = _field_docs(cls), _type_hints(cls)
+        for name, annotation in hints.items():
+            help_text = " ".join(docs.get(name, "").split()).replace("%", "%%")
+            kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
+            members = [m for m in _members(annotation) if m is not type(None)]
+            if members == [bool]:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif any(typing.get_origin(m) is list for m in members):
+                kwargs.update(nargs="+", metavar="STR")
+            else:
+                (scalar,) = members
+                optional = len(members) < len(_members(annotation))
+                kwargs["type"] = _none_or(scalar) if optional else scalar
+                kwargs["metavar"] = scalar.__name__.upper()
+            group.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)
+        return parser
+
+    @classmethod
+    def from_args(
+        cls,
+        namespace_or_argv: argparse.Namespace | Sequence[str] | None = None,
+        base: "LoopConfig | None" = None,
+    ) -> "LoopConfig":
+        """Return `base` (or the defaults) overridden by the flags that were given.
+
+        Args:
+            namespace_or_argv: a namespace from a parser set up with `add_arguments`
+                (non-field keys are ignored), or an argv list (None = sys.argv[1:]),
+                which may also hold `--config PATH`: a file loaded as the base.
+            base: config whose values are kept unless a flag overrides them.
+
+        Raises:
+            ValueError: on bad values, or if both `base` and `--config` are given.
+            TypeError: if given one string instead of a list of arguments.
+            SystemExit: on unknown or malformed flags in an argv list (argparse).
+
+        Example:
+            >>> LoopConfig.from_args(["--no-shuffle"]).shuffle
+            False
+        """
+        args = namespace_or_argv
+        if isinstance(args, str):
+            raise TypeError("from_args takes a list of arguments: use shlex.split(...)")
+        if not isinstance(args, argparse.Namespace):
+            parser = cls.add_arguments(argparse.ArgumentParser())
+            parser.add_argument("--config", help="YAML/JSON file; flags override it.")
+            args = parser.parse_args(args)
+            if args.config is not None and base is not None:
+                raise ValueError("Pass base or --config to from_args, not both.")
+            if args.config is not None:
+                base = cls.from_file(args.config)
+        hints = _type_hints(cls)
+        overrides = {k: v for k, v in vars(args).items() if k in hints}
+        for name, value in overrides.items():
+            nullable = type(None) in _members(hints[name])
+            if nullable and _is_none_word(value):
+                overrides[name] = None  # nargs="+" field given "none"
+        return cls.from_dict({**(base or cls()).to_dict(), **overrides})
+
+
+def _fail(name: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ValueError(f"{name}={value!r} is invalid: expected {allowed}.")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        _fail(name, value, f"one of {', '.join(map(repr, choices))}{hint}")
+
+
+def _is_none_word(value: Any) -> bool:
+    """Whether `value` is ["none"] or ["null"] (any case), a list flag meaning None."""
+    return (
+        isinstance(value, list)
+        and len(value) == 1
+        and str(value[0]).lower() in _NONE_STRINGS
+    )
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    """Members of a union (`int | None` -> (int, NoneType)), else (annotation,)."""
+    union = isinstance(annotation, types.UnionType)
+    union = union or typing.get_origin(annotation) is typing.Union
+    return typing.get_args(annotation) if union else (annotation,)
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Return `value` as `annotation` (int -> float, tuple -> list), or raise."""
+    for member in _members(annotation):
+        if member is type(None) and value is None:
+            return None
+        if isinstance(value, bool) and member is not bool:
+            continue  # bool is an int subclass; True is no learning rate
+        if member in (bool, int, str) and isinstance(value, member):
+            return value
+        if member is float and isinstance(value, int | float):
+            return float(value)
+        if member is float and isinstance(value, str):  # YAML 1.1 reads 2e-4 as str
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        is_list = typing.get_origin(member) is list and isinstance(value, list | tuple)
+        if is_list and all(isinstance(item, str) for item in value):
+            return list(value)
+    expected = " or ".join(_type_name(m) for m in _members(annotation))
+    _fail(name, value, f"{expected} (got {type(value).__name__})")
+
+
+def _type_name(annotation: Any) -> str:
+    if annotation is type(None):
+        return "None"
+    return str(annotation) if typing.get_origin(annotation) else annotation.__name__
+
+
+def _none_or(scalar: type) -> Callable[[str], Any]:
+    """An argparse `type=` mapping "none"/"null" to None and anything else to scalar."""
+
+    def parse(text: str) -> Any:
+        return None if text.lower() in _NONE_STRINGS else scalar(text)
+
+    parse.__name__ = scalar.__name__  # so argparse says "invalid int value"
+    return parse
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """Resolved field annotations, in field order."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+@functools.cache
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings of `cls` and its bases, parsed once from the source by `ast`."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue  # builtins, classes defined in a REPL, no source shipped
+        node = tree.body[0] if tree.body else None
+        body = node.body if isinstance(node, ast.ClassDef) else []
+        for stmt, after in itertools.pairwise(body):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[stmt.target.id] = inspect.cleandoc(after.value.value)
+    return {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+@functools.cache
+def _scheduler_names() -> tuple[str, ...]:
+    from transformers import SchedulerType  # lazy: importing transformers takes seconds
+
+    return tuple(s.value for s in SchedulerType)
+
+
+@functools.cache
+def _tracker_names() -> tuple[str, ...]:
+    from accelerate.utils import LoggerType
+
+    return tuple(t.value for t in LoggerType)

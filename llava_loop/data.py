@@ -1,0 +1,711 @@
+"""Datasets: LLaVA JSON / HF messages / in-memory records -> uniform records.
+
+Every dataset here yields *records*, the one format the collators consume::
+
+    {
+        "id": "abc",                                  # always a str
+        "image": PIL.Image | list[PIL.Image] | None,  # RGB, decoded; None = text-only
+        "conversations": [{"from": "human" | "gpt" | "system", "value": str}, ...],
+        "answers": ["...", ...],                      # optional extra references (eval)
+    }
+
+`<image>` (`IMAGE_TOKEN`) in a human turn marks where an image goes, one marker per image.
+
+Two phases, on purpose:
+
+* **Construction** normalises and validates the *structure* of every record (roles, empty
+  answers, marker/image counts, image files exist), so a broken dataset fails before training
+  starts rather than hours in.
+* **Indexing** (`dataset[i]`) decodes the images, lazily and without caching, so huge datasets
+  fit in memory. Corrupt images can only be found here.
+
+`on_bad_sample="raise"` (default) raises `BadSampleError` naming the sample, the file and what
+to do. `on_bad_sample="skip"` drops structurally bad records at construction (one warning each,
+kept in `VLDataset.skipped`) and returns a `SkippedSample` marker instead of a record when an
+image fails to decode; collators drop and report those. Nothing is ever dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image, ImageFile
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+"""Marks where an image goes in a human turn (LLaVA convention)."""
+
+OnBadSample = Literal["raise", "skip"]
+
+MEMORY_SOURCE = "<memory>"
+"""`source` of records that did not come from a file."""
+
+_ROLES = {
+    "human": "human",
+    "user": "human",
+    "gpt": "gpt",
+    "assistant": "gpt",
+    "system": "system",
+}
+# Errors Pillow raises for unreadable / corrupt / truncated files.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_warned_truncated_flag = False
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be used: names the sample, the file and what to do.
+
+    Attributes:
+        sample_id: The record's id (or ``"<file name>:<index>"`` when it has none).
+        source: The JSON/JSONL file the record came from, or ``"<memory>"``.
+        reason: What is wrong, without the advice.
+
+    Example:
+        >>> err = BadSampleError("abc", "data/train.json", "no gpt/assistant turn")
+        >>> str(err)  # doctest: +ELLIPSIS
+        "bad sample 'abc' (data/train.json): no gpt/assistant turn. Fix or remove ..."
+    """
+
+    def __init__(self, sample_id: str, source: str, reason: str) -> None:
+        self.sample_id = sample_id
+        self.source = source
+        self.reason = reason
+        super().__init__(
+            f"bad sample {sample_id!r} ({source}): {reason}. "
+            "Fix or remove the sample, or pass on_bad_sample='skip'."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuild from the three fields, not the formatted message, so pickling works.
+        return (type(self), (self.sample_id, self.source, self.reason))
+
+
+@dataclass
+class SkippedSample:
+    """Returned instead of a record in ``on_bad_sample="skip"`` mode.
+
+    Collators drop these from the batch and report them; the dataset logged a warning already.
+
+    Example:
+        >>> SkippedSample(id="abc", source="train.json", reason="corrupt image").id
+        'abc'
+    """
+
+    id: str
+    source: str
+    reason: str
+
+
+class VLDataset(torch.utils.data.Dataset):
+    """Map-style dataset of vision-language records, validated eagerly, decoded lazily.
+
+    Accepts raw records in any supported format (LLaVA ``conversations``, HF ``messages``,
+    or already-normalised records with PIL images) and normalises them with
+    `normalize_record` at construction. ``dataset[i]`` decodes the images of record ``i``
+    (RGB, nothing cached) and returns a fresh dict, or a `SkippedSample` in skip mode when an
+    image is unreadable.
+
+    Args:
+        records: Raw records, in order.
+        image_folder: Folder that relative image paths are relative to. Defaults to the
+            folder of ``source`` when it is a file, else the current directory.
+        source: Where the records came from (a file path, or ``"<memory>"``); used in
+            default ids and error messages.
+        on_bad_sample: ``"raise"`` (default) or ``"skip"``; see the module docstring.
+
+    Attributes:
+        source: As passed.
+        skipped: Records rejected at construction (skip mode only), in order.
+
+    Raises:
+        BadSampleError: A record is structurally invalid (raise mode).
+        ValueError: Bad ``on_bad_sample``, missing ``image_folder``, or no usable records.
+
+    Example:
+        >>> ds = VLDataset([{"conversations": [
+        ...     {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}])
+        >>> ds[0]["id"], ds[0]["image"]
+        ('<memory>:0', None)
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Any],
+        *,
+        image_folder: str | os.PathLike[str] | None = None,
+        source: str = MEMORY_SOURCE,
+        on_bad_sample: OnBadSample = "raise",
+    ) -> None:
+        _check_on_bad_sample(on_bad_sample)
+        if image_folder is not None and not os.path.isdir(image_folder):
+            raise ValueError(
+                f"image_folder {os.fspath(image_folder)!r} is not a directory "
+                f"(records from {source}). Pass the folder the image paths are relative to."
+            )
+        self.source = source
+        self.on_bad_sample = on_bad_sample
+        self.skipped: list[SkippedSample] = []
+        self._records: list[dict[str, Any]] = []
+        for index, raw in enumerate(records):
+            try:
+                record = normalize_record(
+                    raw, image_folder=image_folder, source=source, index=index
+                )
+            except BadSampleError as err:
+                if on_bad_sample == "raise":
+                    raise
+                self.skipped.append(
+                    SkippedSample(err.sample_id, err.source, err.reason)
+                )
+                logger.warning(
+                    "skipping bad sample %r (%s): %s",
+                    err.sample_id,
+                    err.source,
+                    err.reason,
+                )
+                continue
+            self._records.append(record)
+        total = len(self._records) + len(self.skipped)
+        if self.skipped:
+            logger.warning(
+                "skipped %d of %d records from %s (see dataset.skipped)",
+                len(self.skipped),
+                total,
+                source,
+            )
+        if not self._records:
+            detail = f"all {total} were rejected" if total else "it is empty"
+            raise ValueError(f"no usable records in {source}: {detail}.")
+        _warn_duplicate_ids(self._records, source)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
+        record = self._records[index]
+        sample_id = record["id"]
+        try:
+            if isinstance(record["image"], list):
+                image: Any = [
+                    load_image(x, sample_id=sample_id, source=self.source)
+                    for x in record["image"]
+                ]
+            elif record["image"] is not None:
+                image = load_image(
+                    record["image"], sample_id=sample_id, source=self.source
+                )
+            else:
+                image = None
+        except BadSampleError as err:
+            if self.on_bad_sample == "raise":
+                raise
+            logger.warning(
+                "skipping bad sample %r (%s): %s", err.sample_id, err.source, err.reason
+            )
+            return SkippedSample(err.sample_id, err.source, err.reason)
+        # A fresh dict (and fresh turn dicts) every time: collators may mutate what they get.
+        out: dict[str, Any] = {
+            "id": sample_id,
+            "image": image,
+            "conversations": [dict(turn) for turn in record["conversations"]],
+        }
+        if "answers" in record:
+            out["answers"] = list(record["answers"])
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(source={self.source!r}, records={len(self)}, "
+            f"skipped={len(self.skipped)})"
+        )
+
+
+def load_llava_json(
+    path: str | os.PathLike[str],
+    image_folder: str | os.PathLike[str] | None = None,
+    *,
+    on_bad_sample: OnBadSample = "raise",
+) -> VLDataset:
+    """Load a ``.json`` (a list of records) or ``.jsonl`` (one record per line) file.
+
+    Records may be in LLaVA or HF messages format, even mixed. Every record is validated
+    now; images are decoded later, in ``dataset[i]``.
+
+    Args:
+        path: The ``.json`` or ``.jsonl`` file.
+        image_folder: Folder that relative image paths are relative to; defaults to the
+            folder holding ``path``.
+        on_bad_sample: ``"raise"`` (default) or ``"skip"``.
+
+    Returns:
+        The validated `VLDataset`.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: Unreadable JSON (names the line and column), a top level that is not a
+            list, or an unsupported extension.
+        BadSampleError: A record is structurally invalid (raise mode).
+
+    Example:
+        >>> ds = load_llava_json("data/train.json", image_folder="data/images")  # doctest: +SKIP
+        >>> ds[0]["conversations"][0]["value"]  # doctest: +SKIP
+        '<image>\\nWhat is in the picture?'
+    """
+    _check_on_bad_sample(on_bad_sample)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".json", ".jsonl"):
+        raise ValueError(
+            f"{path}: unsupported dataset file type {suffix!r}; use .json or .jsonl."
+        )
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            records = (
+                _read_jsonl(f, path) if suffix == ".jsonl" else _read_json(f, path)
+            )
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: not UTF-8 text ({err}); save the file as UTF-8."
+        ) from err
+    return VLDataset(
+        records, image_folder=image_folder, source=path, on_bad_sample=on_bad_sample
+    )
+
+
+def as_dataset(
+    data: str | os.PathLike[str] | Sequence[dict[str, Any]] | torch.utils.data.Dataset,
+    image_folder: str | os.PathLike[str] | None = None,
+    *,
+    on_bad_sample: OnBadSample = "raise",
+) -> torch.utils.data.Dataset:
+    """Turn whatever the user passed as data into a dataset of records.
+
+    Args:
+        data: A ``.json``/``.jsonl`` path, a list of raw records (any supported format;
+            images as paths or PIL images), or a torch ``Dataset`` (returned unchanged).
+        image_folder: Folder that relative image paths are relative to.
+        on_bad_sample: ``"raise"`` (default) or ``"skip"``.
+
+    Returns:
+        A map-style dataset yielding records (or `SkippedSample` in skip mode).
+
+    Raises:
+        TypeError: ``data`` is none of the above.
+
+    Example:
+        >>> ds = as_dataset([{"messages": [
+        ...     {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]}])
+        >>> ds[0]["conversations"][1]
+        {'from': 'gpt', 'value': 'Hey'}
+    """
+    _check_on_bad_sample(on_bad_sample)
+    if isinstance(data, torch.utils.data.Dataset):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return load_llava_json(data, image_folder, on_bad_sample=on_bad_sample)
+    if isinstance(data, (list, tuple)):
+        return VLDataset(data, image_folder=image_folder, on_bad_sample=on_bad_sample)
+    raise TypeError(
+        f"cannot make a dataset from {type(data).__name__}; pass a .json/.jsonl path, "
+        "a list of records, or a torch.utils.data.Dataset."
+    )
+
+
+def normalize_record(
+    raw: Any,
+    *,
+    image_folder: str | os.PathLike[str] | None = None,
+    source: str = MEMORY_SOURCE,
+    index: int = 0,
+) -> dict[str, Any]:
+    """Normalise and validate one raw record's structure; images are not decoded.
+
+    Converts HF ``messages`` to LLaVA ``conversations``, maps roles to human/gpt/system,
+    resolves relative image paths and checks they exist, and inserts one ``"<image>\\n"`` per
+    image at the start of the first human turn when the text has no markers. One image is
+    stored as a single item, several as a list, none as ``None``.
+
+    Args:
+        raw: The record as read from JSON or given in memory.
+        image_folder: Folder that relative image paths are relative to; defaults to the
+            folder of ``source`` (when it is a file), else the current directory.
+        source: File the record came from, or ``"<memory>"``.
+        index: Position of the record in ``source``, for the default id.
+
+    Returns:
+        ``{"id", "image", "conversations"}`` plus ``"answers"`` when given; images are
+        resolved path strings or the PIL images given.
+
+    Raises:
+        BadSampleError: Anything structurally wrong, see the module docstring.
+
+    Example:
+        >>> normalize_record({"id": 7, "conversations": [
+        ...     {"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Yo"}]})
+        {'id': '7', 'image': None, 'conversations': [{'from': 'human', 'value': 'Hi'}, \
+{'from': 'gpt', 'value': 'Yo'}]}
+    """
+    raw_id = raw.get("id") if isinstance(raw, dict) else None
+    if raw_id is None or raw_id == "":
+        sample_id = f"{os.path.basename(source)}:{index}"
+    else:
+        sample_id = str(raw_id)
+
+    def bad(reason: str) -> BadSampleError:
+        return BadSampleError(sample_id, source, reason)
+
+    if not isinstance(raw, dict):
+        raise bad(f"a record must be a JSON object (dict), got {type(raw).__name__}")
+    if "conversations" in raw and "messages" in raw:
+        raise bad("has both 'conversations' and 'messages'; keep one")
+    turns = raw.get("conversations", raw.get("messages"))
+    if turns is None:
+        raise bad("no 'conversations' (LLaVA) or 'messages' (HF) list")
+    if not isinstance(turns, list):
+        raise bad(
+            f"'conversations'/'messages' must be a list, got {type(turns).__name__}"
+        )
+    if raw.get("image") is not None and raw.get("images") is not None:
+        raise bad("has both 'image' and 'images'; keep one")
+    images = raw.get("image", raw.get("images"))
+    if images is None:
+        images = []
+    elif not isinstance(images, list):
+        images = [images]
+
+    conversations = []
+    inline_images: list[Any] = []
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise bad(f"turn {t} must be a dict, got {type(turn).__name__}")
+        role = turn.get("from", turn.get("role"))
+        if role is None:
+            raise bad(f"turn {t} has no 'from' (or 'role')")
+        if "value" not in turn and "content" not in turn:
+            raise bad(f"turn {t} has no 'value' (or 'content')")
+        text = turn.get("value", turn.get("content"))
+        norm_role = _ROLES.get(role.strip().lower()) if isinstance(role, str) else None
+        if norm_role is None:
+            raise bad(
+                f"turn {t} has unknown role {role!r}; expected one of {sorted(_ROLES)}"
+            )
+        if isinstance(text, list):
+            text = _content_to_text(text, inline_images, bad, t)
+        elif not isinstance(text, str):
+            raise bad(
+                f"turn {t} ({role}) value must be a string, got {type(text).__name__}"
+            )
+        conversations.append({"from": norm_role, "value": text})
+    if inline_images:
+        if images:
+            raise bad(
+                "images are given both in 'images' and inside the message content; use one"
+            )
+        images = inline_images
+
+    roles = [turn["from"] for turn in conversations]
+    if "human" not in roles:
+        raise bad("no human/user turn")
+    if "gpt" not in roles:
+        raise bad("no gpt/assistant turn (nothing to learn or score)")
+    for t, turn in enumerate(conversations):
+        if turn["from"] == "gpt" and not turn["value"].strip():
+            raise bad(f"turn {t} (gpt) is an empty answer")
+        if turn["from"] != "human" and IMAGE_TOKEN in turn["value"]:
+            raise bad(
+                f"turn {t} ({turn['from']}) has an {IMAGE_TOKEN} marker; only human turns may"
+            )
+
+    n_markers = sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations)
+    if not images and n_markers:
+        raise bad(
+            f"text has {n_markers} {IMAGE_TOKEN} marker(s) but the record has no image"
+        )
+    if n_markers > len(images):
+        raise bad(
+            f"more {IMAGE_TOKEN} markers ({n_markers}) than images ({len(images)})"
+        )
+    if 0 < n_markers < len(images):
+        raise bad(
+            f"fewer {IMAGE_TOKEN} markers ({n_markers}) than images ({len(images)}); "
+            "put one marker per image, or none to place them all at the start"
+        )
+    if images and not n_markers:
+        first = roles.index("human")
+        conversations[first]["value"] = (
+            f"{IMAGE_TOKEN}\n" * len(images) + conversations[first]["value"]
+        )
+
+    if image_folder is not None:
+        folder: str | None = os.path.expanduser(os.fspath(image_folder))
+    elif source != MEMORY_SOURCE:
+        folder = os.path.dirname(source)
+    else:
+        folder = None
+    resolved = [_resolve_image(x, folder, bad) for x in images]
+
+    record: dict[str, Any] = {
+        "id": sample_id,
+        "image": None
+        if not resolved
+        else resolved[0]
+        if len(resolved) == 1
+        else resolved,
+        "conversations": conversations,
+    }
+    answers = raw.get("answers")
+    if answers is not None:
+        if isinstance(answers, str):
+            answers = [answers]
+        if not isinstance(answers, list) or not all(
+            isinstance(a, str) for a in answers
+        ):
+            raise bad("'answers' must be a list of strings")
+        record["answers"] = list(answers)
+    return record
+
+
+def load_image(
+    path_or_image: str | os.PathLike[str] | Image.Image, *, sample_id: str, source: str
+) -> Image.Image:
+    """Decode an image fully and return it as a new RGB image.
+
+    Transparent images (RGBA, LA, P with transparency) are composited onto white; 16-bit
+    grayscale is scaled to 8 bits; other modes (L, CMYK, 1, ...) are converted to RGB.
+    Truncated files are errors (``ImageFile.LOAD_TRUNCATED_IMAGES`` is never enabled here).
+
+    Args:
+        path_or_image: An image file path, or a PIL image (copied, never modified).
+        sample_id: Id of the record, for error messages.
+        source: File the record came from, for error messages.
+
+    Returns:
+        A fully loaded RGB image.
+
+    Raises:
+        BadSampleError: Missing, corrupt, truncated, zero-size or too-large image.
+
+    Example:
+        >>> img = load_image(Image.new("LA", (2, 2)), sample_id="a", source="<memory>")
+        >>> img.mode, img.getpixel((0, 0))
+        ('RGB', (255, 255, 255))
+    """
+    _warn_if_truncated_images_allowed()
+    if isinstance(path_or_image, Image.Image):
+        path, what = None, "in-memory image"
+    else:
+        path = os.fspath(path_or_image)
+        what = f"image {path}"
+    try:
+        if path is None:
+            return _decode(path_or_image, what)
+        with Image.open(path) as img:
+            # Convert inside the `with`: closing the file discards the decoded pixels.
+            return _decode(img, what)
+    except FileNotFoundError as err:
+        raise BadSampleError(
+            sample_id, source, f"image file not found: {path}"
+        ) from err
+    except Image.DecompressionBombError as err:
+        raise BadSampleError(
+            sample_id,
+            source,
+            f"{what} is too large to decode safely ({err}); if it is trusted, raise the "
+            "limit with `PIL.Image.MAX_IMAGE_PIXELS = <pixels>` (None disables it) "
+            "before loading, or downscale the image",
+        ) from err
+    except _ZeroSizeImage as err:
+        raise BadSampleError(
+            sample_id, source, f"{what} has zero size {err.args[0]}"
+        ) from err
+    except _DECODE_ERRORS as err:
+        raise BadSampleError(
+            sample_id,
+            source,
+            f"cannot read {what}: corrupt, truncated or not an image "
+            f"({type(err).__name__}: {err})",
+        ) from err
+
+
+def record_images(record: dict[str, Any]) -> list[Image.Image]:
+    """Return a decoded record's images as a list: ``[]``, ``[img]`` or all of them.
+
+    Args:
+        record: A record from a dataset in this module (images already decoded).
+
+    Returns:
+        The images, in marker order.
+
+    Raises:
+        TypeError: ``record`` is a `SkippedSample`, or its images are not decoded yet.
+
+    Example:
+        >>> record_images({"image": None}), len(record_images({"image": Image.new("RGB", (1, 1))}))
+        ([], 1)
+    """
+    if isinstance(record, SkippedSample):
+        raise TypeError(
+            f"got a SkippedSample ({record.id!r}); drop those before this call."
+        )
+    image = record.get("image")
+    images = (
+        [] if image is None else list(image) if isinstance(image, list) else [image]
+    )
+    for img in images:
+        if not isinstance(img, Image.Image):
+            raise TypeError(
+                f"record {record.get('id')!r} holds an undecoded image ({type(img).__name__}); "
+                "index the dataset (dataset[i]) or call load_image first."
+            )
+    return images
+
+
+def _check_on_bad_sample(on_bad_sample: str) -> None:
+    """Reject anything but "raise" / "skip"."""
+    if on_bad_sample not in ("raise", "skip"):
+        raise ValueError(
+            f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}."
+        )
+
+
+def _read_json(f: Any, path: str) -> list[Any]:
+    """Read a JSON file whose top level is a list of records."""
+    try:
+        data = json.load(f)
+    except json.JSONDecodeError as err:
+        hint = ""
+        if err.msg == "Extra data":
+            hint = " If it holds one record per line, rename it to .jsonl."
+        raise ValueError(
+            f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}.{hint}"
+        ) from err
+    if not isinstance(data, list):
+        # Bad file content, not a programming error: ValueError like the decode errors.
+        raise ValueError(  # noqa: TRY004
+            f"{path}: the top level must be a JSON list of records, got a JSON "
+            f"{type(data).__name__}. Wrap the records in [...]."
+        )
+    return data
+
+
+def _read_jsonl(f: Any, path: str) -> list[Any]:
+    """Read a JSONL file: one record per line, blank lines ignored."""
+    records = []
+    for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}: invalid JSON at line {lineno}, column {err.colno}: {err.msg}."
+            ) from err
+    return records
+
+
+def _content_to_text(
+    items: list[Any], inline_images: list[Any], bad: Any, t: int
+) -> str:
+    """Flatten HF content items to text; each image item becomes "<image>\\n" in place."""
+    parts = []
+    for item in items:
+        if isinstance(item, str):
+            parts.append(item)
+            continue
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "text":
+            text = item.get("text")
+            if not isinstance(text, str):
+                raise bad(f"turn {t} has a text item whose 'text' is not a string")
+            parts.append(text)
+        elif kind == "image":
+            parts.append(f"{IMAGE_TOKEN}\n")
+            # transformers chat-template style: the image may sit in the item itself.
+            inline = next(
+                (item[k] for k in ("image", "path", "url") if item.get(k)), None
+            )
+            if isinstance(inline, str) and inline.startswith(("http://", "https://")):
+                raise bad(
+                    f"turn {t} has a remote image URL {inline}; download it first"
+                )
+            if inline is not None:
+                inline_images.append(inline)
+        else:
+            raise bad(
+                f"turn {t} has a content item of type {kind!r}; expected 'text' or 'image'"
+            )
+    return "".join(parts)
+
+
+def _resolve_image(image: Any, folder: str | None, bad: Any) -> Any:
+    """Keep PIL images; resolve a path against `folder` and check the file exists."""
+    if isinstance(image, Image.Image):
+        return image
+    if not isinstance(image, (str, os.PathLike)):
+        raise bad(f"an image must be a path or a PIL image, got {type(image).__name__}")
+    path = os.path.expanduser(os.fspath(image))
+    if not path:
+        raise bad("empty image path")
+    if folder is not None and not os.path.isabs(path):
+        path = os.path.join(folder, path)
+    if not os.path.isfile(path):
+        where = f" (relative paths are resolved against {folder!r})" if folder else ""
+        raise bad(f"image file not found: {path}{where}")
+    return path
+
+
+class _ZeroSizeImage(Exception):
+    """Raised by `_decode` for a 0-pixel-wide or -high image."""
+
+
+def _decode(img: Image.Image, what: str) -> Image.Image:
+    """Load all pixels, reject empty images, and return a new RGB image."""
+    img.load()
+    if img.width == 0 or img.height == 0:
+        raise _ZeroSizeImage(img.size)
+    if img.mode in _SIXTEEN_BIT_MODES:
+        # Plain convert("RGB") clips 16-bit values at 255 (an all-white image); scale instead.
+        return img.convert("I").point(lambda v: v / 257).convert("RGB")
+    if img.has_transparency_data:
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        background.alpha_composite(img.convert("RGBA"))
+        return background.convert("RGB")
+    return img.convert("RGB")
+
+
+def _warn_if_truncated_images_allowed() -> None:
+    """Warn once if some other code made Pillow accept truncated files."""
+    global _warned_truncated_flag
+    if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated_flag:
+        _warned_truncated_flag = True
+        logger.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by other code): truncated "
+            "images will load with grey/garbage pixels instead of being reported."
+        )
+
+
+def _warn_duplicate_ids(records: list[dict[str, Any]], source: str) -> None:
+    """One warning if ids repeat: eval outputs and skip reports are keyed by id."""
+    counts = Counter(record["id"] for record in records)
+    duplicates = [sample_id for sample_id, n in counts.items() if n > 1]
+    if duplicates:
+        logger.warning(
+            "%d ids appear more than once in %s (e.g. %s); eval outputs keyed by id "
+            "will be ambiguous",
+            len(duplicates),
+            source,
+            ", ".join(repr(d) for d in duplicates[:5]),
+        )

@@ -1,0 +1,203 @@
+"""Model set-up: loading, LoRA/QLoRA, freezing, gradient checkpointing, merged-adapter generation."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "visual.merger", "connector")
+VISION_NAMES = ("vision_tower", "vision_model", "visual")
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    load_in_4bit: bool = False,
+    device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load an image-text-to-text model and its processor (Hub name or local folder).
+
+    Args:
+        name_or_path: e.g. ``"llava-hf/llava-1.5-7b-hf"`` or a local checkpoint folder.
+        dtype: Weight dtype (``"auto"``, ``"bfloat16"``, ``torch.float16``, ...).
+        load_in_4bit: QLoRA: NF4 4-bit base weights via bitsandbytes (needs a CUDA GPU).
+        device_map: ``"auto"`` spreads one model over all visible GPUs (single process only).
+        attn_implementation: e.g. ``"sdpa"`` or ``"flash_attention_2"``.
+
+    Example:
+        >>> model, processor = load_model("llava-hf/llava-1.5-7b-hf", dtype="bfloat16")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if dtype in ("auto", "bfloat16", torch.bfloat16) else torch.float16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+            llm_int8_skip_modules=[*VISION_NAMES, *PROJECTOR_NAMES, "lm_head"],
+        )
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    return model, processor
+
+
+def _module_prefix(model: nn.Module, names: tuple[str, ...]) -> str | None:
+    """Dotted name of the first submodule whose last name component is one of ``names``."""
+    for name, _ in model.named_modules():
+        if name.split(".")[-1] in names or any(name.endswith("." + n) or name == n for n in names):
+            return name
+    return None
+
+
+def language_model_lora_targets(model: nn.Module) -> str:
+    """A peft ``target_modules`` regex matching every linear layer of the language model only.
+
+    The vision tower, the projector and ``lm_head`` are left out (a bare ``"all-linear"`` or
+    ``["q_proj", ...]`` would also wrap the vision tower's layers).
+    """
+    prefix = _module_prefix(model, ("language_model",))
+    if prefix is None:
+        raise ValueError(
+            "could not find the language model (a submodule named 'language_model'); pass "
+            "lora_target_modules explicitly"
+        )
+    leaves = sorted(
+        {
+            name.split(".")[-1]
+            for name, module in model.named_modules()
+            if name.startswith(prefix + ".") and isinstance(module, nn.Linear)
+        }
+    )
+    return rf"^{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, leaves))})$"
+
+
+def prepare_model(model: nn.Module, config: Any) -> nn.Module:
+    """Apply LoRA (or full finetuning), freezing and gradient checkpointing from a `LoopConfig`.
+
+    A model that already is a `peft.PeftModel` keeps its adapters; only freezing of the vision
+    tower/projector and checkpointing are applied.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    projector = _module_prefix(model, PROJECTOR_NAMES)
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if isinstance(model, PeftModel):
+        pass
+    elif config.lora_r > 0:
+        if quantized:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        targets = config.lora_target_modules or language_model_lora_targets(model)
+        # Trained in full next to the adapters, and saved with them.
+        modules_to_save = [projector.split(".")[-1]] if (projector and config.train_projector) else []
+        vision = _module_prefix(model, VISION_NAMES)
+        if vision and not config.freeze_vision_tower:
+            modules_to_save.append(vision.split(".")[-1])
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=targets,
+                modules_to_save=modules_to_save or None,
+                bias="none",
+            ),
+        )
+    elif quantized:
+        raise ValueError("a quantized (4/8-bit) model can only be finetuned with LoRA: set lora_r > 0")
+    else:
+        vision = _module_prefix(model, VISION_NAMES)
+        for name, param in model.named_parameters():
+            frozen = (config.freeze_vision_tower and vision and name.startswith(vision + ".")) or (
+                not config.train_projector and projector and name.startswith(projector + ".")
+            )
+            param.requires_grad_(not frozen)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _set_use_cache(model, False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("no trainable parameters: check lora_r, freeze_vision_tower and train_projector")
+    return model
+
+
+def _set_use_cache(model: nn.Module, value: bool) -> None:
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "use_cache"):
+            cfg.use_cache = value
+
+
+def is_projector_param(name: str) -> bool:
+    return any(p in name for p in PROJECTOR_NAMES)
+
+
+def param_groups(model: nn.Module, lr: float, projector_lr: float | None, weight_decay: float) -> list[dict]:
+    """AdamW groups: projector at ``projector_lr``; no weight decay on biases and norms."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+        groups.setdefault((is_projector_param(name), no_decay), []).append(param)
+    out = []
+    for (proj, no_decay), params in sorted(groups.items()):
+        out.append(
+            {
+                "params": params,
+                "lr": projector_lr if (proj and projector_lr is not None) else lr,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "name": f"{'projector' if proj else 'main'}{'_no_decay' if no_decay else ''}",
+            }
+        )
+    return out
+
+
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def merged_adapters(model: nn.Module, enabled: bool = True):
+    """Merge LoRA adapters into the base weights for fast generation, then restore them bit-exactly.
+
+    ``unmerge`` alone leaves rounding error in the base weights (``(W + BA) - BA != W`` in bf16), so
+    the base weights of the wrapped layers are copied to the CPU first and written back afterwards.
+    Quantized base layers are not merged (lossy); generation then runs with unmerged adapters.
+    """
+    from peft import PeftModel
+
+    layers = lora_layers(model) if enabled and isinstance(model, PeftModel) else []
+    if not layers or any(getattr(layer.get_base_layer(), "weight", None) is None for layer in layers) or any(
+        layer.get_base_layer().weight.dtype not in (torch.float32, torch.bfloat16, torch.float16) for layer in layers
+    ):
+        yield model
+        return
+    backup = [(layer.get_base_layer().weight, layer.get_base_layer().weight.detach().to("cpu", copy=True)) for layer in layers]
+    model.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for weight, saved in backup:
+                weight.copy_(saved)

@@ -1,0 +1,36 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llava_loop",
+    version="0.1.0",
+    description="A plain-PyTorch training loop for finetuning LLaVA and other Hugging Face VLMs",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["llava_loop", "llava_loop.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "peft>=0.17",
+        "accelerate>=1.0",
+        "evaluate>=0.4",
+        "nltk>=3.8",
+        "rouge-score>=0.1.2",
+        "bert-score>=0.3.13",
+        "sacrebleu>=2.3",
+        "pillow>=10",
+        "tqdm>=4.60",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "numpy",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "ruff>=0.5"],
+        "docs": [],
+        "gpu": ["bitsandbytes>=0.43"],
+    },
+    entry_points={"console_scripts": ["llava-loop=llava_loop.cli:main"]},
+)

@@ -1,0 +1,671 @@
+"""Tests for llava_loop.metrics: built-ins equal their reference libraries, offline."""
+
+import math
+
+import pytest
+import torch
+
+from llava_loop import metrics as M
+
+# Every word the tiny tokenizers must know; anything else becomes [UNK].
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "cat",
+    "cats",
+    "dog",
+    "dogs",
+    "sat",
+    "sits",
+    "on",
+    "mat",
+    "rug",
+    "red",
+    "blue",
+    "small",
+    "big",
+    "is",
+    "was",
+    "there",
+    "here",
+    "and",
+    "running",
+    "ran",
+    "hello",
+    "world",
+    "park",
+    "in",
+]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+PREDS = ["the cat sat on the mat", "a dog is running", "hello world", "blue rug"]
+REFS = [
+    ["the cat sat on a mat", "a cat is on the mat"],
+    ["the dog was running in the park"],
+    ["hello there world", "hello world", "world"],
+    ["a red rug"],
+]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    )
+
+
+def _tiny_bert_config(**kwargs):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=len(SPECIAL) + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer, 32-wide BERT + WordPiece tokenizer saved locally."""
+    from transformers import BertModel
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    BertModel(_tiny_bert_config()).eval().save_pretrained(path)
+    _tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+NLI_LABELS = {0: "ENTAILMENT", 1: "NEUTRAL", 2: "CONTRADICTION"}
+NLI_LABELS_ENTAIL_LAST = {0: "contradiction", 1: "neutral", 2: "entailment"}
+
+
+@pytest.fixture(scope="session")
+def nli_dirs(tmp_path_factory):
+    """The same tiny BERT classifier saved under three id2label mappings."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(1)
+    model = BertForSequenceClassification(_tiny_bert_config(num_labels=3)).eval()
+    dirs = {}
+    for name, id2label in [
+        ("entail_first", NLI_LABELS),
+        ("entail_last", NLI_LABELS_ENTAIL_LAST),
+        ("no_entail", {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}),
+    ]:
+        model.config.id2label = id2label
+        model.config.label2id = {v: k for k, v in id2label.items()}
+        path = tmp_path_factory.mktemp(f"nli_{name}")
+        model.save_pretrained(path)
+        _tiny_tokenizer().save_pretrained(path)
+        dirs[name] = str(path)
+    return dirs
+
+
+EVALUATE_SCRIPT = """
+import datasets
+import evaluate
+
+
+class {cls}(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="toy", citation="", inputs_description="",
+            features=datasets.Features({{
+                "predictions": datasets.Value("string"),
+                "references": {references},
+            }}),
+        )
+
+    def _compute(self, predictions, references):
+        refs = [r if isinstance(r, list) else [r] for r in references]
+        hits = [float(p in r) for p, r in zip(predictions, refs)]
+        return {{
+            "hit_rate": sum(hits) / len(hits),
+            "detail": {{"n": len(hits), "label": "text is dropped"}},
+            "per_sample": hits,
+        }}
+"""
+
+
+def _load_evaluate_script(tmp_path, name, references_feature):
+    import evaluate
+
+    script = tmp_path / f"{name}.py"
+    cls = "".join(part.title() for part in name.split("_"))
+    script.write_text(EVALUATE_SCRIPT.format(cls=cls, references=references_feature))
+    return evaluate.load(str(script), cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def multi_ref_module(tmp_path):
+    return _load_evaluate_script(
+        tmp_path, "toy_hits", 'datasets.Sequence(datasets.Value("string"))'
+    )
+
+
+@pytest.fixture
+def single_ref_module(tmp_path):
+    return _load_evaluate_script(tmp_path, "toy_single", 'datasets.Value("string")')
+
+
+# --------------------------------------------------------------------------- exact match
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "expected"),
+    [
+        ("The Cat", "cat", 1.0),
+        ("cat.", "cat", 1.0),
+        ("an  apple!", "Apple", 1.0),
+        ("a  big\tdog", "big dog", 1.0),
+        ("there", "the", 0.0),  # only whole-word articles are removed
+        ("cats", "cat", 0.0),
+    ],
+)
+def test_exact_match_applies_squad_normalisation(prediction, reference, expected):
+    got = M.ExactMatch()([prediction], [[reference]])
+    assert got == {"exact_match": expected}, (
+        f"{prediction!r} vs {reference!r}: got {got}"
+    )
+
+
+def test_exact_match_takes_any_reference_and_averages_samples():
+    metric = M.ExactMatch()
+    preds, refs = ["cat", "dog", "cow"], [["dog", "Cat"], ["cat"], ["a cow", "bull"]]
+    assert metric(preds, refs) == pytest.approx({"exact_match": 2 / 3}), (
+        "mean of [1, 0, 1] should be 2/3"
+    )
+    assert metric.per_sample(preds, refs) == {"exact_match": [1.0, 0.0, 1.0]}, (
+        "per-sample hits are wrong"
+    )
+
+
+# --------------------------------------------------------------------------- VQA accuracy
+
+
+@pytest.mark.parametrize(
+    ("matches", "expected"),
+    [
+        # acc = mean over the 10 leave-one-out subsets of min(1, matches_in_other_9 / 3)
+        (0, 0.0),  # every subset has 0 matches
+        (1, 0.3),  # 9 subsets see 1 -> 1/3, 1 sees 0:          (9 * 1/3) / 10 = 0.3
+        (2, 0.6),  # 8 see 2 -> 2/3, 2 see 1 -> 1/3: (8 * 2/3 + 2 * 1/3) / 10 = 0.6
+        (3, 0.9),  # 7 see 3 -> 1, 3 see 2 -> 2/3:   (7 * 1 + 3 * 2/3) / 10 = 0.9
+        (4, 1.0),  # 6 see 4 -> 1, 4 see 3 -> 1:     (6 + 4) / 10 = 1.0
+        (10, 1.0),
+    ],
+)
+def test_vqa_accuracy_with_ten_references_follows_official_formula(matches, expected):
+    refs = ["2"] * matches + ["3"] * (10 - matches)
+    got = M.VQAAccuracy()(["2"], [refs])["vqa_accuracy"]
+    assert got == pytest.approx(expected), (
+        f"{matches}/10 matching answers should score {expected}, got {got}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "expected"),
+    [
+        ("Two", "2", 1.0),  # number words -> digits, lowercased
+        ("none", "0", 1.0),
+        ("yes.", "yes", 1.0),  # period not followed by a digit is stripped
+        ("2.5", "25", 0.0),  # ... but a decimal point is kept
+        ("the dog", "dog", 1.0),  # articles removed
+        ("a red car", "red car", 1.0),
+        ("1,000", "1000", 1.0),  # digit-comma-digit: punctuation deleted, not spaced
+        ("black/white", "black white", 1.0),  # otherwise punctuation becomes a space
+        ("dont", "don’t", 1.0),  # official contractions map (curly apostrophe)
+        ("dont", "dont", 1.0),
+        # Official quirk kept: "'" becomes a space ("don t") while "dont" maps to the
+        # curly "don’t", so these two do NOT match in the official evaluation either.
+        ("dont", "don't", 0.0),
+        ("  yes\n", "Yes", 1.0),
+        ("cat", "cats", 0.0),
+    ],
+)
+def test_vqa_accuracy_normalises_answers_like_the_official_script(
+    prediction, reference, expected
+):
+    got = M.VQAAccuracy()([prediction], [[reference]])["vqa_accuracy"]
+    assert got == expected, (
+        f"{prediction!r} vs {reference!r}: expected {expected}, got {got}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("refs", "expected"),
+    [
+        (["cat"], 1.0),  # n = 1: plain normalised exact match
+        (["dog"], 0.0),
+        (["cat", "dog"], 0.5),  # n = 2, t = 1: leave out dog -> 1, leave out cat -> 0
+        (["cat", "cat"], 1.0),
+        (["cat", "dog", "cow"], 1 / 3),  # n = 3, t = 2: (1/2 + 1/2 + 0) / 3
+        (["cat", "cat", "dog"], 2 / 3),  # (1/2 + 1/2 + 2/2) / 3
+        (["cat", "cat", "cat", "dog"], 0.75),  # n = 4, t = 3: (3 * 2/3 + 3/3) / 4
+    ],
+)
+def test_vqa_accuracy_with_fewer_references_uses_t_min_3_n_minus_1(refs, expected):
+    got = M.VQAAccuracy()(["Cat"], [refs])["vqa_accuracy"]
+    assert got == pytest.approx(expected), (
+        f"refs {refs}: expected {expected}, got {got}"
+    )
+
+
+def test_vqa_accuracy_reports_per_sample_scores_and_their_mean():
+    metric = M.VQAAccuracy()
+    preds, refs = ["two", "no"], [["2"] * 10, ["yes"] * 9 + ["no"]]
+    assert metric.per_sample(preds, refs)["vqa_accuracy"] == pytest.approx(
+        [1.0, 0.3]
+    ), "per-sample VQA accuracy"
+    assert metric(preds, refs)["vqa_accuracy"] == pytest.approx(0.65), (
+        "summary should be the per-sample mean"
+    )
+
+
+# --------------------------------------------------------------------------- BLEU / ROUGE
+
+
+def test_bleu_equals_sacrebleu_with_one_reference():
+    import sacrebleu
+
+    refs = [r[:1] for r in REFS]
+    expected = sacrebleu.corpus_bleu(PREDS, [[r[0] for r in refs]]).score
+    got = M.BLEU()(PREDS, refs)
+    assert got == {"bleu": pytest.approx(expected, abs=1e-12)}, (
+        f"BLEU {got} != sacrebleu {expected}"
+    )
+    assert M.BLEU().per_sample(PREDS, refs) == {}, "corpus BLEU has no per-sample score"
+
+
+def test_bleu_equals_sacrebleu_with_several_references():
+    import sacrebleu
+
+    refs = [["the cat sat on a mat", "a cat sat"], ["a dog runs", "the dog is running"]]
+    preds = ["the cat sat on the mat", "a dog is running"]
+    expected = sacrebleu.corpus_bleu(
+        preds, [[r[0] for r in refs], [r[1] for r in refs]]
+    ).score
+    assert M.BLEU()(preds, refs)["bleu"] == pytest.approx(expected, abs=1e-12), (
+        "multi-reference BLEU"
+    )
+
+
+def test_bleu_skips_missing_references_when_counts_vary():
+    import sacrebleu
+
+    # Repeating an existing reference changes neither n-gram max counts nor the
+    # closest reference length, so it is an independent check that padding is ignored.
+    # The last sample (1 word vs a 5-word reference) would lose its brevity penalty
+    # if padding counted as an empty reference.
+    preds, refs = [*PREDS, "world"], [*REFS, ["hello world in the park"]]
+    n = max(len(r) for r in refs)
+    padded = [r + [r[0]] * (n - len(r)) for r in refs]
+    expected = sacrebleu.corpus_bleu(preds, [list(s) for s in zip(*padded)]).score
+    got = M.BLEU()(preds, refs)["bleu"]
+    assert got == pytest.approx(expected, abs=1e-12), (
+        f"varying reference counts: {got} != {expected}"
+    )
+    assert 0.0 < got < 100.0, f"BLEU is on sacreBLEU's 0-100 scale, got {got}"
+
+
+def test_rouge_equals_rouge_score_best_reference_mean():
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(
+        ["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True
+    )
+    expected = {}
+    for key in ["rouge1", "rouge2", "rougeL", "rougeLsum"]:
+        best = [
+            max(scorer.score(r, p)[key].fmeasure for r in refs)
+            for p, refs in zip(PREDS, REFS)
+        ]
+        expected[key] = best
+    metric = M.ROUGE()
+    per_sample = metric.per_sample(PREDS, REFS)
+    for key, values in expected.items():
+        assert per_sample[key] == pytest.approx(values, abs=1e-12), f"per-sample {key}"
+        assert metric(PREDS, REFS)[key] == pytest.approx(
+            sum(values) / len(values), abs=1e-12
+        ), f"mean {key}"
+
+
+# --------------------------------------------------------------------------- BERTScore
+
+
+@pytest.mark.parametrize("idf", [False, True])
+def test_bertscore_equals_bert_score_with_best_reference(tiny_bert_dir, idf):
+    import bert_score
+
+    P, R, F = bert_score.score(
+        PREDS, REFS, model_type=tiny_bert_dir, num_layers=2, idf=idf, device="cpu"
+    )
+    metric = M.BERTScore(
+        model_type=tiny_bert_dir, num_layers=2, idf=idf, device="cpu", batch_size=3
+    )
+    got = metric.per_sample(PREDS, REFS)
+    for key, expected in [("precision", P), ("recall", R), ("f1", F)]:
+        assert got[f"bertscore_{key}"] == pytest.approx(expected.tolist(), abs=1e-6), (
+            f"{key} per sample"
+        )
+        assert metric(PREDS, REFS)[f"bertscore_{key}"] == pytest.approx(
+            expected.mean().item(), abs=1e-6
+        ), key
+
+
+def test_bertscore_reads_num_layers_from_a_local_config(tiny_bert_dir):
+    explicit = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, device="cpu")(
+        PREDS, REFS
+    )
+    implicit = M.BERTScore(model_type=tiny_bert_dir, device="cpu")(PREDS, REFS)
+    assert implicit == pytest.approx(explicit), (
+        "num_layers=None should use the config's 2 layers"
+    )
+
+
+def test_bertscore_without_layer_count_asks_for_num_layers(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="num_layers") as err:
+        M.BERTScore(model_type=str(tmp_path))(["a"], [["a"]])
+    assert str(tmp_path) in str(err.value), "the message should name the model"
+
+
+def test_bertscore_loads_model_once_scores_once_and_survives_offload(
+    tiny_bert_dir, monkeypatch
+):
+    import bert_score
+
+    built, scored = [], []
+
+    class CountingScorer(bert_score.BERTScorer):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+        def score(self, *args, **kwargs):
+            scored.append(1)
+            return super().score(*args, **kwargs)
+
+    monkeypatch.setattr(bert_score, "BERTScorer", CountingScorer)
+    metric = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, device="cpu")
+    assert not built, "the model must not load before the first call"
+    summary, per_sample = M.compute_metrics({"bertscore": metric}, PREDS, REFS)
+    assert len(scored) == 1, (
+        f"summary + per-sample should share one scoring pass, got {len(scored)}"
+    )
+    assert per_sample[0].keys() == {
+        "bertscore_precision",
+        "bertscore_recall",
+        "bertscore_f1",
+    }, "per-sample keys"
+    metric.offload()
+    again, _ = M.compute_metrics({"bertscore": metric}, PREDS[::-1], REFS[::-1])
+    assert len(built) == 1, f"model should load once per run, loaded {len(built)} times"
+    assert again == pytest.approx(summary), "scores after offload() should not change"
+
+
+def test_bertscore_missing_model_offline_raises_clear_error():
+    metric = M.BERTScore(model_type="roberta-large")  # not cached, HF_HUB_OFFLINE=1
+    with pytest.raises(RuntimeError, match="not available offline") as err:
+        metric(["a cat"], [["a cat"]])
+    assert "local directory" in str(err.value), (
+        f"message should say how to pass a local path: {err.value}"
+    )
+
+
+# --------------------------------------------------------------------------- NLI
+
+
+def _manual_entailment(model_dir, premises_hypotheses, index):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    probs = []
+    with torch.no_grad():
+        for premise, hypothesis in premises_hypotheses:
+            logits = model(
+                **tokenizer(premise, hypothesis, return_tensors="pt")
+            ).logits[0]
+            exp = [math.exp(x) for x in logits.tolist()]
+            probs.append(exp[index] / sum(exp))
+    return probs
+
+
+def _best_per_sample(probs):
+    out, start = [], 0
+    for refs in REFS:
+        out.append(max(probs[start : start + len(refs)]))
+        start += len(refs)
+    return out
+
+
+@pytest.mark.parametrize(("model", "index"), [("entail_first", 0), ("entail_last", 2)])
+def test_nli_equals_manual_softmax_with_label_index_from_config(nli_dirs, model, index):
+    pairs = [(ref, pred) for pred, refs in zip(PREDS, REFS) for ref in refs]
+    expected = _best_per_sample(_manual_entailment(nli_dirs[model], pairs, index))
+    other = _best_per_sample(_manual_entailment(nli_dirs[model], pairs, 2 - index))
+    assert max(abs(a - b) for a, b in zip(expected, other)) > 1e-3, (
+        "test model can't tell labels apart"
+    )
+    metric = M.NLI(model=nli_dirs[model], batch_size=2, device="cpu")
+    got = metric.per_sample(PREDS, REFS)["nli_entailment"]
+    assert got == pytest.approx(expected, abs=1e-5), (
+        f"entailment must be label {index} from config.id2label"
+    )
+    summary = metric(PREDS, REFS)
+    assert summary == {
+        "nli_entailment": pytest.approx(sum(expected) / len(expected), abs=1e-5)
+    }, "mean"
+
+
+def test_nli_premise_prediction_swaps_the_pair(nli_dirs):
+    pairs = [(pred, ref) for pred, refs in zip(PREDS, REFS) for ref in refs]
+    expected = _best_per_sample(_manual_entailment(nli_dirs["entail_first"], pairs, 0))
+    got = M.NLI(
+        model=nli_dirs["entail_first"], premise="prediction", device="cpu"
+    ).per_sample(PREDS, REFS)
+    assert got["nli_entailment"] == pytest.approx(expected, abs=1e-5), (
+        "prediction should be the premise"
+    )
+
+
+def test_nli_without_entailment_label_raises(nli_dirs):
+    with pytest.raises(ValueError, match="entailment label"):
+        M.NLI(model=nli_dirs["no_entail"], device="cpu")(["a"], [["a"]])
+
+
+def test_nli_missing_model_offline_raises_clear_error():
+    with pytest.raises(RuntimeError, match="not available offline"):
+        M.NLI()(["a cat"], [["a cat"]])
+
+
+def test_nli_rejects_unknown_premise():
+    with pytest.raises(ValueError, match="premise"):
+        M.NLI(premise="hypothesis")
+
+
+# --------------------------------------------------------------------------- evaluate adapter
+
+
+def test_evaluate_module_is_wrapped_and_flattened(multi_ref_module):
+    metrics = M.resolve_metrics(multi_ref_module)
+    assert list(metrics) == ["toy_hits"], (
+        f"key should be module.name, got {list(metrics)}"
+    )
+    metric = metrics["toy_hits"]
+    assert isinstance(metric, M.EvaluateMetric), (
+        "an evaluate module should be wrapped in EvaluateMetric"
+    )
+    got = metric(["a", "b"], [["a", "c"], ["d"]])
+    assert got == {"hit_rate": 0.5, "detail_n": 2.0}, (
+        f"scalars kept, nested dict flattened, rest dropped: {got}"
+    )
+
+
+def test_evaluate_module_with_single_reference_features_gets_strings(single_ref_module):
+    metric = M.EvaluateMetric(single_ref_module)
+    assert metric(["a", "b"], [["a"], ["d"]])["hit_rate"] == 0.5, (
+        "single references should be passed as strings"
+    )
+    with pytest.raises(ValueError, match="one reference per prediction"):
+        metric(["a"], [["a", "b"]])
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_get_metric_unknown_name_lists_available_names():
+    with pytest.raises(ValueError, match="Unknown metric 'blue'") as err:
+        M.get_metric("blue")
+    for name in ["exact_match", "vqa_accuracy", "bleu", "rouge", "bertscore", "nli"]:
+        assert name in str(err.value), (
+            f"available name {name!r} missing from: {err.value}"
+        )
+
+
+def test_get_metric_passes_kwargs():
+    metric = M.get_metric("nli", model="/models/nli", premise="prediction")
+    assert isinstance(metric, M.NLI) and metric.premise == "prediction", (
+        f"kwargs not applied: {metric!r}"
+    )
+
+
+def length(predictions, references):
+    return {"length": sum(map(len, predictions)) / len(predictions)}
+
+
+class Shout:
+    def __call__(self, predictions, references):
+        return {"shout": 1.0}
+
+
+def test_resolve_metrics_accepts_none_names_callables_lists_and_dicts():
+    assert list(M.resolve_metrics(None)) == ["exact_match"], (
+        "None should mean exact match"
+    )
+    assert isinstance(M.resolve_metrics("rouge")["rouge"], M.ROUGE), (
+        "a name should build the built-in"
+    )
+    assert M.resolve_metrics(length) == {"length": length}, (
+        "a function is keyed by __name__"
+    )
+    assert list(M.resolve_metrics(Shout())) == ["Shout"], (
+        "a callable object is keyed by class name"
+    )
+    assert list(M.resolve_metrics(["bleu", length, M.VQAAccuracy()])) == [
+        "bleu",
+        "length",
+        "vqa_accuracy",
+    ], "list"
+    named = M.resolve_metrics({"acc": "vqa_accuracy", "len": length})
+    assert isinstance(named["acc"], M.VQAAccuracy) and named["len"] is length, (
+        "dict keys should be used as names"
+    )
+
+
+def test_resolve_metrics_rejects_duplicates_and_non_metrics():
+    with pytest.raises(ValueError, match="'bleu'"):
+        M.resolve_metrics(["bleu", M.BLEU()])
+    with pytest.raises(TypeError, match="as a metric"):
+        M.resolve_metrics([42])
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("eval/rougeL", True),
+        ("eval/loss", False),
+        ("train/loss", False),
+        ("eval/val_loss", False),
+        ("eval/perplexity", False),
+        ("ppl", False),
+        ("eval/wer", False),
+        ("cer", False),
+        ("test_wer", False),
+        ("eval/answer_f1", True),  # "wer" inside "answer" is not WER
+        ("loss/bleu", True),  # only the last component counts
+        ("eval/bleu", True),
+    ],
+)
+def test_greater_is_better_by_last_key_component(key, expected):
+    assert M.greater_is_better(key) is expected, (
+        f"greater_is_better({key!r}) should be {expected}"
+    )
+
+
+# --------------------------------------------------------------------------- compute_metrics
+
+
+def test_compute_metrics_merges_summaries_and_per_sample_rows():
+    metrics = M.resolve_metrics(["exact_match", "vqa_accuracy", "bleu", length])
+    summary, per_sample = M.compute_metrics(
+        metrics, ["Two", "cat"], [["2"], ["cat", "dog"]]
+    )
+    assert summary.keys() == {"exact_match", "vqa_accuracy", "bleu", "length"}, (
+        f"summary keys: {summary}"
+    )
+    assert summary["exact_match"] == 0.5 and summary["vqa_accuracy"] == 0.75, (
+        f"summary values: {summary}"
+    )
+    assert per_sample == [
+        {"exact_match": 0.0, "vqa_accuracy": 1.0},
+        {"exact_match": 1.0, "vqa_accuracy": 0.5},
+    ], f"per-sample rows: {per_sample}"
+
+
+def test_compute_metrics_names_the_metric_that_returns_a_non_dict():
+    with pytest.raises(TypeError, match="'bad'.*returned float"):
+        M.compute_metrics({"bad": lambda p, r: 0.5}, ["a"], [["a"]])
+
+
+def test_compute_metrics_rejects_colliding_keys_and_infinite_values_but_allows_nan():
+    with pytest.raises(ValueError, match="'one' and 'two' both return 'score'"):
+        M.compute_metrics(
+            {"one": lambda p, r: {"score": 1.0}, "two": lambda p, r: {"score": 0.0}},
+            ["a"],
+            [["a"]],
+        )
+    with pytest.raises(ValueError, match="infinite"):
+        M.compute_metrics({"inf": lambda p, r: {"x": float("inf")}}, ["a"], [["a"]])
+    with pytest.raises(TypeError, match="expected a float"):
+        M.compute_metrics({"text": lambda p, r: {"x": "high"}}, ["a"], [["a"]])
+    summary, _ = M.compute_metrics(
+        {"nan": lambda p, r: {"x": float("nan")}}, ["a"], [["a"]]
+    )
+    assert math.isnan(summary["x"]), f"nan should pass through, got {summary}"
+
+
+def test_compute_metrics_rejects_flat_references_and_length_mismatch():
+    with pytest.raises(TypeError, match=r"wrap a single reference as \[reference\]"):
+        M.compute_metrics(M.resolve_metrics(None), ["cat"], ["cat"])
+    with pytest.raises(ValueError, match="2 predictions but 1 reference lists"):
+        M.compute_metrics(M.resolve_metrics(None), ["cat", "dog"], [["cat"]])
+    with pytest.raises(ValueError, match="no references"):
+        M.compute_metrics(M.resolve_metrics(None), ["cat"], [[]])
