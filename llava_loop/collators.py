@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from .data import BadSampleError, SkippedSample, record_images
+from .data import (
+    IMAGE_TOKEN,
+    MEMORY_SOURCE,
+    BadSampleError,
+    SkippedSample,
+    record_images,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +72,16 @@ class ChatRenderer:
         self.end_of_turn_tokens = sorted(specials, key=len, reverse=True)
 
     def messages(self, record: dict) -> list[dict]:
-        """Convert LLaVA ``conversations`` to chat-template messages, images at their markers."""
+        """Convert LLaVA ``conversations`` to chat-template messages, images at their markers.
+
+        The marker in records is always ``<image>``; the template renders the model's own image
+        token in its place.
+        """
         roles = {"human": "user", "gpt": "assistant", "system": "system"}
         messages = []
         for turn in record["conversations"]:
             content = []
-            for k, piece in enumerate(turn["value"].split(self.image_token)):
+            for k, piece in enumerate(turn["value"].split(IMAGE_TOKEN)):
                 if k > 0:
                     content.append({"type": "image"})
                 if piece.strip():
@@ -86,10 +96,9 @@ class ChatRenderer:
 
     def render(self, record: dict, *, for_generation: bool = False) -> RenderedSample:
         """Render a record; with ``for_generation``, up to the generation prompt of the final answer."""
+        _check(record)
         messages = self.messages(record)
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None:
-            raise BadSampleError(record["id"], record.get("source", "<memory>"), "no assistant turn")
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         if for_generation:
             history = self._apply(messages[:last])
             prompt = self._apply(messages[:last], add_generation_prompt=True)
@@ -98,10 +107,10 @@ class ChatRenderer:
                     "the chat template renders a conversation differently once the generation prompt "
                     "is added; llava_loop needs the generation prompt to be a suffix"
                 )
-            text, _ = self._mark_answers(messages[:last], history)
+            text, _ = self._mark_answers(record["id"], messages[:last], history)
             text, spans = text + prompt[len(history) :], []
         else:
-            text, spans = self._mark_answers(messages[: last + 1], self._apply(messages[: last + 1]))
+            text, spans = self._mark_answers(record["id"], messages[: last + 1], self._apply(messages[: last + 1]))
             text = text.rstrip()
         bos = self.tokenizer.bos_token
         return RenderedSample(
@@ -112,8 +121,15 @@ class ChatRenderer:
             add_special_tokens=not (bos and text.startswith(bos)),
         )
 
-    def _mark_answers(self, messages: list[dict], rendered: str) -> tuple[str, list[tuple[int, int]]]:
-        """Find each assistant answer in ``rendered``; extend it over, or insert, its end-of-turn token."""
+    def _mark_answers(
+        self, record_id: str, messages: list[dict], rendered: str
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """Find each assistant answer in ``rendered``; extend it over, or insert, its end-of-turn token.
+
+        A span starts right after the generation prompt when only whitespace separates the two
+        ("ASSISTANT:" + " 3"): SentencePiece may make that space a token of its own ("▁", "3"),
+        and the model has to learn to generate it after the prompt that `EvalCollator` ends with.
+        """
         original, text = rendered, rendered
         spans: list[tuple[int, int]] = []
         inserted = cursor = 0  # characters of EOS inserted so far; end of the previous answer
@@ -123,17 +139,24 @@ class ChatRenderer:
             answer = "".join(c["text"] for c in message["content"] if c["type"] == "text")
             # Search from the end of this turn's prompt, so an answer word that also occurs in the
             # question is not matched there.
-            start = cursor
-            for prompt in (self._apply(messages[:i], add_generation_prompt=True), self._apply(messages[:i])):
+            start, after_generation_prompt = cursor, False
+            for k, prompt in enumerate(
+                (self._apply(messages[:i], add_generation_prompt=True), self._apply(messages[:i]))
+            ):
                 if original.startswith(prompt):
                     start = max(cursor, len(prompt) + inserted)
+                    after_generation_prompt = k == 0
                     break
             pos = text.find(answer, start)
             if pos < 0 or not answer:
                 raise ValueError(
-                    f"the chat template does not render assistant answer {answer[:60]!r} verbatim; "
-                    "llava_loop needs the answer text to appear in the rendered conversation"
+                    f"sample {record_id!r}: the chat template does not render assistant answer "
+                    f"{answer[:60]!r} verbatim; llava_loop needs the answer text to appear in the "
+                    "rendered conversation"
                 )
+            first = pos
+            if after_generation_prompt and not text[start:pos].strip():
+                first = start
             end = pos + len(answer)
             tail = text[end:].lstrip(" ")
             eot = next((t for t in self.end_of_turn_tokens if tail.startswith(t)), None)
@@ -143,7 +166,7 @@ class ChatRenderer:
                 text = text[:end] + self.eos_token + text[end:]
                 end += len(self.eos_token)
                 inserted += len(self.eos_token)
-            spans.append((pos, end))
+            spans.append((first, end))
             cursor = end
         return text, spans
 
@@ -273,7 +296,11 @@ class TrainCollator(_Collator):
             if isinstance(record, SkippedSample):
                 skipped.append(record)
                 continue
-            sample = self.renderer.render(record)
+            try:
+                sample = self.renderer.render(record)
+            except BadSampleError as err:
+                self._bad(err.sample_id, err.source, err.reason, skipped)
+                continue
             enc = self._encode(sample)
             input_ids = enc["input_ids"][0]
             mask = self._token_mask(sample, input_ids)
@@ -281,11 +308,11 @@ class TrainCollator(_Collator):
             if self.max_length is not None and len(input_ids) > self.max_length:
                 cut = self.max_length
                 if self.image_token_id is not None and (input_ids[cut:] == self.image_token_id).any():
-                    self._bad(sample.id, record.get("source", "<memory>"),
+                    self._bad(sample.id, record.get("source", MEMORY_SOURCE),
                               f"{len(input_ids)} tokens with image tokens beyond max_length={cut}", skipped)
                     continue
                 if not mask[:cut].any():
-                    self._bad(sample.id, record.get("source", "<memory>"),
+                    self._bad(sample.id, record.get("source", MEMORY_SOURCE),
                               f"answer entirely truncated: {len(input_ids)} tokens > max_length={cut}", skipped)
                     continue
                 enc = {k: (v[:, :cut] if v.dim() == 2 and v.shape[-1] == len(input_ids) else v) for k, v in enc.items()}
@@ -325,7 +352,11 @@ class EvalCollator(_Collator):
             if isinstance(record, SkippedSample):
                 skipped.append(record)
                 continue
-            sample = self.renderer.render(record, for_generation=True)
+            try:
+                sample = self.renderer.render(record, for_generation=True)
+            except BadSampleError as err:
+                self._bad(err.sample_id, err.source, err.reason, skipped)
+                continue
             encoded.append(self._encode(sample))
             final = next(t["value"] for t in reversed(record["conversations"]) if t["from"] == "gpt")
             refs.append(list(dict.fromkeys([final.strip(), *record.get("answers", [])])))
@@ -333,6 +364,29 @@ class EvalCollator(_Collator):
             prompts.append(sample.text)
         return self._batch(
             encoded, left=True, extra={"ids": ids, "references": refs, "prompts": prompts, "skipped": skipped}
+        )
+
+
+def _check(record: dict) -> None:
+    """Raise `BadSampleError` for records the templates cannot render into a trainable sample."""
+
+    def bad(reason: str) -> BadSampleError:
+        return BadSampleError(record.get("id", "<no id>"), record.get("source", MEMORY_SOURCE), reason)
+
+    turns = record["conversations"]
+    if not any(t["from"] == "gpt" for t in turns):
+        raise bad("no gpt/assistant turn (nothing to learn or score)")
+    for k, turn in enumerate(turns):
+        if turn["from"] == "gpt" and not turn["value"].replace(IMAGE_TOKEN, "").strip():
+            raise bad(f"turn {k} (gpt) is an empty answer")
+        if turn["from"] != "human" and IMAGE_TOKEN in turn["value"]:
+            raise bad(f"turn {k} ({turn['from']}) has an {IMAGE_TOKEN} marker; only human turns may")
+    markers = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+    images = len(record_images(record))
+    if markers != images:
+        raise bad(
+            f"{markers} {IMAGE_TOKEN} marker(s) in the text but {images} image(s); put one marker per "
+            "image in the human turns (the datasets in llava_loop.data do this for you)"
         )
 
 

@@ -18,7 +18,6 @@ import inspect
 import itertools
 import json
 import math
-import re
 import textwrap
 import types
 import typing
@@ -37,8 +36,6 @@ _POSITIVE += ("eval_max_samples",)
 _NON_NEGATIVE = ("max_steps", "weight_decay", "warmup_steps", "max_grad_norm")
 _NON_NEGATIVE += ("lora_r", "eval_steps", "save_steps", "early_stopping_patience")
 _NON_NEGATIVE += ("log_steps", "num_workers", "max_bad_steps", "seed")
-# Name tokens meaning "lower is better" when greater_is_better is None.
-_LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ppl", "wer", "cer", "error"})
 
 
 @dataclass
@@ -250,8 +247,9 @@ class LoopConfig:
             raise ValueError("metric_for_best is None: there is no best metric.")
         if self.greater_is_better is not None:
             return self.greater_is_better
-        key = self.metric_for_best.rsplit("/", 1)[-1].lower()
-        return not _LOWER_IS_BETTER.intersection(re.split(r"[^a-z0-9]+", key))
+        from .metrics import greater_is_better
+
+        return greater_is_better(self.metric_for_best)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as a plain, JSON/YAML-serializable dict."""
@@ -315,6 +313,17 @@ class LoopConfig:
     def field_docs(cls) -> dict[str, str]:
         """Return {field name: docstring}; "" where the source is unavailable."""
         return dict(_field_docs(cls))
+
+    @classmethod
+    def markdown_reference(cls) -> str:
+        """Return a Markdown table of every field (name, type, default, docstring) for docs/config.md."""
+        docs, hints = _field_docs(cls), _type_hints(cls)
+        defaults = cls().to_dict()
+        rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+        for name, annotation in hints.items():
+            doc = " ".join(docs.get(name, "").split()).replace("|", "\\|")
+            rows.append(f"| `{name}` | `{_type_name(annotation)}` | `{defaults[name]!r}` | {doc} |")
+        return "\n".join(rows) + "\n"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

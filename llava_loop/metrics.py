@@ -1059,14 +1059,14 @@ def resolve_metrics(spec: Any = None) -> dict[str, MetricFn]:
 
 # --------------------------------------------------------------------------- running
 
-_LOWER_IS_BETTER_TOKENS = {"wer", "cer", "ppl"}
+_LOWER_IS_BETTER_TOKENS = {"wer", "cer", "ppl", "error"}
 
 
 def greater_is_better(key: str) -> bool:
     """Whether a larger value of the metric ``key`` is better (for best-model tracking).
 
     Only the last ``/``-separated component counts. It is lower-is-better if it
-    contains "loss" or "perplexity", or has "wer", "cer" or "ppl" as a word
+    contains "loss" or "perplexity", or has "wer", "cer", "ppl" or "error" as a word
     (separated by ``_``, ``-``, ``.`` or digits; so "answer_f1" stays
     higher-is-better).
 

@@ -259,3 +259,40 @@ def synthetic_vqa(n: int, seed: int = 0, *, image_size: int = 32, kinds=tuple(QU
             }
         )
     return records
+
+
+def llava15_processor(tokenizer_dir, generation_markers: bool = True):
+    """The real llava-1.5 `LlavaProcessor`, built offline from a Llama-2 SentencePiece tokenizer.
+
+    Mirrors ``llava-hf/llava-1.5-7b-hf``: ``<image>`` is id 32000 and ``<pad>`` id 32001, images go
+    through a 336 px `CLIPImageProcessorPil` (patch 14, one CLS token dropped: 576 image tokens),
+    and the chat template is `LLAVA_TEMPLATE`. Use it to test tokenisation-sensitive code (label
+    masking) on real SentencePiece behaviour, and for benchmarks.
+
+    Args:
+        tokenizer_dir: Folder with the Llama-2 ``tokenizer.model`` and ``tokenizer_config.json``
+            (e.g. ``shared/data/llama2-tokenizer``).
+        generation_markers: Use the template variant with ``{% generation %}`` markers.
+
+    Example:
+        >>> processor = llava15_processor("../shared/data/llama2-tokenizer")  # doctest: +SKIP
+        >>> processor.image_token_id, processor.tokenizer.pad_token_id  # doctest: +SKIP
+        (32000, 32001)
+    """
+    from transformers import LlamaTokenizer, LlavaProcessor
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    tokenizer = LlamaTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE if generation_markers else LLAVA_TEMPLATE_NO_MARKERS,
+    )

@@ -1,0 +1,97 @@
+"""Small helpers shared by the tests: records, the Llama-2 tokenizer folder, label inspection."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+LLAMA2_TOKENIZER_ENV = "LLAVA_LOOP_LLAMA2_TOKENIZER"
+
+
+def llama2_tokenizer_dir() -> Path:
+    """The Llama-2 SentencePiece tokenizer folder; fails the test (never skips) when it is missing.
+
+    ``$LLAVA_LOOP_LLAMA2_TOKENIZER`` wins; otherwise ``shared/data/llama2-tokenizer`` beside the
+    clone (where CI puts it).
+    """
+    default = Path(__file__).resolve().parents[2] / "shared/data/llama2-tokenizer"
+    folder = Path(os.environ.get(LLAMA2_TOKENIZER_ENV) or default)
+    if not (folder / "tokenizer.model").is_file():
+        pytest.fail(
+            f"Llama-2 tokenizer not found: {folder / 'tokenizer.model'} is missing. Put the "
+            f"llama2-tokenizer folder at {default} or set ${LLAMA2_TOKENIZER_ENV} to it; "
+            "the real-SentencePiece label tests need it."
+        )
+    return folder
+
+
+def record(rid: str, *turns: tuple[str, str], image=None, **extra) -> dict:
+    """A record from ``("human" | "gpt" | "system", text)`` turns."""
+    conversations = [{"from": role, "value": text} for role, text in turns]
+    return {"id": rid, "image": image, "conversations": conversations, **extra}
+
+
+def solid_image(
+    color: tuple[int, int, int], size: tuple[int, int] = (40, 30)
+) -> Image.Image:
+    """A one-colour RGB image (distinct colours make image order checkable)."""
+    return Image.new("RGB", size, color)
+
+
+def unpadded(values, attention_mask) -> list[int]:
+    """The values of one row where ``attention_mask`` is 1."""
+    return [int(v) for v, m in zip(values.tolist(), attention_mask.tolist()) if m]
+
+
+def collapse_images(ids: list[int], image_token_id: int, *others: list[int]):
+    """Collapse every run of image tokens in ``ids`` to one token (as in the unexpanded text).
+
+    Returns ``(ids, [run lengths], *others)`` with the same positions dropped from each of ``others``.
+    """
+    keep, runs = [], []
+    for i, tok in enumerate(ids):
+        if tok == image_token_id and i > 0 and ids[i - 1] == image_token_id:
+            runs[-1] += 1
+            continue
+        if tok == image_token_id:
+            runs.append(1)
+        keep.append(i)
+    return ([ids[i] for i in keep], runs, *([o[i] for i in keep] for o in others))
+
+
+def labelled_runs(labels: list[int], ignore_index: int) -> list[list[int]]:
+    """Contiguous runs of labels that are not ``ignore_index``."""
+    runs: list[list[int]] = []
+    previous = ignore_index
+    for label in labels:
+        if label != ignore_index:
+            if previous == ignore_index:
+                runs.append([])
+            runs[-1].append(label)
+        previous = label
+    return runs
+
+
+def expected_labels(tokenizer, text: str, continuations: list[str], ignore_index: int):
+    """Token ids of ``text`` and the labels a correct collator gives them.
+
+    Each continuation (e.g. ``" red</s>"``: the separator, the answer and its end-of-turn token)
+    is found in ``text`` in order; its labels are the tokens it gets *in context*, i.e. the tokens
+    a model must generate after the prompt that precedes it. Everything else is ``ignore_index``.
+    """
+    ids = tokenizer(text)["input_ids"]
+    labels = [ignore_index] * len(ids)
+    cursor = 0
+    for continuation in continuations:
+        pos = text.index(continuation, cursor)
+        cursor = pos + len(continuation)
+        head = tokenizer(text[:pos])["input_ids"]
+        upto = tokenizer(text[:cursor])["input_ids"]
+        assert ids[: len(upto)] == upto and upto[: len(head)] == head, (
+            f"test setup: {text[:cursor]!r} does not tokenize as a prefix of the whole text"
+        )
+        labels[len(head) : len(upto)] = ids[len(head) : len(upto)]
+    return ids, labels
