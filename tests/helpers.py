@@ -95,3 +95,14 @@ def expected_labels(tokenizer, text: str, continuations: list[str], ignore_index
         )
         labels[len(head) : len(upto)] = ids[len(head) : len(upto)]
     return ids, labels
+
+
+def fresh_accelerate_process() -> None:
+    """In a process forked by ``accelerate.debug_launcher``: one torch thread, and no Accelerate
+    state inherited from the single-process parent (it would make every rank think it is alone)."""
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -13,6 +13,7 @@ from functools import cache
 
 import pytest
 import torch
+
 from helpers import (
     collapse_images,
     expected_labels,
@@ -22,7 +23,6 @@ from helpers import (
     solid_image,
     unpadded,
 )
-
 from llava_loop.collators import META_KEYS, EvalCollator, TrainCollator
 from llava_loop.data import BadSampleError, SkippedSample
 from llava_loop.testing import llava15_processor, tiny_processor

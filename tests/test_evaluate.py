@@ -1,0 +1,829 @@
+"""Generation-based evaluation: batching, ordering, eval loss, merged LoRA, DDP, outputs, best model.
+
+Most tests evaluate a tiny LLaVA that was LoRA-trained for a few dozen steps (module fixture), so
+its greedy answers depend on the image and the question rather than being identical noise. The eval
+records mix single-turn image questions, multi-turn conversations, text-only records and a system
+prompt, so prompts differ in length and left padding is exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import debug_launcher
+from peft import LoraConfig, get_peft_model
+
+from helpers import fresh_accelerate_process
+from llava_loop import Callback, Loop, LoopConfig
+from llava_loop.checkpointing import best_checkpoint
+from llava_loop.collators import EvalCollator, TrainCollator
+from llava_loop.metrics import Metric
+from llava_loop.modeling import (
+    language_model_lora_targets,
+    lora_layers,
+    merged_adapters,
+)
+from llava_loop.testing import COLORS, synthetic_vqa, tiny_llava
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_KEYS = {"id", "image", "prompt", "prediction", "references", "scores"}
+
+
+def tensors(batch: dict) -> dict:
+    """The model inputs of a collated batch (drops ids, references, prompts, ...)."""
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+# --------------------------------------------------------------------------- data and fixtures
+def mixed_records(n: int, seed: int) -> list[dict]:
+    """Image questions, multi-turn, text-only and system-prompt records, prompts of many lengths."""
+    records = []
+    colors = list(COLORS)
+    for i, record in enumerate(synthetic_vqa(n, seed=seed)):
+        question = record["conversations"][0]["value"].replace("<image>\n", "")
+        answer = record["conversations"][1]["value"]
+        kind = i % 4
+        if kind == 1:
+            # Multi-turn: the image is in the first turn, the scored answer in the last.
+            record["conversations"] = [
+                {"from": "human", "value": "<image>\nHow many shapes are there?"},
+                {"from": "gpt", "value": "one"},
+                {"from": "human", "value": question},
+                {"from": "gpt", "value": answer},
+            ]
+        elif kind == 2:
+            # Text-only, of different lengths.
+            word = colors[i % len(colors)]
+            prompt = "Answer with one word. " * (1 + i % 3) + f"Say {word}."
+            turns = [{"from": "human", "value": prompt}, {"from": "gpt", "value": word}]
+            record = {"id": record["id"], "image": None, "conversations": turns}
+            record["answers"] = [word]
+        elif kind == 3:
+            system = {"from": "system", "value": "Answer with one word."}
+            record["conversations"].insert(0, system)
+        records.append(record)
+    return records
+
+
+def config(tmp_path, **overrides) -> LoopConfig:
+    base = {
+        "output_dir": str(tmp_path),
+        "batch_size": 16,
+        "learning_rate": 5e-3,
+        "lora_dropout": 0.0,
+        "precision": "fp32",
+        "log_steps": 0,
+        "max_new_tokens": 4,
+        "eval_batch_size": 8,
+        "handle_signals": False,
+        "warmup_ratio": 0.0,
+    }
+    return LoopConfig(**{**base, **overrides})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the toy model gains nothing from more, and on a busy 2-core runner
+    OpenMP threads spinning against each other make every step 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny LLaVA LoRA-trained for 40 steps on mixed records: ``(peft_model, processor)``."""
+    model, processor = tiny_llava(seed=0)
+    loop = Loop(
+        model, processor, config(tmp_path_factory.mktemp("train"), max_steps=40)
+    )
+    loop.fit(mixed_records(256, seed=0))
+    return loop.accelerator.unwrap_model(loop.model), processor
+
+
+@pytest.fixture(scope="module")
+def eval_records():
+    return mixed_records(24, seed=1)
+
+
+def predictions_file(output_dir, step: int = 0) -> list[dict]:
+    path = Path(output_dir) / "predictions" / f"step_{step:06d}.jsonl"
+    assert path.is_file(), f"evaluate wrote no predictions file {path}"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def evaluate(
+    model, processor, records, output_dir, metrics=None, loop_class=Loop, **overrides
+):
+    loop = loop_class(
+        model, processor, config(output_dir, **overrides), metrics=metrics
+    )
+    summary = loop.evaluate(records)
+    return loop, summary, predictions_file(output_dir)
+
+
+# --------------------------------------------------------------------------- batching and order
+def test_batched_greedy_predictions_equal_unbatched(trained, eval_records, tmp_path):
+    model, processor = trained
+    _, one, single = evaluate(
+        model, processor, eval_records, tmp_path / "bs1", eval_batch_size=1
+    )
+    _, eight, batched = evaluate(
+        model, processor, eval_records, tmp_path / "bs8", eval_batch_size=8
+    )
+
+    singles = [r["prediction"] for r in single]
+    assert len(set(singles)) >= 4 and one["eval/exact_match"] >= 0.3, (
+        f"the trained model's predictions look like noise ({singles}); the comparison would prove nothing"
+    )
+    mismatched = [
+        (r["id"], a, b)
+        for r, a, b in zip(single, singles, [r["prediction"] for r in batched])
+        if a != b
+    ]
+    assert not mismatched, (
+        f"left-padded batches of 8 change greedy predictions (id, bs1, bs8): {mismatched}"
+    )
+    assert one["eval/loss"] == pytest.approx(eight["eval/loss"], rel=1e-5), (
+        f"eval/loss depends on the batch size: {one['eval/loss']} (bs1) vs {eight['eval/loss']} (bs8)"
+    )
+
+
+def test_left_padded_generation_scores_match_unpadded(trained, eval_records):
+    """Stronger than equal text: every step's logits of a left-padded batch row equal the row alone
+    (position ids and attention mask must both ignore the padding)."""
+    model, processor = trained
+    model.eval()
+    collator = EvalCollator(processor)
+    kwargs = {
+        "max_new_tokens": 4,
+        "do_sample": False,
+        "output_scores": True,
+        "return_dict_in_generate": True,
+        "pad_token_id": processor.tokenizer.pad_token_id,
+    }
+    records = eval_records[:8]
+    with torch.no_grad():
+        batch = collator(records)
+        assert (batch["attention_mask"] == 0).any(), (
+            "the batch has no left padding; pick records of different lengths"
+        )
+        together = model.generate(**tensors(batch), **kwargs)
+        for row, record in enumerate(records):
+            alone = model.generate(**tensors(collator([record])), **kwargs)
+            for step, scores in enumerate(alone.scores):
+                diff = (together.scores[step][row] - scores[0]).abs().max().item()
+                assert diff < 1e-4, (
+                    f"{record['id']}: logits of step {step} differ by {diff:.2e} when left padded"
+                )
+
+
+def test_predictions_come_back_in_dataset_order_though_longest_prompts_go_first(
+    trained, eval_records, tmp_path
+):
+    class Recording(Loop):
+        def generate(self, batch):
+            self.seen.append((batch["input_ids"].shape[1], list(batch["ids"])))
+            return super().generate(batch)
+
+    model, processor = trained
+    loop = Recording(model, processor, config(tmp_path, eval_batch_size=5))
+    loop.seen = []
+    loop.evaluate(eval_records)
+
+    dataset_ids = [r["id"] for r in eval_records]
+    processed = [i for _, ids in loop.seen for i in ids]
+    widths = [w for w, _ in loop.seen]
+    assert sorted(processed) == sorted(dataset_ids) and len(processed) == len(
+        set(processed)
+    ), f"every sample must be generated exactly once, got {processed}"
+    assert processed != dataset_ids, "batches were not reordered by prompt length"
+    assert widths == sorted(widths, reverse=True), (
+        f"batches are not longest-prompt first: widths {widths}"
+    )
+    rows = predictions_file(tmp_path)
+    assert [r["id"] for r in rows] == dataset_ids, (
+        "the predictions file is not in dataset order"
+    )
+    assert all(
+        set(r) == {"id", "prompt", "prediction", "references", "scores"} for r in rows
+    ), f"unexpected predictions file fields: {sorted(rows[0])}"
+    first = rows[0]
+    assert (
+        first["references"] == eval_records[0]["answers"]
+        and "ASSISTANT:" in first["prompt"]
+    ), f"row 0 does not describe record 0: {first}"
+
+
+def test_eval_loss_is_token_weighted_over_the_whole_set(trained, tmp_path):
+    model, processor = trained
+    records = mixed_records(7, seed=2)
+    loop, summary, _ = evaluate(model, processor, records, tmp_path, eval_batch_size=3)
+
+    collator = TrainCollator(processor)
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for record in records:  # one record at a time: no padding, no batching
+            batch = collator([record])
+            outputs = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                **(
+                    {"pixel_values": batch["pixel_values"]}
+                    if "pixel_values" in batch
+                    else {}
+                ),
+            )
+            total += float(loop.compute_loss(outputs, batch))
+            tokens += loop.count_loss_tokens(batch)
+    assert summary["eval/loss"] == pytest.approx(total / tokens, rel=1e-5), (
+        f"eval/loss {summary['eval/loss']} is not the token-weighted mean over all samples {total / tokens}"
+    )
+
+
+def test_generation_config_follows_loop_config(trained, tmp_path):
+    model, processor = trained
+    loop = Loop(model, processor, config(tmp_path, max_new_tokens=2))
+    loop._setup_accelerator()
+    greedy = loop.generation_config()
+    got = (greedy.do_sample, greedy.num_beams, greedy.max_new_tokens, greedy.use_cache)
+    assert got == (False, 1, 2, True), (
+        f"default generation must be greedy, cached, 2 tokens: {got}"
+    )
+    assert greedy.temperature is None and greedy.top_p is None, (
+        "greedy keeps sampling settings"
+    )
+
+    cfg = config(tmp_path, do_sample=True, temperature=0.7, top_p=0.9, num_beams=3)
+    sampled = Loop(model, processor, cfg)
+    sampled._setup_accelerator()
+    gen = sampled.generation_config()
+    got = (gen.do_sample, gen.temperature, gen.top_p, gen.num_beams)
+    assert got == (True, 0.7, 0.9, 3), f"sampling settings were not passed on: {got}"
+
+
+def test_generation_respects_max_new_tokens(trained, eval_records, tmp_path):
+    class Counting(Loop):
+        def generate(self, batch):
+            predictions = super().generate(batch)
+            self.counts.append(self._generated_tokens)
+            return predictions
+
+    model, processor = trained
+    loop = Counting(
+        model, processor, config(tmp_path, max_new_tokens=2, eval_batch_size=1)
+    )
+    loop.counts = []
+    summary = loop.evaluate(eval_records[:6])
+    per_sample = [b - a for a, b in zip([0, *loop.counts], loop.counts)]
+    assert all(1 <= n <= 2 for n in per_sample), (
+        f"max_new_tokens=2 but samples got {per_sample} tokens"
+    )
+    assert summary["eval/gen_tokens_per_s"] > 0, (
+        "eval/gen_tokens_per_s is missing or zero"
+    )
+
+
+@pytest.mark.parametrize(
+    "settings", [{"num_beams": 3}, {"do_sample": True, "temperature": 2.0}]
+)
+def test_beam_search_and_sampling_run_and_leave_the_rng_alone(
+    trained, eval_records, settings, tmp_path
+):
+    model, processor = trained
+    loop = Loop(model, processor, config(tmp_path, max_new_tokens=3, **settings))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        summary = loop.evaluate(eval_records[:8])
+        runs.append([r["prediction"] for r in predictions_file(tmp_path)])
+        after = torch.rand(3)
+        torch.manual_seed(123)
+        assert torch.equal(after, torch.rand(3)), (
+            f"evaluate with {settings} moved the global torch RNG"
+        )
+    assert summary["eval/samples"] == 8, (
+        f"{settings}: evaluated {summary['eval/samples']} of 8 samples"
+    )
+    assert runs[0] == runs[1], (
+        f"two evaluations with {settings} gave different predictions: {runs}"
+    )
+
+
+# --------------------------------------------------------------------------- merged LoRA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_adapters_restore_base_weights_bit_exactly(dtype):
+    model, processor = tiny_llava(seed=0)
+    targets = language_model_lora_targets(model)
+    # Random A and B (not the no-op init), so merging really changes the weights.
+    model = get_peft_model(
+        model,
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False),
+    )
+    model.to(dtype).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = EvalCollator(processor)(synthetic_vqa(2))
+    inputs = tensors(batch)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with torch.no_grad():
+        unmerged = model(**inputs).logits.float()
+        with merged_adapters(model):
+            assert all(layer.merged for layer in lora_layers(model)), (
+                "adapters are not merged inside the context"
+            )
+            merged = model(**inputs).logits.float()
+    # bf16 rounds W + BA to 8 bits of mantissa.
+    tolerance = 1e-4 if dtype == torch.float32 else 0.15
+    assert torch.allclose(merged, unmerged, atol=tolerance), (
+        f"merged logits differ from unmerged by {(merged - unmerged).abs().max():.2e}"
+    )
+    assert not any(layer.merged for layer in lora_layers(model)), (
+        "adapters are still merged after the context"
+    )
+    changed = [
+        k for k, v in model.state_dict().items() if not torch.equal(v, before[k])
+    ]
+    assert not changed, (
+        f"merge + restore changed {len(changed)} tensors in {dtype}, e.g. {changed[:3]}"
+    )
+
+    model.merge_adapter()  # what the backup is for: unmerge alone is not exact
+    model.unmerge_adapter()
+    drift = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert drift, (
+        f"plain merge/unmerge was exact in {dtype}; this test no longer shows the backup matters"
+    )
+
+
+def test_merging_for_eval_gives_the_same_predictions(trained, eval_records, tmp_path):
+    model, processor = trained
+    _, on, merged = evaluate(
+        model, processor, eval_records, tmp_path / "on", merge_lora_for_eval=True
+    )
+    _, off, unmerged = evaluate(
+        model, processor, eval_records, tmp_path / "off", merge_lora_for_eval=False
+    )
+    assert [r["prediction"] for r in merged] == [r["prediction"] for r in unmerged], (
+        "greedy predictions differ between merged and unmerged adapters"
+    )
+    assert on["eval/loss"] == pytest.approx(off["eval/loss"], rel=1e-5), (
+        f"eval/loss differs with merged adapters: {on['eval/loss']} vs {off['eval/loss']}"
+    )
+
+
+class StepLosses(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_step_end(self, loop, logs):
+        self.losses.append(logs["train/loss"])
+
+
+def _train_with_evals(tmp_path, eval_steps: int, merge: bool):
+    model, processor = tiny_llava(seed=0)
+    losses = StepLosses()
+    # LoRA dropout, so that training draws from the RNG that evaluation must not disturb.
+    cfg = config(
+        tmp_path,
+        max_steps=6,
+        batch_size=8,
+        eval_steps=eval_steps,
+        merge_lora_for_eval=merge,
+        lora_dropout=0.1,
+        max_new_tokens=3,
+    )
+    loop = Loop(model, processor, cfg, callbacks=[losses])
+    loop.fit(
+        mixed_records(48, seed=0), mixed_records(6, seed=1) if eval_steps else None
+    )
+    weights = {
+        n: p.detach().clone()
+        for n, p in loop.accelerator.unwrap_model(loop.model).named_parameters()
+    }
+    return loop, weights, losses.losses
+
+
+def test_training_continues_bit_identically_after_merged_evaluations(tmp_path):
+    merged_loop, merged, merged_losses = _train_with_evals(
+        tmp_path / "merged", eval_steps=2, merge=True
+    )
+    _, unmerged, unmerged_losses = _train_with_evals(
+        tmp_path / "unmerged", eval_steps=2, merge=False
+    )
+    _, no_eval, no_eval_losses = _train_with_evals(
+        tmp_path / "none", eval_steps=0, merge=True
+    )
+
+    assert [h["step"] for h in merged_loop.state.history] == [2, 4, 6], (
+        "expected evaluations at steps 2, 4, 6"
+    )
+    for name, other, other_losses in (
+        ("merge off", unmerged, unmerged_losses),
+        ("no evals", no_eval, no_eval_losses),
+    ):
+        assert merged_losses == other_losses, (
+            f"losses after merged evals differ from {name}: {merged_losses} vs {other_losses}"
+        )
+        differ = [n for n, w in merged.items() if not torch.equal(w, other[n])]
+        assert not differ, (
+            f"weights after merged evals differ from {name} (not bit-identical): {differ[:3]}"
+        )
+
+
+# --------------------------------------------------------------------------- several processes
+def _evaluate_in_two_processes(model, processor, records, output_dir: str) -> None:
+    fresh_accelerate_process()
+    loop = Loop(model, processor, config(output_dir, eval_batch_size=3))
+    summary = loop.evaluate(records)
+    rank = loop.accelerator.process_index
+    assert loop.accelerator.num_processes == 2, (
+        "debug_launcher did not start 2 processes"
+    )
+    Path(output_dir, f"summary_{rank}.json").write_text(json.dumps(summary))
+
+
+def test_two_processes_gather_predictions_in_order_without_duplicates(
+    trained, tmp_path
+):
+    model, processor = trained
+    # 7 records in batches of 3: process 0 gets 2 batches (3 + 1 samples), process 1 one (3).
+    records = mixed_records(7, seed=3)
+    ddp_dir = tmp_path / "ddp"
+    ddp_dir.mkdir()
+    debug_launcher(
+        _evaluate_in_two_processes,
+        args=(model, processor, records, str(ddp_dir)),
+        num_processes=2,
+    )
+    _, single, single_rows = evaluate(
+        model, processor, records, tmp_path / "single", eval_batch_size=3
+    )
+
+    summaries = [
+        json.loads((ddp_dir / f"summary_{rank}.json").read_text()) for rank in (0, 1)
+    ]
+    assert summaries[0] == summaries[1], (
+        f"processes disagree on the summary: {summaries}"
+    )
+    rows = predictions_file(ddp_dir)
+    assert [r["id"] for r in rows] == [r["id"] for r in records], (
+        f"DDP predictions are not each id once in dataset order: {[r['id'] for r in rows]}"
+    )
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in single_rows], (
+        "2-process predictions differ from single-process ones"
+    )
+    ddp = summaries[0]
+    assert (
+        ddp["eval/samples"] == 7
+        and ddp["eval/exact_match"] == single["eval/exact_match"]
+    ), f"DDP summary {ddp} does not match the single-process one {single}"
+    assert ddp["eval/loss"] == pytest.approx(single["eval/loss"], rel=1e-5), (
+        "DDP eval/loss differs"
+    )
+
+
+def _fit_in_two_processes(train, evals, output_dir: str) -> None:
+    fresh_accelerate_process()
+    model, processor = tiny_llava(seed=0)
+    cfg = config(output_dir, max_steps=3, batch_size=4, eval_steps=1, eval_batch_size=3)
+    cfg.metric_for_best = "eval/loss"
+    loop = Loop(model, processor, cfg)
+    loop.fit(train, evals)
+    rank = loop.accelerator.process_index
+    Path(output_dir, f"history_{rank}.json").write_text(json.dumps(loop.state.history))
+
+
+def test_evaluations_during_two_process_training_agree_and_keep_the_best(tmp_path):
+    """Inside a DDP fit: uneven eval shards must not hang, and the best checkpoint (a collective
+    save) must be chosen identically on both processes."""
+    train, evals = mixed_records(16, seed=0), mixed_records(7, seed=3)
+    debug_launcher(
+        _fit_in_two_processes, args=(train, evals, str(tmp_path)), num_processes=2
+    )
+
+    histories = [
+        json.loads((tmp_path / f"history_{rank}.json").read_text()) for rank in (0, 1)
+    ]
+    assert histories[0] == histories[1], (
+        f"processes disagree on the eval history: {histories}"
+    )
+    assert [h["step"] for h in histories[0]] == [1, 2, 3], (
+        f"expected evals at steps 1-3: {histories[0]}"
+    )
+    for step in (1, 2, 3):
+        ids = [r["id"] for r in predictions_file(tmp_path, step)]
+        assert ids == [r["id"] for r in evals], (
+            f"step {step}: predictions not once each in order: {ids}"
+        )
+    best_step = min(histories[0], key=lambda h: h["eval/loss"])["step"]
+    best = best_checkpoint(str(tmp_path))
+    assert best and Path(best["path"]).name == f"step_{best_step:06d}", (
+        f"best.json {best} should name step {best_step}"
+    )
+
+
+# --------------------------------------------------------------------------- outputs
+class Recorder(Callback):
+    def __init__(self):
+        self.evaluations = []
+
+    def on_evaluate(self, loop, metrics, samples):
+        self.evaluations.append((loop.state.step, metrics, samples))
+
+
+def test_each_evaluation_writes_predictions_metrics_and_hands_samples_to_callbacks(
+    tmp_path,
+):
+    model, processor = tiny_llava(seed=0)
+    recorder = Recorder()
+    records = mixed_records(6, seed=1)
+    loop = Loop(
+        model,
+        processor,
+        config(tmp_path, max_steps=4, batch_size=4, eval_steps=2),
+        callbacks=[recorder],
+    )
+    loop.fit(mixed_records(16, seed=0), records)
+
+    assert [step for step, _, _ in recorder.evaluations] == [2, 4], (
+        "on_evaluate should fire at steps 2 and 4"
+    )
+    logged = [
+        json.loads(line)
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
+    evals = [r for r in logged if "eval/exact_match" in r]
+    assert [r["step"] for r in evals] == [2, 4], (
+        f"metrics.jsonl eval records at the wrong steps: {evals}"
+    )
+    for record in evals:
+        expected = {
+            "eval/exact_match",
+            "eval/loss",
+            "eval/samples",
+            "eval/samples_per_s",
+            "eval/gen_tokens_per_s",
+        }
+        assert expected <= set(record), (
+            f"eval record lacks keys {expected - set(record)}"
+        )
+    for step, metrics, samples in recorder.evaluations:
+        assert [r["id"] for r in predictions_file(tmp_path, step)] == [
+            r["id"] for r in records
+        ], f"predictions/step_{step:06d}.jsonl is missing or out of order"
+        assert metrics == {
+            k: v for k, v in evals[[2, 4].index(step)].items() if k != "step"
+        }, "on_evaluate got a different summary from the one logged"
+        assert [s["id"] for s in samples] == [
+            r["id"] for r in records[: Loop.callback_samples]
+        ], (
+            f"samples should be the first {Loop.callback_samples} in dataset order, got {[s['id'] for s in samples]}"
+        )
+        for sample, record in zip(samples, records):
+            assert set(sample) == SAMPLE_KEYS, (
+                f"sample keys {sorted(sample)} != {sorted(SAMPLE_KEYS)}"
+            )
+            image, expected = sample["image"], record["image"]
+            same = (
+                image is None
+                if expected is None
+                else image.tobytes() == expected.tobytes()
+            )
+            assert same, f"sample {sample['id']} carries the wrong image"
+            assert (
+                isinstance(sample["prediction"], str)
+                and sample["references"] == record["answers"]
+            ), f"bad sample {sample}"
+            assert set(sample["scores"]) == {"exact_match"}, (
+                f"sample scores {sample['scores']}"
+            )
+
+    loop.evaluate(mixed_records(2, seed=5))
+    assert len(loop.eval_data) == len(records), (
+        "evaluate(other_data) replaced fit's eval set"
+    )
+
+
+# --------------------------------------------------------------------------- best model and early stopping
+class Scripted:
+    """A metric whose value at optimizer step ``k`` is ``values[k - 1]`` (set ``.loop`` first)."""
+
+    def __init__(self, values):
+        self.values = list(values)
+        self.loop = None
+
+    def __call__(self, predictions, references):
+        step = self.loop.state.step if self.loop is not None else 1
+        return {"score": self.values[min(step, len(self.values)) - 1]}
+
+
+def scripted_loop(model, processor, cfg, values) -> Loop:
+    metric = Scripted(values)
+    loop = Loop(model, processor, cfg, metrics=metric)
+    metric.loop = loop
+    return loop
+
+
+@pytest.mark.parametrize(
+    ("metric_for_best", "greater_is_better", "best_step"),
+    [("eval/score", None, 2), ("score", False, 4), ("eval/loss", None, None)],
+)
+def test_best_checkpoint_follows_metric_for_best(
+    tmp_path, metric_for_best, greater_is_better, best_step
+):
+    model, processor = tiny_llava(seed=0)
+    cfg = config(
+        tmp_path,
+        max_steps=4,
+        batch_size=4,
+        eval_steps=1,
+        metric_for_best=metric_for_best,
+        greater_is_better=greater_is_better,
+        max_new_tokens=1,
+    )
+    loop = scripted_loop(model, processor, cfg, [0.2, 0.5, 0.4, 0.1])
+    loop.fit(mixed_records(16, seed=0), mixed_records(3, seed=1))
+
+    history = loop.state.history
+    if best_step is None:  # eval/loss: lower is better
+        best_step = min(history, key=lambda h: h["eval/loss"])["step"]
+    key = cfg.metric_for_best
+    expected = next(h[key] for h in history if h["step"] == best_step)
+    best = best_checkpoint(str(tmp_path))
+    assert best is not None, "no checkpoints/best.json was written"
+    assert (
+        Path(best["path"]).name == f"step_{best_step:06d}" and best["value"] == expected
+    ), (
+        f"best.json names {best} but {key} was best at step {best_step} ({[h[key] for h in history]})"
+    )
+    assert Path(best["path"], "meta.json").is_file(), (
+        f"best checkpoint {best['path']} is incomplete"
+    )
+    assert loop.state.best_metric == expected, (
+        f"state.best_metric={loop.state.best_metric}, expected {expected}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "greater_is_better", "stop_step"),
+    [
+        ([0.5, 0.6, 0.6, 0.4, 0.9], None, 4),
+        ([0.5, 0.4, 0.45, 0.41, 0.1], None, 3),
+        ([0.5, 0.4, 0.45, 0.41, 0.1], False, 4),
+    ],
+)
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(
+    tmp_path, values, greater_is_better, stop_step
+):
+    model, processor = tiny_llava(seed=0)
+    cfg = config(
+        tmp_path,
+        max_steps=8,
+        batch_size=4,
+        eval_steps=1,
+        metric_for_best="eval/score",
+        greater_is_better=greater_is_better,
+        early_stopping_patience=2,
+        max_new_tokens=1,
+    )
+    loop = scripted_loop(model, processor, cfg, values)
+    state = loop.fit(mixed_records(16, seed=0), mixed_records(2, seed=1))
+    assert state.step == stop_step, (
+        f"expected a stop at step {stop_step} (patience 2, values {values}), got {state.step}"
+    )
+    assert [h["step"] for h in state.history] == list(range(1, stop_step + 1)), (
+        f"evaluations after the stop: {[h['step'] for h in state.history]}"
+    )
+    assert state.should_stop and state.stop_reason.startswith("early stopping"), (
+        f"should_stop={state.should_stop}, stop_reason={state.stop_reason!r} after early stopping"
+    )
+
+
+# --------------------------------------------------------------------------- pluggable metrics
+class WordCount:
+    """A plain callable metric (no Metric base class) with per-sample scores."""
+
+    __name__ = "word_count"
+
+    def __call__(self, predictions, references):
+        words = self.per_sample(predictions, references)["words"]
+        return {"words": sum(words) / len(words)}
+
+    def per_sample(self, predictions, references):
+        return {"words": [float(len(p.split())) for p in predictions]}
+
+
+EVALUATE_SCRIPT = """
+import datasets
+import evaluate
+
+
+class HitRate(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="toy", citation="", inputs_description="",
+            features=datasets.Features({
+                "predictions": datasets.Value("string"),
+                "references": datasets.Sequence(datasets.Value("string")),
+            }),
+        )
+
+    def _compute(self, predictions, references):
+        hits = [float(p in r) for p, r in zip(predictions, references)]
+        return {"hit_rate": sum(hits) / len(hits)}
+"""
+
+
+def test_metrics_given_as_names_callables_and_evaluate_modules_all_reach_the_summary(
+    trained, eval_records, tmp_path
+):
+    import evaluate as hf_evaluate
+
+    script = tmp_path / "hit_rate.py"
+    script.write_text(EVALUATE_SCRIPT)
+    module = hf_evaluate.load(str(script), cache_dir=str(tmp_path / "cache"))
+
+    def mean_chars(predictions, references):
+        return {"chars": sum(map(len, predictions)) / len(predictions)}
+
+    model, processor = trained
+    metrics = ["exact_match", WordCount(), mean_chars, module]
+    _, summary, rows = evaluate(
+        model, processor, eval_records, tmp_path / "out", metrics=metrics
+    )
+
+    predictions = [r["prediction"] for r in rows]
+    hits = [float(r["prediction"] in r["references"]) for r in rows]
+    expected = {
+        "eval/words": sum(len(p.split()) for p in predictions) / len(predictions),
+        "eval/chars": sum(map(len, predictions)) / len(predictions),
+        "eval/hit_rate": sum(hits) / len(hits),
+    }
+    for key, value in expected.items():
+        assert summary.get(key) == pytest.approx(value), (
+            f"{key}: got {summary.get(key)}, expected {value}"
+        )
+    assert "eval/exact_match" in summary, (
+        f"the built-in metric is missing from {sorted(summary)}"
+    )
+    for row in rows:
+        assert (
+            row["scores"]["words"] == len(row["prediction"].split())
+            and "exact_match" in row["scores"]
+        ), f"per-sample scores missing or wrong in {row}"
+
+
+def test_metric_models_are_offloaded_after_each_evaluation(
+    trained, eval_records, tmp_path
+):
+    events = []
+
+    class HeavyMetric(Metric):
+        name = "heavy"
+
+        def __call__(self, predictions, references):
+            events.append("score")
+            return {"heavy": 1.0}
+
+        def offload(self):
+            events.append("offload")
+
+    model, processor = trained
+    loop = Loop(model, processor, config(tmp_path), metrics=HeavyMetric())
+    loop.evaluate(eval_records[:4])
+    loop.evaluate(eval_records[:4])
+    assert events == ["score", "offload", "score", "offload"], (
+        f"offload must follow each evaluation, got {events}"
+    )
+
+
+# --------------------------------------------------------------------------- docs
+def test_evaluation_docs_examples_run(tmp_path, monkeypatch):
+    """Run every ```python block of docs/evaluation.md, in order, in one namespace."""
+    page = (ROOT / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    assert len(blocks) >= 2, "docs/evaluation.md lost its examples"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/evaluation.md", "exec"), namespace)  # noqa: S102
+    summary = namespace["summary"]
+    assert {"eval/exact_match", "eval/vqa_accuracy", "eval/answer_words"} <= set(
+        summary
+    ), f"the custom-metric example reports {sorted(summary)}"
+    choices = namespace["choice_summary"]
+    assert choices["eval/exact_match"] >= 0.5, (
+        f"the constrained-answer example scores {choices}"
+    )
+    rows = predictions_file(
+        tmp_path / "choice_run", namespace["choice_loop"].state.step
+    )
+    assert {r["prediction"] for r in rows} <= set(namespace["ChoiceLoop"].candidates), (
+        "the constrained-answer example answered outside its candidate set"
+    )
