@@ -97,9 +97,31 @@ def expected_labels(tokenizer, text: str, continuations: list[str], ignore_index
     return ids, labels
 
 
+def launch_two_processes(function, args=()) -> None:
+    """``accelerate.debug_launcher(function, args, num_processes=2)`` on a free port.
+
+    debug_launcher always uses port 29500, so two test runs at once (CI and a developer, or
+    parallel sessions) rendezvous with each other and hang; a free port keeps runs apart.
+    """
+    import socket
+    import tempfile
+
+    from accelerate.utils import PrepareForLaunch, patch_environment
+    from torch.multiprocessing import start_processes
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.NamedTemporaryFile() as rdv, patch_environment(
+        world_size=2, master_addr="127.0.0.1", master_port=str(port), accelerate_mixed_precision="no",
+        accelerate_debug_rdv_file=rdv.name, accelerate_use_cpu="yes", gloo_socket_ifname="lo",
+    ):
+        start_processes(PrepareForLaunch(function, debug=True), args=args, nprocs=2, start_method="fork")
+
+
 def fresh_accelerate_process() -> None:
-    """In a process forked by ``accelerate.debug_launcher``: one torch thread, and no Accelerate
-    state inherited from the single-process parent (it would make every rank think it is alone)."""
+    """In a process forked by `launch_two_processes`: one torch thread, and no Accelerate state
+    inherited from the single-process parent (it would make every rank think it is alone)."""
     import torch
     from accelerate.state import AcceleratorState, GradientState
 

@@ -1,11 +1,10 @@
-"""Two real gloo processes on the CPU (accelerate.debug_launcher): DDP training matches one process."""
+"""Two real gloo processes on the CPU (tests/helpers.launch_two_processes): DDP training matches one process."""
 
 import json
 
 import torch
-from accelerate import debug_launcher
 
-from helpers import fresh_accelerate_process
+from helpers import fresh_accelerate_process, launch_two_processes
 from llava_loop import Loop, LoopConfig
 from llava_loop.testing import synthetic_vqa, tiny_llava
 
@@ -62,7 +61,7 @@ def _losses(output_dir) -> list[float]:
 def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path):
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     ddp_dir.mkdir()
-    debug_launcher(_train_two_processes, args=(str(ddp_dir),), num_processes=2)
+    launch_two_processes(_train_two_processes, args=(str(ddp_dir),))
 
     single = _fit(4, str(single_dir))
 

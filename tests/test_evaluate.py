@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import debug_launcher
 from peft import LoraConfig, get_peft_model
 
-from helpers import fresh_accelerate_process
+from helpers import fresh_accelerate_process, launch_two_processes
 from llava_loop import Callback, Loop, LoopConfig
 from llava_loop.checkpointing import best_checkpoint
 from llava_loop.collators import EvalCollator, TrainCollator
@@ -443,7 +442,7 @@ def _evaluate_in_two_processes(model, processor, records, output_dir: str) -> No
     summary = loop.evaluate(records)
     rank = loop.accelerator.process_index
     assert loop.accelerator.num_processes == 2, (
-        "debug_launcher did not start 2 processes"
+        "launch_two_processes did not start 2 processes"
     )
     Path(output_dir, f"summary_{rank}.json").write_text(json.dumps(summary))
 
@@ -456,11 +455,7 @@ def test_two_processes_gather_predictions_in_order_without_duplicates(
     records = mixed_records(7, seed=3)
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
-    debug_launcher(
-        _evaluate_in_two_processes,
-        args=(model, processor, records, str(ddp_dir)),
-        num_processes=2,
-    )
+    launch_two_processes(_evaluate_in_two_processes, args=(model, processor, records, str(ddp_dir)))
     _, single, single_rows = evaluate(
         model, processor, records, tmp_path / "single", eval_batch_size=3
     )
@@ -503,9 +498,7 @@ def test_evaluations_during_two_process_training_agree_and_keep_the_best(tmp_pat
     """Inside a DDP fit: uneven eval shards must not hang, and the best checkpoint (a collective
     save) must be chosen identically on both processes."""
     train, evals = mixed_records(16, seed=0), mixed_records(7, seed=3)
-    debug_launcher(
-        _fit_in_two_processes, args=(train, evals, str(tmp_path)), num_processes=2
-    )
+    launch_two_processes(_fit_in_two_processes, args=(train, evals, str(tmp_path)))
 
     histories = [
         json.loads((tmp_path / f"history_{rank}.json").read_text()) for rank in (0, 1)
