@@ -20,15 +20,19 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# The whole event vocabulary, in the order a run meets them. Payload keys in brackets.
+# The whole event vocabulary, in the order a run meets them. Payload keys in brackets. Within one
+# optimizer step: on_step_end, on_log (train, every log_steps), on_evaluate and on_log (eval, every
+# eval_steps), on_save (every save_steps), then on_epoch_end if the step used the epoch's last batch.
 EVENTS: dict[str, str] = {
     "on_fit_start": "Once, after set-up (model wrapped, optimizer built, checkpoint restored), before the first step.",
     "on_epoch_start": "At the start of each epoch, including the epoch a resumed run re-enters.",
-    "on_step_end": "After each optimizer step, not per micro-batch. [logs: this step's train/loss, train/lr, ...]",
+    "on_step_end": "After each optimizer step, not per micro-batch. [logs: this step's train/loss, train/lr "
+    "(the rate the step used), train/grad_norm]",
     "on_log": "Whenever a record is written to metrics.jsonl: train every log_steps, eval after each evaluation. [logs]",
     "on_evaluate": "After each evaluation, on every process. [metrics: summary dict; samples: a few predictions]",
     "on_save": "After a checkpoint is completely written and renamed into place, main process. [path]",
-    "on_epoch_end": "At the end of each epoch that ran to completion.",
+    "on_epoch_end": "After the step that used an epoch's last batch (and that step's evaluation and checkpoint); "
+    "not when the run stops mid-epoch.",
     "on_fit_end": "Once, after the final evaluation and checkpoint, also when stopped early or by a signal.",
 }
 
@@ -63,7 +67,8 @@ class EarlyStopping(Callback):
         metric: A reported key, e.g. ``"eval/loss"`` (default: the loop's ``metric_for_best``).
         patience: Evaluations without improvement before stopping.
         min_delta: Smallest change that counts as an improvement.
-        greater_is_better: Direction; None infers it from the key (loss lower, scores higher).
+        greater_is_better: Direction; None = the loop's (``config.resolved_greater_is_better()``)
+            when ``metric`` is None, else inferred from the key (loss lower, scores higher).
     """
 
     def __init__(
@@ -89,7 +94,9 @@ class EarlyStopping(Callback):
         if key not in metrics:
             raise KeyError(f"EarlyStopping metric {key!r} not among reported metrics {sorted(metrics)}")
         value = metrics[key]
-        higher = self.greater_is_better if self.greater_is_better is not None else greater_is_better(key)
+        higher = self.greater_is_better
+        if higher is None:  # the loop's metric follows the loop's direction (config.greater_is_better)
+            higher = loop.config.resolved_greater_is_better() if self.metric is None else greater_is_better(key)
         improved = self.best is None or (
             value > self.best + self.min_delta if higher else value < self.best - self.min_delta
         )
@@ -100,6 +107,7 @@ class EarlyStopping(Callback):
         if self.bad_evals >= self.patience:
             logger.info("early stopping: %s has not improved for %d evaluations (best %s)", key, self.patience, self.best)
             loop.state.should_stop = True
+            loop.state.stop_reason = f"early stopping: {key} did not improve for {self.patience} evaluations"
 
     def state_dict(self) -> dict:
         return {"best": self.best, "bad_evals": self.bad_evals}

@@ -106,6 +106,8 @@ class LoopConfig:
     """Also evaluate at the end of every epoch."""
     eval_before_training: bool = False
     """Evaluate once before the first step (a step-0 baseline in metrics.jsonl)."""
+    eval_loss: bool = True
+    """Also compute the teacher-forced eval loss (eval/loss) on the eval set; False saves one forward per eval batch."""
     save_steps: int = 0
     """Optimizer steps between checkpoints; 0 = only the final checkpoint."""
     save_total_limit: int | None = None

@@ -7,6 +7,7 @@ Override one public method to change one thing (see `Loop`); callbacks only obse
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -14,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,10 +26,10 @@ from . import checkpointing
 from .callbacks import EarlyStopping, dispatch
 from .collators import IGNORE_INDEX, META_KEYS, EvalCollator, TrainCollator
 from .config import LoopConfig
-from .data import as_dataset
-from .distributed import gather_in_order
+from .data import SkippedSample, as_dataset
+from .distributed import gather_in_order, run_on_main, shard_batches
 from .loggers import JSONLLogger, ProgressBar, TrackerLogger
-from .metrics import compute_metrics, greater_is_better, resolve_metrics
+from .metrics import compute_metrics, resolve_metrics
 from .modeling import merged_adapters, param_groups, prepare_model
 
 logger = logging.getLogger(__name__)
@@ -48,11 +50,15 @@ class LoopState:
     """Current epoch (0-based)."""
     batches_in_epoch: int = 0
     """Micro-batches of the current epoch already consumed (the data position for resuming)."""
+    sampler_seed: int | None = None
+    """Seed of the training order (``seed + epoch`` per epoch); kept on resume, so a changed
+    ``seed`` setting cannot reshuffle the rest of an interrupted epoch."""
     samples_seen: int = 0
     tokens_seen: int = 0
     """Tokens (attention mask, image tokens included) seen, all processes."""
     skipped_samples: int = 0
-    """Bad samples skipped (``on_bad_sample="skip"``)."""
+    """Bad samples skipped (``on_bad_sample="skip"``), all processes; a sample skipped in several
+    epochs counts each time."""
     bad_steps_in_a_row: int = 0
     """Consecutive steps skipped for a non-finite loss."""
     best_metric: float | None = None
@@ -72,14 +78,20 @@ class LoopState:
 
 
 class EpochSampler(Sampler[int]):
-    """Deterministic order per (seed, epoch); can start mid-epoch for exact resume."""
+    """Deterministic order per (seed, epoch); can start mid-epoch for exact resume.
+
+    The method is `set_position`, deliberately not ``set_epoch``: accelerate's prepared loader
+    calls ``sampler.set_epoch(n)`` with the number of passes *it* has made over the loader, which
+    would reset the epoch and the mid-epoch start of a resumed run.
+    """
 
     def __init__(self, n: int, seed: int, shuffle: bool):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.epoch = 0
         self.start = 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        """Yield the order of ``epoch`` from its ``start``-th sample on."""
         self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[int]:
@@ -94,8 +106,25 @@ class EpochSampler(Sampler[int]):
         return self.n - self.start
 
 
+class _WithSource(Dataset):
+    """Records of ``dataset`` with its ``source`` file added, so that a bad sample found while
+    collating (e.g. an answer cut away by max_length) is reported with its file."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset, self.source = dataset, getattr(dataset, "source", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        record = self.dataset[i]
+        if self.source is not None and isinstance(record, dict) and "source" not in record:
+            record = {**record, "source": self.source}
+        return record
+
+
 class _Indexed(Dataset):
-    """Wraps a dataset so each item carries its index (to restore dataset order after sharding)."""
+    """``dataset`` in the order ``indices``; each item carries its dataset index (to restore order)."""
 
     def __init__(self, dataset: Dataset, indices: list[int]):
         self.dataset, self.indices = dataset, indices
@@ -108,18 +137,17 @@ class _Indexed(Dataset):
 
 
 class _EvalBatches:
-    """Collate function for eval: a generation batch and a teacher-forced loss batch of the same records."""
+    """Eval collate function: the generation batch (prompts, left padded) and the teacher-forced
+    loss batch (whole conversations, right padded) of the same records, and their dataset indices."""
 
-    def __init__(self, eval_collator: EvalCollator, train_collator: TrainCollator):
+    def __init__(self, eval_collator: EvalCollator, train_collator: TrainCollator | None):
         self.eval_collator, self.train_collator = eval_collator, train_collator
 
     def __call__(self, items: list[tuple[int, Any]]) -> dict:
-        indices = [i for i, _ in items]
         records = [r for _, r in items]
-        gen = self.eval_collator(records)
-        kept = [i for i, r in zip(indices, records) if not hasattr(r, "reason")]
-        return {"gen": gen, "loss": self.train_collator(records), "indices": kept,
-                "images": [r.get("image") for r in records if not hasattr(r, "reason")]}
+        kept = [i for i, r in items if not isinstance(r, SkippedSample)]  # the generation batch's rows
+        loss = self.train_collator(records) if self.train_collator is not None else {"ids": []}
+        return {"gen": self.eval_collator(records), "loss": loss, "indices": kept}
 
 
 class Loop:
@@ -170,6 +198,10 @@ class Loop:
             processor, self.config.max_length, on_bad_sample=self.config.on_bad_sample
         )
         self.eval_collator = EvalCollator(processor, on_bad_sample=self.config.on_bad_sample)
+        # Contradictions found now rather than after set-up (or hours in): fp16 on a CPU, and a
+        # metric_for_best that none of the metrics reports.
+        self.config.resolved_precision("cuda" if torch.cuda.is_available() else "cpu")
+        _check_metric_reported(self.config.metric_for_best, self.metrics, self.config.eval_loss)
         if self.config.early_stopping_patience:
             self.callbacks.append(EarlyStopping(self.config.early_stopping_patience))
 
@@ -190,68 +222,75 @@ class Loop:
             self.evaluate()
         with self._signals_handled():
             self._train()
-        if self.eval_data is not None and not self._evaluated_at(self.state.step):
+            preempted = (self.state.stop_reason or "").startswith("signal")
+            if preempted:
+                # Save before anything else: a preemption grace period is short. The final
+                # evaluation is skipped; the resumed run does it.
+                self._save()
+        if not preempted and self.eval_data is not None and not self._evaluated_at(self.state.step):
             self.evaluate()
         self._save()
         dispatch(self.callbacks, "on_fit_end", self)
-        if self.state.stop_reason and self.state.stop_reason.startswith("signal"):
+        if self.state.skipped_samples:
+            logger.warning("%d bad samples were skipped (on_bad_sample='skip'); see the warnings above",
+                           self.state.skipped_samples)
+        if preempted:
             logger.warning(
-                "stopped by %s at step %d; checkpoint saved. Resume with resume_from='latest' "
+                "stopped by %s at step %d; checkpoint saved in %s. Resume with resume_from='latest' "
                 "(CLI: --resume-from latest) and the same output_dir.",
-                self.state.stop_reason, self.state.step,
+                self.state.stop_reason, self.state.step, checkpointing.checkpoints_dir(self.config.output_dir),
             )
         return self.state
 
     def _train(self) -> None:
         cfg, acc, state = self.config, self.accelerator, self.state
         while state.step < state.max_steps and not state.should_stop:
-            self.sampler.set_epoch(state.epoch, start=state.batches_in_epoch * cfg.batch_size * acc.num_processes)
+            if state.batches_in_epoch >= self._batches_per_epoch:
+                # Resumed from the checkpoint of an epoch's last step (written before on_epoch_end).
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            self.sampler.set_position(state.epoch, start=state.batches_in_epoch * cfg.batch_size * acc.num_processes)
             batches = iter(self.train_loader)
             if self._pending_rng is not None:
-                # Creating the iterator draws from the RNG; restore afterwards so a resumed run
-                # continues from exactly the state the interrupted one had.
+                # The RNG state right after the checkpointed step (LoRA dropout draws from it);
+                # iterating the loader draws nothing from it (see the loader's generator).
                 checkpointing.set_rng_state(self._pending_rng)
                 self._pending_rng = None
             dispatch(self.callbacks, "on_epoch_start", self)
-            epoch_done = False
-            while state.step < state.max_steps and not state.should_stop:
-                micro_batches = []
-                for _ in range(cfg.grad_accum_steps):
-                    batch = next(batches, None)
-                    if batch is None:
-                        epoch_done = True
-                        break
-                    micro_batches.append(batch)
-                if not micro_batches:
-                    break
+            self._step_clock = time.perf_counter()  # step time includes loading and collating its data
+            exhausted = False
+            while state.step < state.max_steps and not state.should_stop and not exhausted:
+                # The last step of an epoch may get fewer micro-batches; the loss is normalised by
+                # its own label tokens, so that is still a correct step.
+                micro_batches = list(itertools.islice(batches, cfg.grad_accum_steps))
                 state.batches_in_epoch += len(micro_batches)
-                self._optimizer_step(micro_batches)
-                if epoch_done:
-                    break
-            else:
-                continue
-            if epoch_done or state.batches_in_epoch >= len(self.train_loader):
-                dispatch(self.callbacks, "on_epoch_end", self)
-                state.epoch += 1
-                state.batches_in_epoch = 0
-                if cfg.eval_each_epoch and self.eval_data is not None and not self._evaluated_at(state.step):
-                    self.evaluate()
+                exhausted = not micro_batches or state.batches_in_epoch >= self._batches_per_epoch
+                if micro_batches:
+                    self._optimizer_step(micro_batches)
+                self._stop_on_signal()
+            if not exhausted:
+                break  # stopped mid-epoch: max_steps reached or should_stop
+            dispatch(self.callbacks, "on_epoch_end", self)
+            state.epoch += 1
+            state.batches_in_epoch = 0
 
     def _optimizer_step(self, micro_batches: list[dict]) -> None:
         """One optimizer step over ``micro_batches``; the loss is normalised by the label tokens of
         all micro-batches on all processes, so accumulation and batch size give the same update."""
         cfg, acc, state = self.config, self.accelerator, self.state
-        t0 = time.perf_counter()
         self.model.train()
-        for batch in micro_batches:
-            self._note_skipped(batch)
         counts = torch.tensor(
             [sum(self.count_loss_tokens(b) for b in micro_batches),
              sum(int(b["attention_mask"].sum()) if "attention_mask" in b else 0 for b in micro_batches),
-             sum(len(b["ids"]) for b in micro_batches)],
+             sum(len(b["ids"]) for b in micro_batches),
+             sum(len(b.get("skipped") or ()) for b in micro_batches)],
             device=acc.device, dtype=torch.float64,
         )
-        total_loss_tokens, total_tokens, total_samples = acc.reduce(counts, reduction="sum").tolist()
+        total_loss_tokens, total_tokens, total_samples, skipped = acc.reduce(counts, reduction="sum").tolist()
+        state.skipped_samples += int(skipped)  # all processes; the collator/dataset warned per sample
+        if total_loss_tokens == 0:
+            self._skip_empty_step(int(skipped))
+            return
+        self._empty_steps = 0
         loss_sum = torch.zeros((), device=acc.device)
         for k, batch in enumerate(micro_batches):
             if not batch["ids"]:
@@ -259,8 +298,9 @@ class Loop:
             last = k == len(micro_batches) - 1
             # Skip DDP's gradient all-reduce on all but the last micro-batch of the step.
             context = acc.no_sync(self.model) if not last and acc.num_processes > 1 else _nullcontext()
-            with context, acc.autocast():
-                loss = self.training_step(batch)
+            with context:
+                with acc.autocast():  # forward only: backward runs outside autocast
+                    loss = self.training_step(batch)
                 # DDP averages gradients over processes; undo that so the result is the global sum
                 # divided by the global token count.
                 acc.backward(loss * acc.num_processes / max(total_loss_tokens, 1.0))
@@ -268,20 +308,16 @@ class Loop:
         loss_sum = acc.reduce(loss_sum, reduction="sum")
         mean_loss = (loss_sum / max(total_loss_tokens, 1.0)).item()
         if not math.isfinite(mean_loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            state.bad_steps_in_a_row += 1
-            logger.warning("non-finite loss (%s) at step %d: step skipped (%d in a row)",
-                           mean_loss, state.step + 1, state.bad_steps_in_a_row)
-            if state.bad_steps_in_a_row >= cfg.max_bad_steps:
-                raise FloatingPointError(
-                    f"{state.bad_steps_in_a_row} consecutive steps with a non-finite loss; lower the "
-                    "learning rate, check the data, or use bf16 instead of fp16"
-                )
+            self._skip_bad_step(f"non-finite loss ({mean_loss})", micro_batches)
+            return
+        # max_grad_norm=0: no clipping, but the norm is still measured (logged, checked).
+        grad_norm = acc.clip_grad_norm_(self._trainable, cfg.max_grad_norm or math.inf)
+        # With fp16 the grad scaler skips inf/nan steps itself (and lowers its scale).
+        if acc.scaler is None and not math.isfinite(float(grad_norm)):
+            self._skip_bad_step(f"non-finite gradient norm ({float(grad_norm)})", micro_batches)
             return
         state.bad_steps_in_a_row = 0
-        grad_norm = None
-        if cfg.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(self._trainable, cfg.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it next)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -289,23 +325,22 @@ class Loop:
         state.step += 1
         state.samples_seen += int(total_samples)
         state.tokens_seen += int(total_tokens)
-        elapsed = time.perf_counter() - t0
-        self._window["time"] += elapsed
+        self._window["time"] += time.perf_counter() - self._step_clock
         self._window["tokens"] += total_tokens
         self._window["samples"] += total_samples
-        logs = {"train/loss": mean_loss, "train/lr": self.optimizer.param_groups[0]["lr"]}
-        if grad_norm is not None:
-            logs["train/grad_norm"] = float(grad_norm)
+        logs = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": float(grad_norm)}
         dispatch(self.callbacks, "on_step_end", self, logs=logs)
         self._window["loss"].append(mean_loss)
         if cfg.log_steps and state.step % cfg.log_steps == 0:
             self._log_train(logs)
-        if cfg.eval_steps and self.eval_data is not None and state.step % cfg.eval_steps == 0:
+        epoch_end = state.batches_in_epoch >= self._batches_per_epoch
+        if self.eval_data is not None and (
+            (cfg.eval_steps and state.step % cfg.eval_steps == 0) or (cfg.eval_each_epoch and epoch_end)
+        ):
             self.evaluate()
         if cfg.save_steps and state.step % cfg.save_steps == 0:
             self._save()
-        if self._signal_received is not None and not state.should_stop:
-            state.should_stop, state.stop_reason = True, f"signal {self._signal_received}"
+        self._step_clock = time.perf_counter()  # evaluation and saving are not step time
 
     # ------------------------------------------------------------------ override points
     def configure_optimizers(self) -> Any:
@@ -341,8 +376,10 @@ class Loop:
 
     def compute_loss(self, outputs: Any, batch: dict) -> torch.Tensor:
         """Next-token cross-entropy summed over label tokens (``labels != -100``), in fp32."""
-        logits = outputs.logits[:, :-1].float()
-        labels = batch["labels"][:, 1:].to(logits.device)
+        logits = outputs.logits.float()
+        # Shift the labels, not the logits: slicing the logits makes reshape copy them (batch x
+        # length x vocab in fp32, 0.7 GiB at 8 x 700 x 32k), once forward and once backward.
+        labels = torch.nn.functional.pad(batch["labels"].to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]
         return torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
         )
@@ -351,110 +388,187 @@ class Loop:
         """How many tokens `compute_loss` sums over in ``batch`` (the normaliser)."""
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if "labels" in batch else 0
 
+    def generation_config(self) -> Any:
+        """The `transformers.GenerationConfig` of evaluation: the model's own, overridden by the
+        LoopConfig's ``max_new_tokens``, ``num_beams``, ``do_sample`` (and, when sampling,
+        ``temperature`` and ``top_p``); greedy by default."""
+        cfg = self.config
+        tok = self.train_collator.tokenizer
+        gen = deepcopy(self.accelerator.unwrap_model(self.model).generation_config)
+        # Greedy/beam decoding: clear sampling settings the model's config may carry (they would
+        # only produce warnings).
+        sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {
+            "temperature": None, "top_p": None, "top_k": None}
+        # use_cache: gradient checkpointing turns the model config's cache off; generation needs it.
+        gen.update(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
+                   pad_token_id=tok.pad_token_id, use_cache=True, **sampling)
+        if gen.eos_token_id is None:
+            gen.eos_token_id = tok.eos_token_id
+        return gen
+
     @torch.no_grad()
     def generate(self, batch: dict) -> list[str]:
-        """Generate answers for a left-padded `EvalCollator` batch; returns decoded new text only."""
-        cfg = self.config
+        """Answers for one left-padded `EvalCollator` batch: the decoded new tokens of each sample.
+
+        Override to change decoding (constrained answers, a different model call); return one
+        string per sample of ``batch["ids"]``, in order. `evaluate` has already put the model in
+        eval mode with merged adapters, under ``torch.no_grad`` and autocast.
+        """
         model = self.accelerator.unwrap_model(self.model)
         inputs = self._model_inputs(batch)
-        kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams,
-                                  "do_sample": cfg.do_sample}
-        if cfg.do_sample:
-            kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
-        tok = self.train_collator.tokenizer
-        out = model.generate(**inputs, **kwargs, pad_token_id=tok.pad_token_id)
+        gen_config = self.generation_config()
+        out = model.generate(**inputs, generation_config=gen_config)
+        # Left padding: every row's prompt ends at the same column, so the new tokens start there.
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
-        return [t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
+        count = _generated_tokens(new_tokens, gen_config.eos_token_id)
+        self._generated_tokens = getattr(self, "_generated_tokens", 0) + count
+        return [t.strip() for t in self.train_collator.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     @torch.no_grad()
     def evaluation_step(self, batch: dict) -> dict:
-        """Predictions and teacher-forced loss (summed, with its token count) for one eval batch."""
+        """Predictions and teacher-forced loss for one eval batch.
+
+        ``batch`` holds ``"gen"`` (an `EvalCollator` batch), ``"loss"`` (a `TrainCollator` batch of
+        the same records) and ``"indices"``. Returns ``{"predictions": one str per sample of
+        batch["gen"]["ids"], "loss_sum": summed token loss, "loss_tokens": its token count}``.
+        """
         predictions = self.generate(batch["gen"]) if batch["gen"]["ids"] else []
         loss_batch = batch["loss"]
         loss, tokens = torch.zeros((), device=self.accelerator.device), 0
         if loss_batch["ids"]:
-            outputs = self.model(**self._model_inputs(loss_batch, drop=("labels",)), use_cache=False)
+            # The unwrapped model: processes run different numbers of eval batches, and a DDP
+            # forward may talk to the other processes (buffer broadcast).
+            model = self.accelerator.unwrap_model(self.model)
+            outputs = model(**self._model_inputs(loss_batch, drop=("labels",)), use_cache=False)
             loss, tokens = self.compute_loss(outputs, loss_batch), self.count_loss_tokens(loss_batch)
         return {"predictions": predictions, "loss_sum": loss.float(), "loss_tokens": tokens}
 
     def compute_metrics(self, predictions: list[str], references: list[list[str]]) -> tuple[dict, list[dict]]:
-        """Summary metrics and per-sample scores for the gathered predictions."""
+        """Summary scores (without the ``eval/`` prefix) and per-sample scores of the whole eval set,
+        in dataset order; runs on the main process only."""
         return compute_metrics(self.metrics, predictions, references)
+
+    callback_samples: int = 4
+    """How many predictions (the first, in dataset order) `on_evaluate` receives as ``samples``."""
 
     @torch.no_grad()
     def evaluate(self, eval_data: Any = None) -> dict[str, float]:
-        """Generate on the eval set, compute metrics and eval loss, write predictions, track the best.
+        """Generate on the eval set, score it, write the predictions, track the best model.
 
-        Every process generates its shard; predictions are gathered in dataset order without the
-        duplicates that uneven shards add, and metrics are computed once, on the main process, then
-        shared.
+        Batches come longest prompt first (less padding); every process generates its own batches
+        with the adapters merged; the rows are gathered back into dataset order, scored once on the
+        main process and the summary is shared. The RNG is seeded with ``config.seed`` for the pass
+        and restored afterwards, so evaluating never changes how training continues.
+
+        Args:
+            eval_data: Records (any form `fit` accepts) to evaluate on in this call; default: the
+                ``eval_data`` given to `fit`.
+
+        Returns:
+            The summary: ``eval/<metric key>`` for each metric, ``eval/loss`` (teacher-forced,
+            token-weighted over the whole set), ``eval/samples``, ``eval/samples_per_s`` and
+            ``eval/gen_tokens_per_s`` (new tokens up to and including EOS, counted by the
+            default `generate`).
+
+        Example:
+            >>> loop = Loop(model, processor, LoopConfig(output_dir="out"))  # doctest: +SKIP
+            >>> loop.evaluate(synthetic_vqa(8))["eval/exact_match"]  # doctest: +SKIP
+            0.0
         """
+        from accelerate.utils import set_seed
+
+        cfg = self.config
         if eval_data is not None:
-            self.eval_data = as_dataset(eval_data, on_bad_sample=self.config.on_bad_sample)
-        if self.accelerator is None:
+            dataset = as_dataset(eval_data, on_bad_sample=cfg.on_bad_sample)
+        else:
+            dataset = getattr(self, "eval_data", None)
+        if dataset is None:
+            raise ValueError("nothing to evaluate: pass evaluate(eval_data) or fit(train_data, eval_data)")
+        rng = checkpointing.get_rng_state()
+        try:
             self._setup_accelerator()
-        acc, cfg = self.accelerator, self.config
-        loader = self._eval_loader()
-        was_training = self.model.training
-        self.model.eval()
-        t0 = time.perf_counter()
-        rows, loss_sum, loss_tokens, gen_tokens = [], 0.0, 0, 0
-        with merged_adapters(acc.unwrap_model(self.model), enabled=cfg.merge_lora_for_eval):
-            for batch in loader:
-                with acc.autocast():
-                    out = self.evaluation_step(batch)
-                loss_sum += float(out["loss_sum"])
-                loss_tokens += out["loss_tokens"]
-                tok = self.train_collator.tokenizer
-                gen = batch["gen"]
-                for idx, sample_id, prompt, refs, pred, image in zip(
-                    batch["indices"], gen["ids"], gen["prompts"], gen["references"], out["predictions"],
-                    batch["images"],
-                ):
-                    gen_tokens += len(tok(pred, add_special_tokens=False)["input_ids"])
-                    rows.append({"index": idx, "id": sample_id, "prompt": prompt, "prediction": pred,
-                                 "references": refs, "_image": image})
-        if was_training:
-            self.model.train()
-        elapsed = time.perf_counter() - t0
-        totals = acc.reduce(torch.tensor([loss_sum, loss_tokens, gen_tokens], device=acc.device,
-                                         dtype=torch.float64), reduction="sum").tolist()
-        # Images stay on their process; only text crosses processes.
-        local_samples = [dict(r) for r in sorted(rows, key=lambda r: r["index"])[:4]]
-        for row in rows:
-            row.pop("_image")
-        rows = gather_in_order(acc, rows)
-        predictions = [r["prediction"] for r in rows]
-        references = [r["references"] for r in rows]
-        summary: dict[str, float] = {}
-        per_sample: list[dict] = [{} for _ in rows]
-        if acc.is_main_process and rows:
-            scores, per_sample = self.compute_metrics(predictions, references)
-            summary = {f"eval/{k}": float(v) for k, v in scores.items()}
-        summary = _broadcast(acc, summary)
-        if totals[1] > 0:
-            summary["eval/loss"] = totals[0] / totals[1]
+            set_seed(cfg.seed)  # every evaluation samples (do_sample) the same way, whatever the step
+            rows, loss_sum, loss_tokens, gen_tokens, seconds = self._eval_pass(dataset)
+        finally:
+            checkpointing.set_rng_state(rng)  # evaluating must not change how training continues
+        acc = self.accelerator
+        rows = gather_in_order(acc, rows)  # on every process, in dataset order, each sample once
+        try:
+            scores, per_sample = run_on_main(acc, lambda: self._score(rows))
+        finally:
+            for metric in self.metrics.values():  # model-based metrics give their GPU memory back
+                offload = getattr(metric, "offload", None)
+                if callable(offload):
+                    offload()
+        summary = {f"eval/{k}": float(v) for k, v in scores.items()}
+        if loss_tokens > 0:
+            summary["eval/loss"] = loss_sum / loss_tokens
         summary["eval/samples"] = float(len(rows))
-        summary["eval/samples_per_s"] = len(rows) / max(elapsed, 1e-9)
-        summary["eval/gen_tokens_per_s"] = totals[2] / max(elapsed, 1e-9)
-        for metric in self.metrics.values():
-            offload = getattr(metric, "offload", None)
-            if offload is not None:
-                offload()
-        samples = [{k: r[k] for k in ("id", "prompt", "prediction", "references", "_image")} for r in local_samples]
-        for sample in samples:
-            sample["image"] = sample.pop("_image")
+        summary["eval/samples_per_s"] = len(rows) / max(seconds, 1e-9)
+        if gen_tokens:  # an overridden `generate` may not count its tokens
+            summary["eval/gen_tokens_per_s"] = gen_tokens / max(seconds, 1e-9)
         if acc.is_main_process:
             checkpointing.write_predictions(
                 os.path.join(cfg.output_dir, "predictions", f"step_{self.state.step:06d}.jsonl"),
-                [{k: v for k, v in r.items() if k != "index"} | {"scores": s}
-                 for r, s in zip(rows, per_sample)],
+                [{k: v for k, v in r.items() if k != "index"} | {"scores": s} for r, s in zip(rows, per_sample)],
             )
+        samples = [
+            {"id": r["id"], "image": _record_image(dataset, r["index"]), "prompt": r["prompt"],
+             "prediction": r["prediction"], "references": r["references"], "scores": s}
+            for r, s in zip(rows[: self.callback_samples], per_sample)
+        ]
         self.state.history.append({"step": self.state.step, **summary})
-        self._update_best(summary)
+        improved = self._update_best(summary)
         dispatch(self.callbacks, "on_evaluate", self, metrics=summary, samples=samples)
         self._log({"step": self.state.step, **summary})
+        if improved:
+            # After on_evaluate, so the callback states saved with it (early stopping) include this eval.
+            self._save(best=True)
         return summary
+
+    def _eval_pass(self, dataset: Dataset) -> tuple[list[dict], float, float, float, float]:
+        """Run this process's eval batches with merged adapters. Returns its rows, and the loss sum,
+        loss tokens and generated tokens of all processes and the seconds of the slowest one."""
+        acc, cfg = self.accelerator, self.config
+        if self.optimizer is None and not getattr(self, "_eval_prepared", False):
+            # Standalone evaluate(): put the model on the device (no DDP wrapper needed).
+            self.model = acc.prepare_model(self.model, evaluation_mode=True)
+            self._eval_prepared = True
+        loader = self._eval_loader(dataset)
+        rows, loss_sum, loss_tokens = [], 0.0, 0
+        self._generated_tokens = 0  # counted by the default `generate`
+        was_training = self.model.training
+        t0 = time.perf_counter()
+        self.model.eval()
+        try:
+            with merged_adapters(acc.unwrap_model(self.model), enabled=cfg.merge_lora_for_eval):
+                for batch in loader:
+                    with acc.autocast():
+                        out = self.evaluation_step(batch)
+                    gen = batch["gen"]
+                    if len(out["predictions"]) != len(gen["ids"]):
+                        raise ValueError(f"evaluation_step returned {len(out['predictions'])} predictions "
+                                         f"for a batch of {len(gen['ids'])} samples {gen['ids']}")
+                    loss_sum += float(out["loss_sum"])
+                    loss_tokens += int(out["loss_tokens"])
+                    for index, sample_id, prompt, refs, pred in zip(
+                        batch["indices"], gen["ids"], gen["prompts"], gen["references"], out["predictions"]
+                    ):
+                        rows.append({"index": index, "id": sample_id, "prompt": prompt, "prediction": pred,
+                                     "references": refs})
+        finally:
+            self.model.train(was_training)
+        seconds = torch.tensor([time.perf_counter() - t0], device=acc.device, dtype=torch.float64)
+        seconds = float(acc.gather(seconds).max())
+        totals = torch.tensor([loss_sum, loss_tokens, self._generated_tokens], device=acc.device,
+                              dtype=torch.float64)
+        return rows, *acc.reduce(totals, reduction="sum").tolist(), seconds
+
+    def _score(self, rows: list[dict]) -> tuple[dict, list[dict]]:
+        if not rows:
+            logger.warning("evaluation produced no predictions (every eval sample was skipped)")
+            return {}, []
+        return self.compute_metrics([r["prediction"] for r in rows], [r["references"] for r in rows])
 
     # ------------------------------------------------------------------ set-up
     def _setup(self, train_data: Any, eval_data: Any) -> None:
@@ -462,28 +576,43 @@ class Loop:
         self._setup_accelerator()
         acc = self.accelerator
         self.train_data = as_dataset(train_data, on_bad_sample=cfg.on_bad_sample)
+        # Records rejected while loading (skip mode); a resumed run restores the count instead.
+        self.state.skipped_samples = len(getattr(self.train_data, "skipped", ()))
         self.eval_data = as_dataset(eval_data, on_bad_sample=cfg.on_bad_sample) if eval_data is not None else None
         if (cfg.eval_steps or cfg.eval_each_epoch or cfg.eval_before_training) and self.eval_data is None:
             raise ValueError(
-                "eval_steps/eval_each_epoch/eval_before_training are set but no eval_data was given to fit()"
+                "eval_steps/eval_each_epoch/eval_before_training are set but no eval_data was given to "
+                "fit(); pass eval_data, or set eval_steps=0, eval_each_epoch=False, eval_before_training=False"
             )
+        if len(self.train_data) == 0:
+            raise ValueError("train_data has no records")
+        self._check_metric_for_best()
         checkpointing.check_output_dir(cfg.output_dir)
         self.model = prepare_model(self.model, cfg)
         self.sampler = EpochSampler(len(self.train_data), cfg.seed, cfg.shuffle)
-        loader = DataLoader(self.train_data, batch_size=cfg.batch_size, sampler=self.sampler,
-                            collate_fn=self.train_collator, num_workers=cfg.num_workers)
-        steps_per_epoch = math.ceil(math.ceil(len(self.train_data) / (cfg.batch_size * acc.num_processes))
-                                    / cfg.grad_accum_steps)
+        self.state.sampler_seed = cfg.seed
+        # A private generator for the workers' base seed, so iterating the loader never draws from
+        # the global torch RNG (which LoRA dropout uses and a resumed run restores).
+        self._data_generator = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(_WithSource(self.train_data), batch_size=cfg.batch_size, sampler=self.sampler,
+                            collate_fn=self.train_collator, num_workers=cfg.num_workers,
+                            generator=self._data_generator)
+        # Micro-batches per process per epoch (accelerate gives every process as many).
+        self._batches_per_epoch = math.ceil(len(self.train_data) / (cfg.batch_size * acc.num_processes))
+        steps_per_epoch = math.ceil(self._batches_per_epoch / cfg.grad_accum_steps)
         self.state.max_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
+        self._steps_per_epoch = steps_per_epoch
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        checkpointing.check_disk_space(cfg.output_dir, checkpointing.estimate_checkpoint_bytes(self.model))
         result = self.configure_optimizers()
         self.optimizer, self.scheduler = result if isinstance(result, tuple) else (result, None)
         self.model, self.optimizer, self.train_loader = acc.prepare(self.model, self.optimizer, loader)
         # The scheduler stays outside accelerate.prepare: the loop steps it once per optimizer step
         # (a prepared scheduler steps num_processes times per step).
-        self._check_metric_for_best()
         self._pending_rng = None
         self._signal_received = None
+        self._empty_steps = 0
+        self._last_save = None
         self._window = {"time": 0.0, "tokens": 0.0, "samples": 0.0, "loss": []}
         if acc.is_main_process:
             self.callbacks = [JSONLLogger(os.path.join(cfg.output_dir, "metrics.jsonl")), ProgressBar(),
@@ -491,8 +620,13 @@ class Loop:
         if cfg.report_to:
             self.callbacks.append(TrackerLogger())
         if cfg.resume_from:
+            if acc.is_main_process:  # finish what a killed save left, before anyone looks
+                checkpointing.repair_checkpoints(cfg.output_dir)
+            acc.wait_for_everyone()
             path = checkpointing.resolve_checkpoint(cfg.output_dir, cfg.resume_from)
             self._pending_rng = checkpointing.load_checkpoint(self, path)
+            if self.state.sampler_seed is not None:  # None: a checkpoint from before the field
+                self.sampler.seed = self.state.sampler_seed
             logger.info("resumed from %s at step %d", path, self.state.step)
         if acc.is_main_process:
             os.makedirs(cfg.output_dir, exist_ok=True)
@@ -506,28 +640,37 @@ class Loop:
             return
         cfg = self.config
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        precision = cfg.resolved_precision(device)
+        precision = cfg.resolved_precision(device).replace("fp32", "no")
+        # Accelerate keeps one process-wide state and refuses a second Accelerator with another
+        # precision (a notebook or test running several Loops). Reset it as transformers' Trainer
+        # does; the process group (PartialState) is kept.
+        from accelerate.state import AcceleratorState
+
+        if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+            AcceleratorState._reset_state()
         self.accelerator = Accelerator(
-            mixed_precision={"fp32": "no"}.get(precision, precision),
+            mixed_precision=precision,
             log_with=cfg.report_to or None,
             project_dir=cfg.output_dir,
         )
         set_seed(cfg.seed)
 
-    def _eval_loader(self) -> DataLoader:
-        """Eval batches sorted by prompt length (less padding); results are restored to dataset order."""
-        cfg = self.config
-        n = len(self.eval_data)
-        if cfg.eval_max_samples:
-            n = min(n, cfg.eval_max_samples)
-        if getattr(self, "_eval_n", None) != n:
-            lengths = [(_prompt_length(self.eval_data, i), i) for i in range(n)]
-            self._eval_order = [i for _, i in sorted(lengths, reverse=True)]
-            self._eval_n = n
-        loader = DataLoader(_Indexed(self.eval_data, self._eval_order), batch_size=cfg.eval_batch_size,
-                            collate_fn=_EvalBatches(self.eval_collator, self.train_collator),
-                            num_workers=cfg.num_workers)
-        return self.accelerator.prepare_data_loader(loader, device_placement=False)
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        """This process's eval batches: longest prompts first (less padding, and an out-of-memory
+        error shows in the first batch), batches dealt round-robin to the processes, none repeated."""
+        cfg, acc = self.config, self.accelerator
+        n = min(len(dataset), cfg.eval_max_samples or len(dataset))
+        cached = getattr(self, "_eval_order", None)
+        if cached is None or cached[0] is not dataset or len(cached[1]) != n:
+            model_config = getattr(acc.unwrap_model(self.model), "config", None)
+            image_tokens = getattr(model_config, "image_seq_length", None) or 576
+            lengths = _prompt_lengths(dataset, n, self.train_collator.tokenizer, image_tokens)
+            self._eval_order = (dataset, sorted(range(n), key=lambda i: (-lengths[i], i)))
+        order = self._eval_order[1]
+        batches = shard_batches(list(range(n)), cfg.eval_batch_size, acc.process_index, acc.num_processes)
+        return DataLoader(_Indexed(dataset, order), batch_sampler=batches,
+                          collate_fn=_EvalBatches(self.eval_collator, self.train_collator if cfg.eval_loss else None),
+                          num_workers=cfg.num_workers)
 
     # ------------------------------------------------------------------ helpers
     def _model_inputs(self, batch: dict, drop: tuple = ()) -> dict:
@@ -541,38 +684,62 @@ class Loop:
             out[key] = value
         return out
 
-    def _note_skipped(self, batch: dict) -> None:
-        skipped = batch.get("skipped") or []
-        if skipped:
-            self.state.skipped_samples += len(skipped)
+    def _skip_bad_step(self, reason: str, micro_batches: list[dict]) -> None:
+        """Drop this step's gradients (weights, optimizer and schedule untouched); stop after
+        ``max_bad_steps`` such steps in a row."""
+        state = self.state
+        self.optimizer.zero_grad(set_to_none=True)
+        state.bad_steps_in_a_row += 1
+        ids = [i for b in micro_batches for i in b["ids"]]
+        logger.warning("%s at step %d (samples %s): step skipped, weights unchanged (%d in a row, "
+                       "max_bad_steps=%d)", reason, state.step + 1, ids, state.bad_steps_in_a_row,
+                       self.config.max_bad_steps)
+        if state.bad_steps_in_a_row > self.config.max_bad_steps:
+            raise FloatingPointError(
+                f"{reason} in {state.bad_steps_in_a_row} consecutive steps (last at step {state.step + 1}, "
+                f"samples {ids}), more than max_bad_steps={self.config.max_bad_steps}; lower the learning "
+                "rate, check the data, or use bf16 instead of fp16"
+            )
+
+    def _skip_empty_step(self, skipped: int) -> None:
+        """Every sample of this step was skipped: no update (AdamW on zero gradients would still
+        move the weights) and no step counted; fail if a whole epoch has nothing to train on."""
+        self._empty_steps += 1
+        logger.warning("all %d samples of step %d were skipped: no update", skipped, self.state.step + 1)
+        if self._empty_steps >= self._steps_per_epoch:
+            raise ValueError(
+                f"{self._empty_steps} steps in a row (an epoch) had no trainable sample: every sample "
+                "was skipped as bad; check the data (see the warnings above)"
+            )
 
     def _evaluated_at(self, step: int) -> bool:
         return bool(self.state.history) and self.state.history[-1]["step"] == step
 
     def _check_metric_for_best(self) -> None:
         key = self.config.metric_for_best
-        if key is None or key in ("eval/loss",):
+        if key is None:
             return
         if self.eval_data is None:
             raise ValueError(f"metric_for_best={key!r} but no eval_data was given to fit()")
 
-    def _update_best(self, summary: dict) -> None:
+    def _update_best(self, summary: dict) -> bool:
+        """Record ``metric_for_best`` of this evaluation if it beats the best so far; return whether
+        it did (the caller then saves the best checkpoint)."""
         key = self.config.metric_for_best
         if key is None or self.optimizer is None:  # standalone evaluate(): nothing to checkpoint
-            return
+            return False
         if key not in summary:
             raise KeyError(f"metric_for_best={key!r} is not among the reported metrics {sorted(summary)}")
-        value = summary[key]
-        higher = self.config.greater_is_better
-        higher = greater_is_better(key) if higher is None else higher
-        best = self.state.best_metric
-        if math.isfinite(value) and (best is None or (value > best if higher else value < best)):
-            self.state.best_metric = value
-            self._save(best=True)
+        value, best = summary[key], self.state.best_metric
+        higher = self.config.resolved_greater_is_better()
+        if not math.isfinite(value) or (best is not None and not (value > best if higher else value < best)):
+            return False
+        self.state.best_metric = value
+        return True
 
     def _log_train(self, logs: dict) -> None:
         w, state = self._window, self.state
-        record = {"step": state.step, "epoch": state.epoch + state.batches_in_epoch / max(len(self.train_loader), 1),
+        record = {"step": state.step, "epoch": state.epoch + state.batches_in_epoch / self._batches_per_epoch,
                   **logs}
         record["train/loss"] = sum(w["loss"]) / max(len(w["loss"]), 1)  # mean over the logging window
         record["train/tokens_per_s"] = w["tokens"] / max(w["time"], 1e-9)
@@ -589,11 +756,29 @@ class Loop:
         dispatch(self.callbacks, "on_log", self, logs=record)
 
     def _save(self, best: bool = False) -> None:
+        state = self.state
+        # Data position as one number: the end of epoch e and the start of epoch e+1 are the same.
+        position = state.epoch * self._batches_per_epoch + state.batches_in_epoch
+        key = (state.step, position, len(state.history), state.best_metric)
+        if key == self._last_save:
+            return  # nothing changed since the last checkpoint (e.g. save_steps, then fit's final save)
         path = checkpointing.save_checkpoint(self, best=best)
+        self._last_save = key
         if self.accelerator.is_main_process:
             dispatch(self.callbacks, "on_save", self, path=path)
 
     # ------------------------------------------------------------------ signals
+    def _stop_on_signal(self) -> None:
+        """After each step: stop if a process got SIGTERM/SIGINT. Processes may get the signal
+        during different steps, so they agree (one tiny all-reduce) to stop after the same one."""
+        received = self._signal_received is not None
+        if self.accelerator.num_processes > 1 and self.config.handle_signals:
+            flag = torch.tensor([float(received)], device=self.accelerator.device)
+            received = bool(self.accelerator.reduce(flag, reduction="sum").item())
+        if received and not self.state.should_stop:
+            self.state.should_stop = True
+            self.state.stop_reason = f"signal {self._signal_received or '(on another process)'}"
+
     def _signals_handled(self):
         loop = self
 
@@ -657,20 +842,77 @@ class _nullcontext:
         return False
 
 
-def _prompt_length(dataset: Dataset, i: int) -> int:
-    """Cheap proxy for prompt length without decoding images: characters before the final answer."""
+def _record_image(dataset: Dataset, index: int) -> Any:
+    record = dataset[index]
+    return None if isinstance(record, SkippedSample) else record.get("image")
+
+
+def _generated_tokens(new_tokens: torch.Tensor, eos_token_id: int | list[int] | None) -> int:
+    """New tokens of a ``generate`` output, each row counted up to and including its first EOS."""
+    if eos_token_id is None:
+        return new_tokens.numel()
+    eos = torch.isin(new_tokens, torch.as_tensor(eos_token_id, device=new_tokens.device))
+    after_eos = (eos.cumsum(-1) - eos.int()) > 0  # positions after a row's first EOS (padding)
+    return int((~after_eos).sum())
+
+
+def _prompt_lengths(dataset: Dataset, n: int, tokenizer: Any, image_tokens: int) -> list[int]:
+    """Estimated prompt tokens of the first ``n`` records, without decoding images: the tokens of
+    the turns before the final answer plus ``image_tokens`` per image."""
     raw = getattr(dataset, "_records", None)
-    record = raw[i] if raw is not None else dataset[i]
-    turns = record.get("conversations", [])
-    last = max((k for k, t in enumerate(turns) if t.get("from") == "gpt"), default=len(turns))
-    return sum(len(t.get("value", "")) for t in turns[:last])
+    texts, images = [], []
+    for i in range(n):
+        record = raw[i] if raw is not None else dataset[i]
+        if isinstance(record, SkippedSample):
+            texts.append("")
+            images.append(0)
+            continue
+        turns = record.get("conversations", [])
+        last = max((k for k, t in enumerate(turns) if t.get("from") == "gpt"), default=len(turns))
+        texts.append(" ".join(t.get("value", "") for t in turns[:last]))
+        image = record.get("image")
+        images.append(len(image) if isinstance(image, (list, tuple)) else int(image is not None))
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [len(t) + image_tokens * k for t, k in zip(ids, images)]
 
 
-def _broadcast(acc: Any, obj: dict) -> dict:
-    if acc.num_processes == 1:
-        return obj
-    from accelerate.utils import broadcast_object_list
+def _check_metric_reported(key: str | None, metrics: dict, eval_loss: bool = True) -> None:
+    """Reject a ``metric_for_best`` that no metric reports, before any training.
 
-    box = [obj]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
+    Built-in metrics declare their keys (`Metric.keys`); other metrics are dry-run on two dummy predictions to learn
+    their keys. Metrics whose keys stay unknown (see `_dry_run_keys`) are checked at the first
+    evaluation instead.
+    """
+    if key is None:
+        return
+    reported = {f"eval/{k}" for k in ("samples", "samples_per_s", "gen_tokens_per_s")}
+    if eval_loss:
+        reported.add("eval/loss")
+    unknown = False
+    for name, metric in metrics.items():
+        keys = getattr(metric, "keys", None)  # built-ins declare theirs
+        keys = keys if isinstance(keys, (tuple, list)) else None
+        if keys is None and key not in reported:
+            keys = _dry_run_keys(name, metric)
+        unknown = unknown or keys is None
+        reported.update(f"eval/{k}" for k in keys or ())
+    if key not in reported and not unknown:
+        raise ValueError(f"metric_for_best={key!r} is reported by none of the metrics {list(metrics)}; "
+                         f"choose one of {sorted(reported)}")
+
+
+def _dry_run_keys(name: str, metric: Any) -> list[str] | None:
+    """The keys ``metric`` reports, learned by scoring two dummy predictions; None for a metric
+    that holds a model (it overrides `Metric.offload`: loading the model only to learn key names
+    would be slow) or that fails on the dummies (the first evaluation then shows its error)."""
+    from . import metrics as m
+
+    if isinstance(metric, m.Metric) and type(metric).offload is not m.Metric.offload:
+        return None
+    try:
+        scores = metric(["a", "b"], [["a"], ["c"]])
+    except Exception as err:  # any user metric; its first evaluation raises the error again
+        logger.warning("metric %r failed on a dry run (%s: %s); metric_for_best is checked at the first "
+                       "evaluation instead", name, type(err).__name__, err)
+        return None
+    return [str(k) for k in scores] if isinstance(scores, dict) else None

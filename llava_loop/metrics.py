@@ -71,8 +71,9 @@ MetricFn = Callable[[Predictions, References], dict[str, float]]
 class Metric:
     """Base class for metrics: callable, with optional per-sample scores and offload.
 
-    Subclasses set `name` and implement `__call__`; they override `per_sample` when a
-    per-sample score is meaningful and `offload` when they hold a model.
+    Subclasses set `name` (and `keys`, the summary keys they report, where known in advance)
+    and implement `__call__`; they override `per_sample` when a per-sample score is meaningful
+    and `offload` when they hold a model.
 
     Example:
         >>> class Length(Metric):
@@ -85,6 +86,7 @@ class Metric:
     """
 
     name: str = "metric"
+    keys: tuple[str, ...] | None = None
 
     def __call__(
         self, predictions: Predictions, references: References
@@ -239,6 +241,7 @@ class ExactMatch(_SampleMeanMetric):
     """
 
     name = "exact_match"
+    keys = ("exact_match",)
 
     def _score_samples(
         self, predictions: Predictions, references: References
@@ -486,6 +489,7 @@ class VQAAccuracy(_SampleMeanMetric):
     """
 
     name = "vqa_accuracy"
+    keys = ("vqa_accuracy",)
 
     def _score_samples(
         self, predictions: Predictions, references: References
@@ -520,6 +524,7 @@ class BLEU(Metric):
     """
 
     name = "bleu"
+    keys = ("bleu",)
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
@@ -561,6 +566,7 @@ class ROUGE(_SampleMeanMetric):
 
     name = "rouge"
     rouge_types = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+    keys = rouge_types
 
     def __init__(self) -> None:
         self._scorer = None
@@ -632,6 +638,7 @@ class BERTScore(_SampleMeanMetric):
     """
 
     name = "bertscore"
+    keys = ("bertscore_precision", "bertscore_recall", "bertscore_f1")
 
     def __init__(
         self,
@@ -794,6 +801,7 @@ class NLI(_SampleMeanMetric):
     """
 
     name = "nli"
+    keys = ("nli_entailment",)
 
     def __init__(
         self,

@@ -92,8 +92,8 @@ def language_model_lora_targets(model: nn.Module) -> str:
 def prepare_model(model: nn.Module, config: Any) -> nn.Module:
     """Apply LoRA (or full finetuning), freezing and gradient checkpointing from a `LoopConfig`.
 
-    A model that already is a `peft.PeftModel` keeps its adapters; only freezing of the vision
-    tower/projector and checkpointing are applied.
+    A model that already is a `peft.PeftModel` is used as is (its adapters and which parameters
+    are trainable are kept); only gradient checkpointing is applied.
     """
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
@@ -131,7 +131,12 @@ def prepare_model(model: nn.Module, config: Any) -> nn.Module:
             )
             param.requires_grad_(not frozen)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: works with frozen inputs (no enable_input_require_grads) and under DDP.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         _set_use_cache(model, False)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no trainable parameters: check lora_r, freeze_vision_tower and train_projector")
@@ -176,28 +181,56 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+def _backup_device(params: list[torch.Tensor]) -> str | None:
+    """None (copy on the parameters' own GPUs) if a copy fits there with as much again to spare, else "cpu".
+
+    A GPU copy of a 7B model's 12 GiB of wrapped weights takes milliseconds; a CPU copy took 13 s (enter
+    plus exit) on an H100 host (benchmarks/RESULTS.md).
+    """
+    need: dict[torch.device, int] = {}
+    for p in params:
+        if p.device.type != "cuda":
+            return "cpu"
+        need[p.device] = need.get(p.device, 0) + p.numel() * p.element_size()
+    for device, size in need.items():
+        # Blocks cached by PyTorch's allocator are free for it too.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if 2 * size > torch.cuda.mem_get_info(device)[0] + cached:
+            return "cpu"
+    return None
+
+
 @contextlib.contextmanager
 def merged_adapters(model: nn.Module, enabled: bool = True):
     """Merge LoRA adapters into the base weights for fast generation, then restore them bit-exactly.
 
-    ``unmerge`` alone leaves rounding error in the base weights (``(W + BA) - BA != W`` in bf16), so
-    the base weights of the wrapped layers are copied to the CPU first and written back afterwards.
-    Quantized base layers are not merged (lossy); generation then runs with unmerged adapters.
+    ``unmerge`` alone leaves rounding error in the base weights (``(W + BA) - BA != W``, in fp32 too),
+    so the base weights (and biases, which ``lora_bias`` merges into) of the wrapped layers are copied
+    first (on their GPU when twice the copy fits there, else on the CPU) and written back, in place,
+    afterwards. Quantized base layers are not merged
+    (lossy): then nothing is merged and generation runs with the adapters unmerged. A model without
+    LoRA layers, or ``enabled=False``, passes through unchanged.
+
+    Example:
+        >>> with merged_adapters(peft_model):  # doctest: +SKIP
+        ...     peft_model.generate(**batch)
     """
     from peft import PeftModel
 
     layers = lora_layers(model) if enabled and isinstance(model, PeftModel) else []
-    if not layers or any(getattr(layer.get_base_layer(), "weight", None) is None for layer in layers) or any(
-        layer.get_base_layer().weight.dtype not in (torch.float32, torch.bfloat16, torch.float16) for layer in layers
-    ):
+    bases = [layer.get_base_layer() for layer in layers]
+    mergeable = (torch.float32, torch.bfloat16, torch.float16)
+    if not layers or any(getattr(b, "weight", None) is None or b.weight.dtype not in mergeable for b in bases):
         yield model
         return
-    backup = [(layer.get_base_layer().weight, layer.get_base_layer().weight.detach().to("cpu", copy=True)) for layer in layers]
-    model.merge_adapter()
+    params = [p for b in bases for p in (b.weight, getattr(b, "bias", None)) if isinstance(p, torch.Tensor)]
+    where = _backup_device(params)
+    backup = [(p, p.detach().to(where or p.device, copy=True)) for p in params]
     try:
+        model.merge_adapter()
         yield model
     finally:
         model.unmerge_adapter()
         with torch.no_grad():
-            for weight, saved in backup:
-                weight.copy_(saved)
+            for param, saved in backup:
+                param.copy_(saved)

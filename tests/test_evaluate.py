@@ -820,3 +820,13 @@ def test_evaluation_docs_examples_run(tmp_path, monkeypatch):
     assert {r["prediction"] for r in rows} <= set(namespace["ChoiceLoop"].candidates), (
         "the constrained-answer example answered outside its candidate set"
     )
+
+
+def test_eval_loss_off_skips_the_loss_forward_and_its_key(tmp_path):
+    model, processor = tiny_llava(seed=0)
+    config = LoopConfig(output_dir=str(tmp_path), eval_loss=False, max_new_tokens=2, handle_signals=False)
+    summary = Loop(model, processor, config).evaluate(synthetic_vqa(5, seed=9))
+    assert "eval/loss" not in summary, f"eval_loss=False still reported a loss: {summary}"
+    assert "eval/exact_match" in summary, f"generation metrics missing without eval loss: {summary}"
+    with pytest.raises(ValueError, match="eval/loss"):
+        Loop(model, processor, LoopConfig(output_dir=str(tmp_path), eval_loss=False, metric_for_best="eval/loss"))

@@ -669,3 +669,12 @@ def test_compute_metrics_rejects_flat_references_and_length_mismatch():
         M.compute_metrics(M.resolve_metrics(None), ["cat", "dog"], [["cat"]])
     with pytest.raises(ValueError, match="no references"):
         M.compute_metrics(M.resolve_metrics(None), ["cat"], [[]])
+
+
+@pytest.mark.parametrize("name", ["exact_match", "vqa_accuracy", "bleu", "rouge"])
+def test_builtin_metric_reports_exactly_its_declared_keys(name):
+    metric = M.get_metric(name)
+    scores = metric(["a red car", "two"], [["a red car"], ["2", "two"]])
+    assert tuple(sorted(scores)) == tuple(sorted(metric.keys)), (
+        f"{name} reports {sorted(scores)} but declares {metric.keys} (metric_for_best checks use the declaration)"
+    )

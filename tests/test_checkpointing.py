@@ -1,0 +1,569 @@
+"""Checkpoints: contents, PEFT round trip, exact resume, atomicity under kill -9, rotation and
+best tracking, SIGTERM/SIGINT, export to a plain Hugging Face model."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava_loop import Loop, LoopConfig, TrainCollator
+from llava_loop.checkpointing import (
+    best_checkpoint,
+    export,
+    is_complete,
+    list_checkpoints,
+    repair_checkpoints,
+    resolve_checkpoint,
+)
+from llava_loop.loop import LoopState
+from llava_loop.testing import synthetic_vqa, tiny_llava
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------- helpers
+def make_config(out: Path, **overrides) -> LoopConfig:
+    """Small, CPU-fp32 settings where the RNG matters: shuffling, accumulation, LoRA dropout."""
+    settings = dict(
+        output_dir=str(out),
+        max_steps=4,
+        batch_size=2,
+        grad_accum_steps=2,
+        learning_rate=1e-2,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        shuffle=True,
+        precision="fp32",
+        log_steps=0,
+        warmup_steps=1,
+        seed=3,
+        max_new_tokens=2,
+        eval_batch_size=4,
+    )
+    return LoopConfig(**{**settings, **overrides})
+
+
+class RecordingLoop(Loop):
+    """Records the sample ids of every micro-batch and the loss of every optimizer step."""
+
+    def __init__(self, *args, stop_at: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ids: list[list[str]] = []
+        self.losses: list[float] = []
+        self.stop_at = stop_at
+        self.callbacks.append(self)
+
+    def training_step(self, batch):
+        self.ids.append(list(batch["ids"]))
+        return super().training_step(batch)
+
+    def on_step_end(self, loop, logs):
+        self.losses.append(logs["train/loss"])
+        if self.state.step == self.stop_at:
+            self.state.should_stop = True  # what an early-stopping callback does
+
+
+def trainable(loop: Loop) -> dict[str, torch.Tensor]:
+    model = loop.accelerator.unwrap_model(loop.model)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def run(out: Path, n: int = 10, stop_at: int | None = None, eval_data=None, **overrides) -> RecordingLoop:
+    model, processor = tiny_llava(seed=0)
+    loop = RecordingLoop(model, processor, make_config(out, **overrides), stop_at=stop_at)
+    loop.fit(synthetic_vqa(n, seed=0), eval_data)
+    return loop
+
+
+def eval_records():
+    return synthetic_vqa(2, seed=7)
+
+
+@cache
+def _uninterrupted(n: int, max_steps: int, tmp: str):
+    loop = run(Path(tmp), n=n, max_steps=max_steps, eval_steps=2, eval_data=eval_records())
+    return loop.losses, loop.ids, trainable(loop), loop.state.history
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference run for each dataset size, computed once per module."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    return lambda n, max_steps: _uninterrupted(n, max_steps, str(root / f"n{n}_s{max_steps}"))
+
+
+def logits_of(model, processor, records) -> torch.Tensor:
+    batch = TrainCollator(processor)(records)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def assert_same_eval_history(reference: list[dict], resumed: list[dict]) -> None:
+    by_step = {h["step"]: h for h in resumed}
+    for ref in reference:
+        got = by_step.get(ref["step"])
+        assert got is not None, f"resumed run has no evaluation at step {ref['step']}"
+        for key in ("eval/loss", "eval/exact_match"):
+            assert got[key] == ref[key], f"{key} at step {ref['step']}: {got[key]} != {ref[key]}"
+
+
+# ---------------------------------------------------------------------- contents
+def test_checkpoint_holds_weights_optimizer_rng_state_config_and_processor(tmp_path):
+    loop = run(tmp_path, max_steps=2, save_steps=1, eval_steps=1, eval_data=eval_records())
+    ckpts = list_checkpoints(tmp_path)
+    assert [p.name for p in ckpts] == ["step_000001", "step_000002"], f"checkpoints: {ckpts}"
+    ckpt = ckpts[-1]
+    model_files = {p.name for p in (ckpt / "model").iterdir()}
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+    ):
+        assert name in model_files, f"{name} missing from {ckpt / 'model'}: {sorted(model_files)}"
+    training = torch.load(ckpt / "training_state.pt", weights_only=False)
+    assert training["optimizer"]["state"], "optimizer state is empty"
+    assert training["scheduler"]["last_epoch"] == 2, f"scheduler state: {training['scheduler']}"
+    assert "scaler" in training, "grad scaler entry missing"
+    state = LoopState()
+    state.load_state_dict(training["loop_state"])
+    position = (state.step, state.epoch, state.batches_in_epoch, state.sampler_seed)
+    assert position == (2, 0, 4, loop.config.seed), f"LoopState: {state}"
+    assert [h["step"] for h in state.history] == [1, 2], f"metric history: {state.history}"
+    rng = torch.load(ckpt / "rng_state_0.pt", weights_only=False)
+    assert {"python", "numpy", "torch"} <= set(rng), f"RNG state keys: {sorted(rng)}"
+    assert LoopConfig.from_file(ckpt / "config.yaml") == loop.config, "config.yaml differs from the run's"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert (meta["step"], meta["kind"]) == (2, "lora"), f"meta.json: {meta}"
+    assert meta["metrics"]["step"] == 2, f"meta.json lacks the latest eval metrics: {meta}"
+
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(ckpt / "model")
+    assert processor.tokenizer("red circle")["input_ids"] == loop.processor.tokenizer("red circle")["input_ids"], (
+        "the processor saved in the checkpoint tokenizes differently"
+    )
+
+
+def test_peft_from_pretrained_restores_every_trained_weight_projector_included(tmp_path):
+    from peft import PeftModel
+
+    loop = run(tmp_path, max_steps=3, lora_dropout=0.0)
+    trained = loop.accelerator.unwrap_model(loop.model)
+    restored = PeftModel.from_pretrained(tiny_llava(seed=0)[0], list_checkpoints(tmp_path)[-1] / "model")
+    base_projector = tiny_llava(seed=0)[0].model.multi_modal_projector.linear_1.weight
+    projector = dict(restored.named_parameters())[
+        "base_model.model.model.multi_modal_projector.modules_to_save.default.linear_1.weight"
+    ]
+    assert not torch.equal(projector, base_projector), "projector was not trained or not restored"
+    trained_params = dict(trained.named_parameters())
+    for name, param in restored.named_parameters():
+        if "lora_" in name or "modules_to_save" in name:
+            assert torch.equal(param, trained_params[name]), f"{name} not restored from the checkpoint"
+    records = synthetic_vqa(3, seed=11)
+    assert torch.equal(logits_of(restored, loop.processor, records), logits_of(trained, loop.processor, records)), (
+        "PeftModel.from_pretrained(base, ckpt/'model') computes different logits than the trained model"
+    )
+
+
+# ---------------------------------------------------------------------- exact resume
+@pytest.mark.parametrize(
+    ("n", "stop_at", "where"),
+    [
+        (10, 2, "mid-epoch: 4 of 5 batches done, a last partial accumulation group follows"),
+        (10, 3, "end of epoch 0 after its last, partial accumulation group"),
+        (10, 5, "mid-epoch of epoch 1"),
+        (8, 2, "epoch exhausted by a full group, epoch counter not yet advanced"),
+    ],
+)
+def test_interrupted_and_resumed_run_matches_uninterrupted_exactly(tmp_path, uninterrupted, n, stop_at, where):
+    ref_losses, ref_ids, ref_weights, ref_history = uninterrupted(n, 7)
+    first = run(tmp_path, n=n, max_steps=7, stop_at=stop_at, eval_steps=2, eval_data=eval_records())
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"step_{stop_at:06d}"], (
+        f"{where}: expected one checkpoint at the stopped step"
+    )
+    second = run(tmp_path, n=n, max_steps=7, eval_steps=2, eval_data=eval_records(), resume_from="latest")
+    assert first.ids + second.ids == ref_ids, f"{where}: resumed data order differs"
+    assert first.losses + second.losses == ref_losses, (
+        f"{where}: per-step losses differ: {first.losses}+{second.losses} vs {ref_losses}"
+    )
+    weights = trainable(second)
+    for name, ref in ref_weights.items():
+        assert torch.equal(weights[name], ref), f"{where}: final weight {name} differs"
+    assert_same_eval_history(ref_history, second.state.history)
+
+
+def test_every_epoch_visits_each_sample_once_in_a_new_order(uninterrupted):
+    _, ids, _, _ = uninterrupted(10, 7)
+    flat = [i for batch in ids for i in batch]
+    epoch0, epoch1 = flat[:10], flat[10:20]
+    everyone = sorted(r["id"] for r in synthetic_vqa(10, seed=0))
+    assert sorted(epoch0) == everyone and sorted(epoch1) == everyone, f"epochs do not cover the data: {flat}"
+    assert epoch0 != epoch1, "shuffle=True but both epochs have the same order"
+
+
+def test_accelerate_keeps_the_epoch_sampler_and_its_mid_epoch_start(tmp_path):
+    loop = run(tmp_path, n=10, max_steps=1)
+    batch_sampler = loop.train_loader.batch_sampler
+    sampler = getattr(batch_sampler, "batch_sampler", batch_sampler).sampler
+    assert sampler is loop.sampler, f"accelerate replaced the EpochSampler with {type(sampler).__name__}"
+    loop.sampler.set_position(1, start=4)
+    seen = [i for batch in loop.train_loader for i in batch["ids"]]
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(loop.config.seed + 1)).tolist()
+    assert seen == [f"synthetic-0-{i}" for i in order[4:]], (
+        "iterating the prepared loader did not give epoch 1 from its 5th sample (accelerate reset it?)"
+    )
+
+
+def test_resume_from_an_explicit_checkpoint_path(tmp_path, uninterrupted):
+    ref_losses, _, ref_weights, _ = uninterrupted(10, 7)
+    run(tmp_path, n=10, max_steps=7, save_steps=1, stop_at=5, eval_steps=2, eval_data=eval_records())
+    ckpt = tmp_path / "checkpoints" / "step_000003"
+    second = run(tmp_path, n=10, max_steps=7, eval_steps=2, eval_data=eval_records(), resume_from=str(ckpt))
+    assert second.losses == ref_losses[3:], f"resuming from {ckpt.name} gave losses {second.losses}"
+    assert all(torch.equal(trainable(second)[k], v) for k, v in ref_weights.items()), "final weights differ"
+
+
+def test_resume_works_when_some_parameters_never_had_gradients(tmp_path):
+    text_only = [
+        {
+            "id": f"text-{i}",
+            "image": None,
+            "conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "red"}],
+        }
+        for i in range(4)
+    ]
+    model, processor = tiny_llava(seed=0)
+    Loop(model, processor, make_config(tmp_path, max_steps=2)).fit(text_only)
+    ckpt = list_checkpoints(tmp_path)[-1]
+    optimizer = torch.load(ckpt / "training_state.pt", weights_only=False)["optimizer"]
+    n_params = sum(len(g["params"]) for g in optimizer["param_groups"])
+    assert 0 < len(optimizer["state"]) < n_params, (
+        f"expected optimizer state for only some parameters (projector had no gradient): "
+        f"{len(optimizer['state'])} of {n_params}"
+    )
+    model, processor = tiny_llava(seed=0)
+    loop = Loop(model, processor, make_config(tmp_path, max_steps=4, resume_from="latest"))
+    loop.fit(synthetic_vqa(8, seed=0))
+    assert loop.state.step == 4, f"resumed run stopped at step {loop.state.step}"
+    projector = {
+        n: p for n, p in loop.accelerator.unwrap_model(loop.model).named_parameters() if "modules_to_save" in n
+    }
+    saved = saved_projector(ckpt)
+    for name, param in projector.items():
+        assert torch.isfinite(param).all(), f"{name} is not finite after resume"
+        assert not torch.equal(param, saved[name]), f"{name} was not trained after resume"
+
+
+def saved_projector(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The projector weights a checkpoint restores."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(tiny_llava(seed=0)[0], ckpt / "model")
+    return {n: p.detach() for n, p in model.named_parameters() if "modules_to_save" in n}
+
+
+# ---------------------------------------------------------------------- rotation, best, leftovers
+@pytest.mark.parametrize("limit", [1, 2])
+def test_rotation_never_deletes_the_best_or_newest_checkpoint(tmp_path, limit):
+    score_at_step = {1: 0.9, 2: 0.1, 3: 0.2, 4: 0.3}  # best at step 1
+
+    def fake(predictions, references):
+        return {"fake": score_at_step[loop.state.step]}
+
+    model, processor = tiny_llava(seed=0)
+    cfg = make_config(
+        tmp_path,
+        max_steps=4,
+        save_steps=1,
+        eval_steps=1,
+        save_total_limit=limit,
+        metric_for_best="eval/fake",
+        greater_is_better=True,
+    )
+    loop = Loop(model, processor, cfg, metrics={"fake": fake})
+    loop.fit(synthetic_vqa(8), eval_records())
+    kept = [p.name for p in list_checkpoints(tmp_path)]
+    assert kept == ["step_000001", "step_000004"], f"limit={limit}: kept {kept}, want the best (1) and newest (4)"
+    best = best_checkpoint(tmp_path)
+    assert (best["checkpoint"], best["step"], best["value"]) == ("step_000001", 1, 0.9), f"best.json: {best}"
+    saved = torch.load(Path(best["path"]) / "training_state.pt", weights_only=False)["loop_state"]
+    assert Path(saved["best_checkpoint"]).name == "step_000001", (
+        f"the best checkpoint's own LoopState names {saved['best_checkpoint']} as best: a run resumed from "
+        "it would let rotation delete it"
+    )
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.copytree(tmp_path, moved)
+    assert Path(best_checkpoint(moved)["path"]) == moved / "checkpoints" / "step_000001", (
+        "best_checkpoint() does not follow a moved output_dir"
+    )
+
+
+def test_leftovers_of_an_interrupted_save_are_ignored_then_repaired(tmp_path):
+    run(tmp_path, max_steps=2, save_steps=1)
+    root = tmp_path / "checkpoints"
+    # Killed between the two renames of a re-save of step 2, and during a save of step 3.
+    os.replace(root / "step_000002", root / ".old-step_000002")
+    (root / ".tmp-step_000003" / "model").mkdir(parents=True)
+    (root / ".tmp-step_000003" / "meta.json").write_text("{}")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000001"], "a leftover was listed"
+    repair_checkpoints(tmp_path)
+    assert resolve_checkpoint(tmp_path, "latest").name == "step_000002", "the old copy of step 2 was not restored"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_000001", "step_000002"], (
+        f"leftovers not cleaned: {sorted(p.name for p in root.iterdir())}"
+    )
+
+
+# ---------------------------------------------------------------------- subprocesses
+CHILD = r"""
+import json, logging, os, sys, time
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+from llava_loop import Loop, LoopConfig, checkpointing
+from llava_loop.testing import synthetic_vqa, tiny_llava
+
+args = json.loads(sys.argv[1])
+if args.get("slow_save"):
+    fsync_tree = checkpointing._fsync_tree
+
+    def slow(path):  # the save's slowest part, before the rename that publishes it
+        fsync_tree(path)
+        time.sleep(args["slow_save"])
+
+    checkpointing._fsync_tree = slow
+
+losses = []
+
+
+class Hold:
+    def on_step_end(self, loop, logs):
+        losses.append(logs["train/loss"])
+        if loop.state.step == args.get("hold_at"):  # tell the parent, wait for its signal
+            open(args["marker"], "w").close()
+            deadline = time.time() + 60
+            while loop._signal_received is None and time.time() < deadline:
+                time.sleep(0.01)
+
+
+model, processor = tiny_llava(seed=0)
+loop = Loop(model, processor, LoopConfig(**args["config"]), callbacks=[Hold()])
+loop.fit(synthetic_vqa(args["n"], seed=0))
+with open(args["result"], "w") as f:
+    json.dump({"step": loop.state.step, "losses": losses}, f)
+"""
+
+
+def start_child(tmp_path: Path, config: LoopConfig, n: int = 10, **args) -> tuple[subprocess.Popen, dict]:
+    args = {
+        "config": config.to_dict(),
+        "n": n,
+        "marker": str(tmp_path / "marker"),
+        "result": str(tmp_path / "result.json"),
+        **args,
+    }
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    return proc, args
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited ({proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def assert_loadable(ckpt: Path) -> None:
+    from peft import PeftModel
+
+    assert is_complete(ckpt), f"{ckpt} is listed but incomplete"
+    PeftModel.from_pretrained(tiny_llava(seed=0)[0], ckpt / "model")
+    training = torch.load(ckpt / "training_state.pt", weights_only=False)
+    step = training["loop_state"]["step"]
+    assert ckpt.name == f"step_{step:06d}", f"{ckpt.name} holds the state of step {step}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["mid-save", "random"])
+def test_kill_9_leaves_only_complete_loadable_checkpoints_and_resume_works(tmp_path, moment):
+    out = tmp_path / "out"
+    config = make_config(out, max_steps=500, save_steps=1, save_total_limit=2)
+    proc, _ = start_child(tmp_path, config, slow_save=0.3)
+    root = out / "checkpoints"
+    seed = random.randrange(2**31)
+    try:
+        wait_for(lambda: len(list_checkpoints(out)) >= 1, proc, "the first checkpoint")
+        if moment == "mid-save":
+            wait_for(lambda: any(p.name.startswith(".tmp-") for p in root.iterdir()), proc, "a save in progress")
+        else:
+            time.sleep(random.Random(seed).uniform(0, 1.5))
+    finally:
+        proc.kill()
+        proc.communicate()
+    leftovers = [p.name for p in root.iterdir() if p.name.startswith(".")]
+    if moment == "mid-save":
+        assert any(n.startswith(".tmp-") for n in leftovers), f"the kill did not hit a save: {leftovers}"
+    found = list_checkpoints(out)
+    assert found, f"no checkpoint survived (random seed {seed}); leftovers {leftovers}"
+    for ckpt in found:
+        assert_loadable(ckpt)
+    last = int(found[-1].name.split("_")[1])
+    model, processor = tiny_llava(seed=0)
+    loop = Loop(
+        model, processor, make_config(out, max_steps=last + 1, save_steps=1, save_total_limit=2, resume_from="latest")
+    )
+    loop.fit(synthetic_vqa(10, seed=0))
+    assert loop.state.step == last + 1, f"resume from step {last} ended at step {loop.state.step} (seed {seed})"
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")], "leftover temporary folder not cleaned"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_saves_and_exits_cleanly_then_resumes_exactly(tmp_path, uninterrupted, sig):
+    out = tmp_path / "out"
+    config = make_config(out, max_steps=7)
+    proc, args = start_child(tmp_path, config, hold_at=2)
+    try:
+        wait_for(lambda: os.path.exists(args["marker"]), proc, "step 2")
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, f"child exited with {proc.returncode}:\n{stderr[-3000:]}"
+    assert "resume_from='latest'" in stderr, f"no resume instructions in the log:\n{stderr[-2000:]}"
+    result = json.loads(Path(args["result"]).read_text())
+    assert result["step"] == 2, f"stopped at step {result['step']}, not after the current step (2)"
+    assert [p.name for p in list_checkpoints(out)] == ["step_000002"], f"checkpoints: {list_checkpoints(out)}"
+    assert not (out / "predictions").exists(), "a final evaluation ran before exiting on a signal"
+
+    ref_losses, _, ref_weights, _ = uninterrupted(10, 7)
+    model, processor = tiny_llava(seed=0)
+    resumed = RecordingLoop(model, processor, make_config(out, max_steps=7, resume_from="latest"))
+    resumed.fit(synthetic_vqa(10, seed=0))
+    assert result["losses"] + resumed.losses == ref_losses, (
+        f"losses after a {sig.name} + resume differ from the uninterrupted run"
+    )
+    weights = trainable(resumed)
+    assert all(torch.equal(weights[k], v) for k, v in ref_weights.items()), (
+        f"final weights after a {sig.name} + resume differ from the uninterrupted run"
+    )
+
+
+def _two_processes(output_dir: str, resume: bool) -> None:
+    """One DDP rank of a run where only rank 1 gets SIGTERM, at step 2 (or its resumed run)."""
+    from helpers import fresh_accelerate_process
+
+    fresh_accelerate_process()
+
+    class SignalRankOne:
+        def on_step_end(self, loop, logs):
+            if not resume and loop.accelerator.process_index == 1 and loop.state.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    model, processor = tiny_llava(seed=0)
+    config = make_config(Path(output_dir), max_steps=5, resume_from="latest" if resume else None)
+    loop = Loop(model, processor, config, callbacks=[SignalRankOne()])
+    loop.fit(synthetic_vqa(16, seed=0))
+    rank = loop.accelerator.process_index
+    result = {"step": loop.state.step, "stop_reason": loop.state.stop_reason}
+    Path(output_dir, f"result_{rank}_{int(resume)}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    from helpers import launch_two_processes
+
+    launch_two_processes(_two_processes, args=(str(tmp_path), False))
+    results = [json.loads((tmp_path / f"result_{rank}_0.json").read_text()) for rank in (0, 1)]
+    assert [r["step"] for r in results] == [2, 2], f"processes stopped at different steps: {results}"
+    assert results[0]["stop_reason"] == "signal (on another process)", f"rank 0: {results[0]}"
+    ckpt = tmp_path / "checkpoints" / "step_000002"
+    assert is_complete(ckpt) and (ckpt / "rng_state_1.pt").is_file(), f"incomplete DDP checkpoint {ckpt}"
+    launch_two_processes(_two_processes, args=(str(tmp_path), True))
+    resumed = [json.loads((tmp_path / f"result_{rank}_1.json").read_text()) for rank in (0, 1)]
+    assert [r["step"] for r in resumed] == [5, 5], f"the resumed 2-process run ended at {resumed}"
+
+
+# ---------------------------------------------------------------------- export
+def test_export_merges_lora_into_a_plain_model_with_the_same_logits(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_loop.cli import main
+
+    run(tmp_path / "run", max_steps=3)
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    _, processor = tiny_llava(seed=0)
+    records = synthetic_vqa(3, seed=11)
+    adapter = PeftModel.from_pretrained(tiny_llava(seed=0)[0], ckpt / "model")
+    expected = logits_of(adapter, processor, records)
+    assert not torch.allclose(expected, logits_of(tiny_llava(seed=0)[0], processor, records)), (
+        "training changed nothing: the export test would be vacuous"
+    )
+
+    merged_dir = export(ckpt, tmp_path / "merged", base_model=tiny_llava(seed=0)[0])
+    merged = LlavaForConditionalGeneration.from_pretrained(merged_dir)
+    assert not any("lora" in n for n, _ in merged.named_parameters()), "the exported model still has LoRA layers"
+    torch.testing.assert_close(
+        logits_of(merged, processor, records),
+        expected,
+        rtol=1e-4,
+        atol=1e-4,
+        msg="merged logits differ from the adapter's",
+    )
+    exported_processor = AutoProcessor.from_pretrained(merged_dir)
+    assert exported_processor.chat_template == processor.chat_template, "the exported processor lost its template"
+
+    base_dir = tmp_path / "base"
+    tiny_llava(seed=0)[0].save_pretrained(base_dir)
+    assert main(["export", str(ckpt), str(tmp_path / "cli"), "--base-model", str(base_dir)]) == 0, "CLI failed"
+    from_cli = LlavaForConditionalGeneration.from_pretrained(tmp_path / "cli")
+    torch.testing.assert_close(
+        logits_of(from_cli, processor, records),
+        expected,
+        rtol=1e-4,
+        atol=1e-4,
+        msg="`llava-loop export` gives different logits",
+    )
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export(ckpt, merged_dir, base_model=tiny_llava(seed=0)[0])
+
+
+def test_export_of_a_full_finetune_checkpoint(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    loop = run(tmp_path / "run", max_steps=2, lora_r=0, learning_rate=1e-3)
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    assert json.loads((ckpt / "meta.json").read_text())["kind"] == "full", "lora_r=0 did not save a full checkpoint"
+    records = synthetic_vqa(3, seed=11)
+    expected = logits_of(loop.accelerator.unwrap_model(loop.model), loop.processor, records)
+    out = export(ckpt, tmp_path / "merged", base_model=tiny_llava(seed=0)[0])
+    merged = LlavaForConditionalGeneration.from_pretrained(out)
+    assert torch.equal(logits_of(merged, loop.processor, records), expected), (
+        "exported full-finetune model computes different logits than the trained one"
+    )
+    AutoProcessor.from_pretrained(out)
