@@ -340,7 +340,8 @@ def save_checkpoint(loop: Any, best: bool = False) -> str:
                 os.replace(tmp, final)
             _fsync_dir(root)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
+        if acc.is_main_process:  # the folder is shared: only its owner removes it
+            shutil.rmtree(tmp, ignore_errors=True)
         state.best_checkpoint = previous_best
         raise OSError(
             getattr(err, "errno", None) or errno.EIO,
@@ -349,7 +350,8 @@ def save_checkpoint(loop: Any, best: bool = False) -> str:
             "with resume_from='latest'.",
         ) from err
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
         state.best_checkpoint = previous_best
         raise
     if acc.is_main_process:

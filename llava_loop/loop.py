@@ -649,10 +649,19 @@ class Loop:
         if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
             AcceleratorState._reset_state()
         self.accelerator = Accelerator(
+            # Without cpu=True, accelerate treats `torchrun` on a CPU-only machine as N unrelated
+            # single-process runs, all writing the same output_dir.
+            cpu=device.type == "cpu",
             mixed_precision=precision,
             log_with=cfg.report_to or None,
             project_dir=cfg.output_dir,
         )
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != self.accelerator.num_processes:
+            raise RuntimeError(
+                f"WORLD_SIZE={world} but accelerate set up {self.accelerator.num_processes} process(es): the "
+                "processes would train independently and overwrite each other's checkpoints; check the launcher"
+            )
         set_seed(cfg.seed)
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:

@@ -361,7 +361,7 @@ class Hold:
 
 model, processor = tiny_llava(seed=0)
 loop = Loop(model, processor, LoopConfig(**args["config"]), callbacks=[Hold()])
-loop.fit(synthetic_vqa(args["n"], seed=0))
+loop.fit(synthetic_vqa(args["n"], seed=0), synthetic_vqa(2, seed=7) if args.get("eval") else None)
 with open(args["result"], "w") as f:
     json.dump({"step": loop.state.step, "losses": losses}, f)
 """
@@ -446,7 +446,7 @@ def test_kill_9_leaves_only_complete_loadable_checkpoints_and_resume_works(tmp_p
 def test_signal_finishes_the_step_saves_and_exits_cleanly_then_resumes_exactly(tmp_path, uninterrupted, sig):
     out = tmp_path / "out"
     config = make_config(out, max_steps=7)
-    proc, args = start_child(tmp_path, config, hold_at=2)
+    proc, args = start_child(tmp_path, config, hold_at=2, eval=True)
     try:
         wait_for(lambda: os.path.exists(args["marker"]), proc, "step 2")
         proc.send_signal(sig)
@@ -473,38 +473,70 @@ def test_signal_finishes_the_step_saves_and_exits_cleanly_then_resumes_exactly(t
     )
 
 
-def _two_processes(output_dir: str, resume: bool) -> None:
-    """One DDP rank of a run where only rank 1 gets SIGTERM, at step 2 (or its resumed run)."""
-    from helpers import fresh_accelerate_process
+DDP_CHILD = r"""
+import json, os, signal, sys
+from pathlib import Path
+import torch
+from llava_loop import Loop, LoopConfig
+from llava_loop.testing import synthetic_vqa, tiny_llava
 
-    fresh_accelerate_process()
+torch.set_num_threads(1)
+args = json.loads(sys.argv[1])
 
-    class SignalRankOne:
-        def on_step_end(self, loop, logs):
-            if not resume and loop.accelerator.process_index == 1 and loop.state.step == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
 
-    model, processor = tiny_llava(seed=0)
-    config = make_config(Path(output_dir), max_steps=5, resume_from="latest" if resume else None)
-    loop = Loop(model, processor, config, callbacks=[SignalRankOne()])
-    loop.fit(synthetic_vqa(16, seed=0))
-    rank = loop.accelerator.process_index
-    result = {"step": loop.state.step, "stop_reason": loop.state.stop_reason}
-    Path(output_dir, f"result_{rank}_{int(resume)}.json").write_text(json.dumps(result))
+class SignalRankOne:  # only rank 1 gets SIGTERM, during step 2
+    def on_step_end(self, loop, logs):
+        if args["signal_at"] and loop.accelerator.process_index == 1 and loop.state.step == args["signal_at"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+model, processor = tiny_llava(seed=0)
+loop = Loop(model, processor, LoopConfig(**args["config"]), callbacks=[SignalRankOne()])
+loop.fit(synthetic_vqa(16, seed=0))
+result = {"step": loop.state.step, "stop_reason": loop.state.stop_reason}
+Path(args["out"], f"result_{loop.accelerator.process_index}.json").write_text(json.dumps(result))
+"""
+
+
+def run_two_processes(tmp_path: Path, config: LoopConfig, signal_at: int | None) -> list[dict]:
+    """A 2-process gloo run in fresh processes (torchrun); fails instead of hanging on a deadlock."""
+    args = {"config": config.to_dict(), "signal_at": signal_at, "out": str(tmp_path)}
+    script = tmp_path / "ddp_child.py"
+    script.write_text(DDP_CHILD)
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        json.dumps(args),
+    ]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the 2-process run hung (processes stopped after different steps?)") from None
+    assert proc.returncode == 0, f"2-process run failed ({proc.returncode}):\n{stderr[-3000:]}"
+    results = [json.loads((tmp_path / f"result_{rank}.json").read_text()) for rank in (0, 1)]
+    for rank in (0, 1):
+        (tmp_path / f"result_{rank}.json").unlink()
+    return results
 
 
 @pytest.mark.slow
 def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
-    from helpers import launch_two_processes
-
-    launch_two_processes(_two_processes, args=(str(tmp_path), False))
-    results = [json.loads((tmp_path / f"result_{rank}_0.json").read_text()) for rank in (0, 1)]
+    out = tmp_path / "out"
+    results = run_two_processes(tmp_path, make_config(out, max_steps=5), signal_at=2)
     assert [r["step"] for r in results] == [2, 2], f"processes stopped at different steps: {results}"
     assert results[0]["stop_reason"] == "signal (on another process)", f"rank 0: {results[0]}"
-    ckpt = tmp_path / "checkpoints" / "step_000002"
-    assert is_complete(ckpt) and (ckpt / "rng_state_1.pt").is_file(), f"incomplete DDP checkpoint {ckpt}"
-    launch_two_processes(_two_processes, args=(str(tmp_path), True))
-    resumed = [json.loads((tmp_path / f"result_{rank}_1.json").read_text()) for rank in (0, 1)]
+    ckpt = out / "checkpoints" / "step_000002"
+    assert is_complete(ckpt) and (ckpt / "rng_state_1.pt").is_file(), f"incomplete 2-process checkpoint {ckpt}"
+    resumed = run_two_processes(tmp_path, make_config(out, max_steps=5, resume_from="latest"), signal_at=None)
     assert [r["step"] for r in resumed] == [5, 5], f"the resumed 2-process run ended at {resumed}"
 
 
