@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -97,11 +98,14 @@ def expected_labels(tokenizer, text: str, continuations: list[str], ignore_index
     return ids, labels
 
 
-def launch_two_processes(function, args=()) -> None:
-    """``accelerate.debug_launcher(function, args, num_processes=2)`` on a free port.
+def launch_two_processes(function, args=(), timeout: float = 240.0) -> None:
+    """``accelerate.debug_launcher(function, args, num_processes=2)`` on a free port, with a timeout.
 
     debug_launcher always uses port 29500, so two test runs at once (CI and a developer, or
-    parallel sessions) rendezvous with each other and hang; a free port keeps runs apart.
+    parallel sessions) rendezvous with each other and hang; a free port keeps runs apart. Forked
+    gloo workers have also been seen to stall at 0% CPU on a loaded machine (never in a sequential
+    run): a launch that does not finish within ``timeout`` is killed and tried once more on a new
+    port, and a second stall fails the test instead of hanging CI.
     """
     import socket
     import tempfile
@@ -109,14 +113,26 @@ def launch_two_processes(function, args=()) -> None:
     from accelerate.utils import PrepareForLaunch, patch_environment
     from torch.multiprocessing import start_processes
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.NamedTemporaryFile() as rdv, patch_environment(
-        world_size=2, master_addr="127.0.0.1", master_port=str(port), accelerate_mixed_precision="no",
-        accelerate_debug_rdv_file=rdv.name, accelerate_use_cpu="yes", gloo_socket_ifname="lo",
-    ):
-        start_processes(PrepareForLaunch(function, debug=True), args=args, nprocs=2, start_method="fork")
+    for attempt in (1, 2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with tempfile.NamedTemporaryFile() as rdv, patch_environment(
+            world_size=2, master_addr="127.0.0.1", master_port=str(port), accelerate_mixed_precision="no",
+            accelerate_debug_rdv_file=rdv.name, accelerate_use_cpu="yes", gloo_socket_ifname="lo",
+        ):
+            context = start_processes(PrepareForLaunch(function, debug=True), args=args, nprocs=2,
+                                      start_method="fork", join=False)
+            deadline = time.monotonic() + timeout
+            while not context.join(timeout=1.0):  # raises if a worker failed
+                if time.monotonic() > deadline:
+                    for process in context.processes:
+                        process.kill()
+                    break
+            else:
+                return
+        if attempt == 2:
+            pytest.fail(f"two-process launch stalled twice (> {timeout:.0f} s each)")
 
 
 def fresh_accelerate_process() -> None:
