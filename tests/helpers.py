@@ -144,3 +144,11 @@ def fresh_accelerate_process() -> None:
     torch.set_num_threads(1)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def small_config(out, **settings):
+    """A `LoopConfig` for the tiny model on the CPU: fp32, small LoRA, a high learning rate."""
+    from llava_loop import LoopConfig
+
+    base = dict(output_dir=str(out), learning_rate=1e-2, lora_r=4, lora_alpha=8, precision="fp32", batch_size=2)
+    return LoopConfig(**{**base, **settings})

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import small_config
 from llava_loop import Loop, LoopConfig, TrainCollator
 from llava_loop.checkpointing import (
     best_checkpoint,
@@ -35,24 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------- helpers
 def make_config(out: Path, **overrides) -> LoopConfig:
     """Small, CPU-fp32 settings where the RNG matters: shuffling, accumulation, LoRA dropout."""
-    settings = dict(
-        output_dir=str(out),
-        max_steps=4,
-        batch_size=2,
-        grad_accum_steps=2,
-        learning_rate=1e-2,
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.1,
-        shuffle=True,
-        precision="fp32",
-        log_steps=0,
-        warmup_steps=1,
-        seed=3,
-        max_new_tokens=2,
-        eval_batch_size=4,
-    )
-    return LoopConfig(**{**settings, **overrides})
+    settings = dict(max_steps=4, grad_accum_steps=2, lora_dropout=0.1, shuffle=True, log_steps=0, warmup_steps=1,
+                    seed=3, max_new_tokens=2, eval_batch_size=4)
+    return small_config(out, **{**settings, **overrides})
 
 
 class RecordingLoop(Loop):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import small_config
 from llava_loop import Loop, LoopConfig, checkpointing
 from llava_loop.collators import IGNORE_INDEX
 from llava_loop.data import BadSampleError
@@ -24,21 +25,8 @@ LONG_QUESTION = "<image>\n" + "Look closely at every part of the picture before 
 
 
 def make_config(out: Path, **overrides) -> LoopConfig:
-    settings = dict(
-        output_dir=str(out),
-        max_steps=2,
-        batch_size=2,
-        learning_rate=1e-2,
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        shuffle=False,
-        precision="fp32",
-        log_steps=1,
-        warmup_ratio=0.0,
-        max_length=64,
-    )
-    return LoopConfig(**{**settings, **overrides})
+    settings = dict(max_steps=2, lora_dropout=0.0, shuffle=False, log_steps=1, warmup_ratio=0.0, max_length=64)
+    return small_config(out, **{**settings, **overrides})
 
 
 def trainable(loop: Loop) -> dict[str, torch.Tensor]:
