@@ -7,6 +7,7 @@ Override one public method to change one thing (see `Loop`); callbacks only obse
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -297,7 +298,7 @@ class Loop:
                 continue  # every sample of this micro-batch was skipped (and reported)
             last = k == len(micro_batches) - 1
             # Skip DDP's gradient all-reduce on all but the last micro-batch of the step.
-            context = acc.no_sync(self.model) if not last and acc.num_processes > 1 else _nullcontext()
+            context = acc.no_sync(self.model) if not last and acc.num_processes > 1 else contextlib.nullcontext()
             with context:
                 with acc.autocast():  # forward only: backward runs outside autocast
                     loss = self.training_step(batch)
@@ -841,14 +842,6 @@ def fit(
     loop = Loop(model, processor, config, metrics=metrics, callbacks=callbacks)
     loop.fit(train_data, eval_data)
     return loop
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _record_image(dataset: Dataset, index: int) -> Any:
