@@ -28,7 +28,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5"],
+        "test": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.2", "protobuf>=4"],
         "docs": [],
         "gpu": ["bitsandbytes>=0.43"],
     },

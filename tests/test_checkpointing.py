@@ -319,10 +319,14 @@ def test_leftovers_of_an_interrupted_save_are_ignored_then_repaired(tmp_path):
 CHILD = r"""
 import json, logging, os, sys, time
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+import torch
 from llava_loop import Loop, LoopConfig, checkpointing
 from llava_loop.testing import synthetic_vqa, tiny_llava
 
 args = json.loads(sys.argv[1])
+# The parent's thread count: the losses are compared bit for bit, and a different number of threads
+# sums in a different order.
+torch.set_num_threads(args["threads"])
 if args.get("slow_save"):
     fsync_tree = checkpointing._fsync_tree
 
@@ -359,6 +363,7 @@ def start_child(tmp_path: Path, config: LoopConfig, n: int = 10, **args) -> tupl
         "n": n,
         "marker": str(tmp_path / "marker"),
         "result": str(tmp_path / "result.json"),
+        "threads": torch.get_num_threads(),
         **args,
     }
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
