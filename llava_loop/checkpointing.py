@@ -469,6 +469,15 @@ def _config_differences(saved: Any, current: Any) -> list[str]:
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k in b and k not in ignore and a[k] != b[k]]
 
 
+def read_resume_info(path: str | Path) -> tuple[dict, dict]:
+    """The checkpoint's `LoopConfig` and `LoopState`, as dicts, without loading anything else."""
+    from .config import LoopConfig
+
+    path = Path(path)
+    training = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+    return LoopConfig.from_file(path / "config.yaml").to_dict(), training["loop_state"]
+
+
 def load_checkpoint(loop: Any, path: str | Path) -> dict:
     """Restore weights, optimizer, scheduler, scaler, LoopState and callback states into ``loop``.
 
@@ -480,13 +489,6 @@ def load_checkpoint(loop: Any, path: str | Path) -> dict:
     path = Path(path)
     acc = loop.accelerator
     differences = _config_differences(LoopConfig.from_file(path / "config.yaml"), loop.config)
-    if differences:
-        logger.warning(
-            "resuming %s with settings that differ from the checkpoint's (%s): the run "
-            "will not match an uninterrupted one",
-            path,
-            "; ".join(differences),
-        )
     try:
         load_model_weights(acc.unwrap_model(loop.model), path / "model")
     except (ValueError, RuntimeError) as err:  # RuntimeError: load_state_dict's size mismatches
@@ -497,13 +499,6 @@ def load_checkpoint(loop: Any, path: str | Path) -> dict:
             f"(resume with the checkpoint's model settings{changed})"
         ) from err
     training = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
-    if training["num_processes"] != acc.num_processes:
-        logger.warning(
-            "checkpoint was written with %d processes, resuming with %d: the data order "
-            "after resume differs from an uninterrupted run",
-            training["num_processes"],
-            acc.num_processes,
-        )
     try:
         loop.optimizer.load_state_dict(training["optimizer"])
     except ValueError as err:

@@ -43,6 +43,7 @@ def _demo_config(args: argparse.Namespace):
         max_new_tokens=4,
         seed=args.seed,
         precision="fp32",
+        overwrite_output_dir=True,  # the demo is reproducible: running it again replaces its output
     )
 
 
@@ -67,15 +68,15 @@ def plot_metrics(metrics_path: str, out_path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .loggers import read_metrics
+
     train, evals = [], defaultdict(list)
-    with open(metrics_path, encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            if "train/loss" in rec:
-                train.append((rec["step"], rec["train/loss"]))
-            for key in ("eval/loss", "eval/exact_match"):
-                if key in rec:
-                    evals[key].append((rec["step"], rec[key]))
+    for rec in read_metrics(metrics_path):
+        if "train/loss" in rec:
+            train.append((rec["step"], rec["train/loss"]))
+        for key in ("eval/loss", "eval/exact_match"):
+            if key in rec:
+                evals[key].append((rec["step"], rec[key]))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     if train:
         ax1.plot(*zip(*train), label="train/loss")

@@ -127,8 +127,16 @@ class LoopConfig:
     seed: int = 42
     """Seed for the Python, NumPy and torch RNGs and data shuffling, in [0, 2**32)."""
     resume_from: str | None = None
-    """Checkpoint to resume from: "latest" (newest in output_dir) or a checkpoint path;
-    None = start fresh."""
+    """Checkpoint to resume from: "latest" (newest complete one in output_dir), "auto"
+    (latest if output_dir has a checkpoint, else start fresh: for requeued jobs) or a
+    checkpoint path; None = start fresh, refused if output_dir holds checkpoints."""
+    resume_with_new_data: bool = False
+    """Resume although the training data differs from the checkpoint's (on purpose, e.g. a
+    second training phase): weights, optimizer and schedule continue, and the new data is
+    read from its start. Without it such a resume is refused."""
+    overwrite_output_dir: bool = False
+    """Start fresh in an output_dir that holds an earlier run, deleting its checkpoints,
+    predictions and metrics.jsonl. Only with resume_from=None."""
     max_new_tokens: int = 64
     """Maximum tokens generated per eval sample."""
     num_beams: int = 1
@@ -197,6 +205,11 @@ class LoopConfig:
         if targets is not None and self.lora_r == 0:
             _fail("lora_target_modules", targets, "None when lora_r=0 (no LoRA)")
 
+        if self.overwrite_output_dir and self.resume_from is not None:
+            raise ValueError(
+                f"overwrite_output_dir=True deletes the checkpoints that resume_from={self.resume_from!r} "
+                "would resume; set one of them"
+            )
         if self.metric_for_best is not None:
             if not self.metric_for_best.strip("/ "):
                 _fail("metric_for_best", self.metric_for_best, 'a key like "eval/loss"')

@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any
 
 from .callbacks import Callback
+
+logger = logging.getLogger(__name__)
 
 
 def _jsonable(value: Any) -> Any:
@@ -23,17 +26,51 @@ def _jsonable(value: Any) -> Any:
 
 
 class JSONLLogger(Callback):
-    """Appends one JSON object per log event to ``{output_dir}/metrics.jsonl`` (with ``step``)."""
+    """Appends one JSON object per log event to ``{output_dir}/metrics.jsonl`` (with ``step``).
+
+    A fresh run starts the file anew. A resumed run appends, and marks its first record with
+    ``"resumed": true, "resumed_from_step": S``: the records of the interrupted run after step S
+    describe steps that are redone, and `read_metrics` drops them.
+    """
 
     def __init__(self, path: str):
         self.path = path
+        self._resumed_from_step: int | None = None  # set until the first record after a resume
 
     def on_fit_start(self, loop: Any) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        if loop.resumed_from is not None:
+            self._resumed_from_step = loop.state.step
+        elif os.path.isfile(self.path) and os.path.getsize(self.path):
+            # The log of an earlier attempt that saved no checkpoint (a run with checkpoints is refused).
+            logger.warning("starting %s anew: it held the log of an earlier run that saved no checkpoint", self.path)
+            open(self.path, "w").close()
 
     def on_log(self, loop: Any, logs: dict) -> None:
+        record = {k: _jsonable(v) for k, v in logs.items()}
+        if self._resumed_from_step is not None:
+            record.update(resumed=True, resumed_from_step=self._resumed_from_step)
+            self._resumed_from_step = None
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in logs.items()}) + "\n")
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of ``metrics.jsonl`` as one run: where a resumed run's first record says
+    ``resumed_from_step: S``, the earlier records with step > S (redone after the resume) are dropped.
+
+    Example:
+        >>> read_metrics("runs/a/metrics.jsonl")[-1]["step"]  # doctest: +SKIP
+        400
+    """
+    records: list[dict] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if "resumed_from_step" in record:
+                records = [r for r in records if r.get("step", 0) <= record["resumed_from_step"]]
+            records.append(record)
+    return records
 
 
 class ProgressBar(Callback):

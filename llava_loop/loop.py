@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import checkpointing
+from . import checkpointing, rundir
 from .callbacks import EarlyStopping, dispatch
 from .collators import IGNORE_INDEX, META_KEYS, EvalCollator, TrainCollator
 from .config import LoopConfig
@@ -49,11 +50,16 @@ class LoopState:
     """Optimizer steps the run will make."""
     epoch: int = 0
     """Current epoch (0-based)."""
-    batches_in_epoch: int = 0
-    """Micro-batches of the current epoch already consumed (the data position for resuming)."""
+    samples_in_epoch: int = 0
+    """Samples of the current epoch's order already consumed, all processes (the data position for
+    resuming: kept in samples, so a resumed run may change batch size, accumulation or processes)."""
     sampler_seed: int | None = None
     """Seed of the training order (``seed + epoch`` per epoch); kept on resume, so a changed
     ``seed`` setting cannot reshuffle the rest of an interrupted epoch."""
+    data_fingerprint: dict | None = None
+    """Size and hash of the training set's ids and image names; a resume with other data is refused."""
+    num_processes: int = 1
+    """Processes that trained (informational: a resume may use another number)."""
     samples_seen: int = 0
     tokens_seen: int = 0
     """Tokens (attention mask, image tokens included) seen, all processes."""
@@ -137,6 +143,10 @@ class _Indexed(Dataset):
         return self.indices[i], self.dataset[self.indices[i]]
 
 
+class _EvalInterrupted(Exception):
+    """A signal arrived during a single-process evaluation: stop it and save."""
+
+
 class _EvalBatches:
     """Eval collate function: the generation batch (prompts, left padded) and the teacher-forced
     loss batch (whole conversations, right padded) of the same records, and their dataset indices."""
@@ -192,6 +202,9 @@ class Loop:
         self.metrics = resolve_metrics(metrics)
         self.callbacks = list(callbacks or [])
         self.state = LoopState()
+        self.resumed_from: str | None = None  # the checkpoint this run resumed from, if any
+        self._lock: rundir.RunLock | None = None  # the main process's hold on output_dir during fit
+        self._signal_received: str | None = None  # name of a SIGTERM/SIGINT received during fit
         self.accelerator = None
         self.optimizer = None
         self.scheduler = None
@@ -217,25 +230,30 @@ class Loop:
         Returns:
             The final `LoopState` (``history`` holds every evaluation).
         """
-        self._setup(train_data, eval_data)
-        dispatch(self.callbacks, "on_fit_start", self)
-        if self.config.eval_before_training and self.eval_data is not None and self.state.step == 0:
-            self.evaluate()
-        with self._signals_handled():
-            self._train()
-            preempted = (self.state.stop_reason or "").startswith("signal")
-            if preempted:
-                # Save before anything else: a preemption grace period is short. The final
-                # evaluation is skipped; the resumed run does it.
+        try:
+            self._setup(train_data, eval_data)
+            # Signals are handled until the last save: SIGTERM during the final evaluation must not
+            # lose the steps since the last checkpoint.
+            with self._signals_handled():
+                dispatch(self.callbacks, "on_fit_start", self)
+                if self.config.eval_before_training and self.eval_data is not None and self.state.step == 0:
+                    self.evaluate()
+                self._train()
+                # After a signal the final evaluation is skipped (a preemption grace period is short);
+                # the resumed run does it.
+                if not self._preempted() and self.eval_data is not None and not self._evaluated_at(self.state.step):
+                    self.evaluate()
                 self._save()
-        if not preempted and self.eval_data is not None and not self._evaluated_at(self.state.step):
-            self.evaluate()
-        self._save()
-        dispatch(self.callbacks, "on_fit_end", self)
+                self._stop_on_signal()  # a signal during the final evaluation or save
+            dispatch(self.callbacks, "on_fit_end", self)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
         if self.state.skipped_samples:
             logger.warning("%d bad samples were skipped (on_bad_sample='skip'); see the warnings above",
                            self.state.skipped_samples)
-        if preempted:
+        if self._preempted():
             logger.warning(
                 "stopped by %s at step %d; checkpoint saved in %s. Resume with resume_from='latest' "
                 "(CLI: --resume-from latest) and the same output_dir.",
@@ -243,13 +261,19 @@ class Loop:
             )
         return self.state
 
+    def _preempted(self) -> bool:
+        return (self.state.stop_reason or "").startswith("signal")
+
     def _train(self) -> None:
         cfg, acc, state = self.config, self.accelerator, self.state
+        n = len(self.train_data)
+        # Samples all processes consume per micro-step (the last one of an epoch may get fewer).
+        per_micro_step = cfg.batch_size * acc.num_processes
         while state.step < state.max_steps and not state.should_stop:
-            if state.batches_in_epoch >= self._batches_per_epoch:
+            if state.samples_in_epoch >= n:
                 # Resumed from the checkpoint of an epoch's last step (written before on_epoch_end).
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            self.sampler.set_position(state.epoch, start=state.batches_in_epoch * cfg.batch_size * acc.num_processes)
+                state.epoch, state.samples_in_epoch = state.epoch + 1, 0
+            self.sampler.set_position(state.epoch, start=state.samples_in_epoch)
             batches = iter(self.train_loader)
             if self._pending_rng is not None:
                 # The RNG state right after the checkpointed step (LoRA dropout draws from it);
@@ -263,8 +287,8 @@ class Loop:
                 # The last step of an epoch may get fewer micro-batches; the loss is normalised by
                 # its own label tokens, so that is still a correct step.
                 micro_batches = list(itertools.islice(batches, cfg.grad_accum_steps))
-                state.batches_in_epoch += len(micro_batches)
-                exhausted = not micro_batches or state.batches_in_epoch >= self._batches_per_epoch
+                state.samples_in_epoch = min(n, state.samples_in_epoch + len(micro_batches) * per_micro_step)
+                exhausted = not micro_batches or state.samples_in_epoch >= n
                 if micro_batches:
                     self._optimizer_step(micro_batches)
                 self._stop_on_signal()
@@ -272,7 +296,7 @@ class Loop:
                 break  # stopped mid-epoch: max_steps reached or should_stop
             dispatch(self.callbacks, "on_epoch_end", self)
             state.epoch += 1
-            state.batches_in_epoch = 0
+            state.samples_in_epoch = 0
 
     def _optimizer_step(self, micro_batches: list[dict]) -> None:
         """One optimizer step over ``micro_batches``; the loss is normalised by the label tokens of
@@ -334,7 +358,7 @@ class Loop:
         self._window["loss"].append(mean_loss)
         if cfg.log_steps and state.step % cfg.log_steps == 0:
             self._log_train(logs)
-        epoch_end = state.batches_in_epoch >= self._batches_per_epoch
+        epoch_end = state.samples_in_epoch >= len(self.train_data)
         if self.eval_data is not None and (
             (cfg.eval_steps and state.step % cfg.eval_steps == 0) or (cfg.eval_each_epoch and epoch_end)
         ):
@@ -469,7 +493,8 @@ class Loop:
             The summary: ``eval/<metric key>`` for each metric, ``eval/loss`` (teacher-forced,
             token-weighted over the whole set), ``eval/samples``, ``eval/samples_per_s`` and
             ``eval/gen_tokens_per_s`` (new tokens up to and including EOS, counted by the
-            default `generate`).
+            default `generate`). ``{}`` when a SIGTERM/SIGINT during `fit` stopped a
+            single-process evaluation (the run then saves and exits; nothing is recorded).
 
         Example:
             >>> loop = Loop(model, processor, LoopConfig(output_dir="out"))  # doctest: +SKIP
@@ -490,6 +515,11 @@ class Loop:
             self._setup_accelerator()
             set_seed(cfg.seed)  # every evaluation samples (do_sample) the same way, whatever the step
             rows, loss_sum, loss_tokens, gen_tokens, seconds = self._eval_pass(dataset)
+        except _EvalInterrupted:
+            logger.warning("%s received: evaluation at step %d abandoned (not recorded)", self._signal_received,
+                           self.state.step)
+            self._stop_on_signal()
+            return {}
         finally:
             checkpointing.set_rng_state(rng)  # evaluating must not change how training continues
         acc = self.accelerator
@@ -544,6 +574,11 @@ class Loop:
         try:
             with merged_adapters(acc.unwrap_model(self.model), enabled=cfg.merge_lora_for_eval):
                 for batch in loader:
+                    if self._signal_received is not None and acc.num_processes == 1:
+                        # Preempted: the checkpoint matters more than this evaluation. (With several
+                        # processes the evaluation finishes: they run different numbers of batches, so
+                        # they cannot agree to stop in between.)
+                        raise _EvalInterrupted
                     with acc.autocast():
                         out = self.evaluation_step(batch)
                     gen = batch["gen"]
@@ -588,7 +623,7 @@ class Loop:
         if len(self.train_data) == 0:
             raise ValueError("train_data has no records")
         self._check_metric_for_best()
-        checkpointing.check_output_dir(cfg.output_dir)
+        resume = self._setup_output_dir()
         self.model = prepare_model(self.model, cfg)
         self.sampler = EpochSampler(len(self.train_data), cfg.seed, cfg.shuffle)
         self.state.sampler_seed = cfg.seed
@@ -599,8 +634,8 @@ class Loop:
                             collate_fn=self.train_collator, num_workers=cfg.num_workers,
                             generator=self._data_generator)
         # Micro-batches per process per epoch (accelerate gives every process as many).
-        self._batches_per_epoch = math.ceil(len(self.train_data) / (cfg.batch_size * acc.num_processes))
-        steps_per_epoch = math.ceil(self._batches_per_epoch / cfg.grad_accum_steps)
+        batches_per_epoch = math.ceil(len(self.train_data) / (cfg.batch_size * acc.num_processes))
+        steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
         self.state.max_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
         self._steps_per_epoch = steps_per_epoch
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -620,18 +655,61 @@ class Loop:
                               *self.callbacks]
         if cfg.report_to:
             self.callbacks.append(TrackerLogger())
-        if cfg.resume_from:
-            if acc.is_main_process:  # finish what a killed save left, before anyone looks
-                checkpointing.repair_checkpoints(cfg.output_dir)
-            acc.wait_for_everyone()
-            path = checkpointing.resolve_checkpoint(cfg.output_dir, cfg.resume_from)
-            self._pending_rng = checkpointing.load_checkpoint(self, path)
-            if self.state.sampler_seed is not None:  # None: a checkpoint from before the field
-                self.sampler.seed = self.state.sampler_seed
-            logger.info("resumed from %s at step %d", path, self.state.step)
+        self.state.data_fingerprint = rundir.data_fingerprint(self.train_data)
+        self.state.num_processes = acc.num_processes
+        if resume is not None:
+            self._resume(resume)
         if acc.is_main_process:
             os.makedirs(cfg.output_dir, exist_ok=True)
             cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
+
+    def _setup_output_dir(self) -> Any:
+        """Own ``output_dir`` (main process), finish what a killed save left, and decide: a fresh run,
+        or the checkpoint to resume from (see `llava_loop.rundir`)."""
+        cfg, acc = self.config, self.accelerator
+        checkpointing.check_output_dir(cfg.output_dir)
+
+        def own() -> None:
+            self._lock = rundir.RunLock.acquire(cfg.output_dir)
+            checkpointing.repair_checkpoints(cfg.output_dir)  # before anyone lists the checkpoints
+
+        run_on_main(acc, own)  # an error there (in use by another run) is raised on every process
+        resume = rundir.resolve_resume(cfg.output_dir, cfg.resume_from, cfg.overwrite_output_dir)
+        acc.wait_for_everyone()  # every process has looked before anything is deleted
+        if resume is None and cfg.overwrite_output_dir and acc.is_main_process:
+            rundir.clear_previous_run(cfg.output_dir)
+        acc.wait_for_everyone()
+        return resume
+
+    def _resume(self, path: Any) -> None:
+        """Continue from the checkpoint ``path``: refuse what cannot continue exactly, apply the rest."""
+        state = self.state
+        saved_config, saved_state = checkpointing.read_resume_info(path)
+        here = {"max_steps": state.max_steps, "data_fingerprint": state.data_fingerprint,
+                "num_processes": state.num_processes}
+        plan = rundir.resume_plan(saved_config, self.config.to_dict(), saved_state, here, path)
+        # This run's optimizer settings and schedule, before the checkpoint's overwrite them.
+        fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        fresh_schedule = self.scheduler.state_dict() if self.scheduler is not None else None
+        self._pending_rng = checkpointing.load_checkpoint(self, path)
+        state.data_fingerprint, state.num_processes = here["data_fingerprint"], here["num_processes"]
+        if plan.restart_data:
+            state.samples_in_epoch = 0
+        if plan.rebuild_optimizer_settings:
+            for group, fresh in zip(self.optimizer.param_groups, fresh_groups):
+                group.update({k: v for k, v in fresh.items() if k != "lr"})  # lr: the schedule's, below
+        if plan.rebuild_schedule and self.scheduler is not None:
+            # This run's schedule, advanced to the checkpoint's step: the learning rate an
+            # uninterrupted run with these settings would use next.
+            self.scheduler.load_state_dict(fresh_schedule)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+                for _ in range(state.step):
+                    self.scheduler.step()
+        if state.sampler_seed is not None:
+            self.sampler.seed = state.sampler_seed
+        self.resumed_from = str(path)
+        logger.info("resumed from %s at step %d", path, state.step)
 
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
@@ -749,7 +827,7 @@ class Loop:
 
     def _log_train(self, logs: dict) -> None:
         w, state = self._window, self.state
-        record = {"step": state.step, "epoch": state.epoch + state.batches_in_epoch / self._batches_per_epoch,
+        record = {"step": state.step, "epoch": state.epoch + state.samples_in_epoch / len(self.train_data),
                   **logs}
         record["train/loss"] = sum(w["loss"]) / max(len(w["loss"]), 1)  # mean over the logging window
         record["train/tokens_per_s"] = w["tokens"] / max(w["time"], 1e-9)
@@ -763,15 +841,19 @@ class Loop:
         self._log(record)
 
     def _log(self, record: dict) -> None:
+        if self._lock is not None:  # main process, during fit
+            self._lock.check(self.state.step)
         dispatch(self.callbacks, "on_log", self, logs=record)
 
     def _save(self, best: bool = False) -> None:
         state = self.state
         # Data position as one number: the end of epoch e and the start of epoch e+1 are the same.
-        position = state.epoch * self._batches_per_epoch + state.batches_in_epoch
+        position = state.epoch * len(self.train_data) + state.samples_in_epoch
         key = (state.step, position, len(state.history), state.best_metric)
         if key == self._last_save:
             return  # nothing changed since the last checkpoint (e.g. save_steps, then fit's final save)
+        # Every process raises if output_dir was removed or replaced (the main process holds the lock).
+        run_on_main(self.accelerator, lambda: self._lock.check(state.step) if self._lock is not None else None)
         path = checkpointing.save_checkpoint(self, best=best)
         self._last_save = key
         if self.accelerator.is_main_process:

@@ -128,8 +128,9 @@ def test_checkpoint_holds_weights_optimizer_rng_state_config_and_processor(tmp_p
     assert "scaler" in training, "grad scaler entry missing"
     state = LoopState()
     state.load_state_dict(training["loop_state"])
-    position = (state.step, state.epoch, state.batches_in_epoch, state.sampler_seed)
-    assert position == (2, 0, 4, loop.config.seed), f"LoopState: {state}"
+    position = (state.step, state.epoch, state.samples_in_epoch, state.sampler_seed)
+    # 2 steps x 2 accumulated micro-batches x batch_size samples
+    assert position == (2, 0, 4 * loop.config.batch_size, loop.config.seed), f"LoopState: {state}"
     assert [h["step"] for h in state.history] == [1, 2], f"metric history: {state.history}"
     rng = torch.load(ckpt / "rng_state_0.pt", weights_only=False)
     assert {"python", "numpy", "torch"} <= set(rng), f"RNG state keys: {sorted(rng)}"
@@ -244,7 +245,7 @@ def test_resume_works_when_some_parameters_never_had_gradients(tmp_path):
         f"{len(optimizer['state'])} of {n_params}"
     )
     model, processor = tiny_llava(seed=0)
-    loop = Loop(model, processor, make_config(tmp_path, max_steps=4, resume_from="latest"))
+    loop = Loop(model, processor, make_config(tmp_path, max_steps=4, resume_from="latest", resume_with_new_data=True))
     loop.fit(synthetic_vqa(8, seed=0))
     assert loop.state.step == 4, f"resumed run stopped at step {loop.state.step}"
     projector = {

@@ -159,7 +159,7 @@ def test_a_step_whose_samples_are_all_skipped_makes_no_update(tmp_path, data_dir
 
     class Positions:
         def on_step_end(self, loop, logs):
-            positions.append(loop.state.batches_in_epoch)
+            positions.append(loop.state.samples_in_epoch)
 
     # weight_decay: an AdamW step on zero gradients would still move the weights
     loop = CheckedLoop(
@@ -170,7 +170,7 @@ def test_a_step_whose_samples_are_all_skipped_makes_no_update(tmp_path, data_dir
     )
     with caplog.at_level(logging.WARNING):
         loop.fit(path)
-    assert positions == [1, 3], f"the all-skipped 2nd batch must not be a step: steps ended at batches {positions}"
+    assert positions == [2, 6], f"the all-skipped 2nd batch must not be a step: steps ended at samples {positions}"
     optimizer_steps = {int(s["step"]) for s in loop.optimizer.state.values()}
     assert optimizer_steps == {2}, f"AdamW stepped {optimizer_steps} times for 2 real steps"
     assert any("were skipped: no update" in r.getMessage() for r in caplog.records), "no warning for the empty step"
@@ -327,14 +327,18 @@ def test_resume_latest_without_a_checkpoint_fails_before_training(tmp_path):
     assert loop.state.step == 0, "a step ran although there was nothing to resume"
 
 
-def test_resume_with_a_different_lora_rank_fails_clearly(tmp_path):
+@pytest.mark.parametrize("change", [{"lora_r": 8}, {"lora_alpha": 16}, {"shuffle": False}])
+def test_resume_with_a_different_model_or_data_order_setting_fails_clearly(tmp_path, change):
+    # lora_alpha has no tensor of its own: its weights load fine, into a differently scaled model.
     model, processor = tiny_llava(seed=0)
-    Loop(model, processor, make_config(tmp_path, max_steps=1)).fit(synthetic_vqa(4))
+    Loop(model, processor, make_config(tmp_path, max_steps=1, shuffle=True)).fit(synthetic_vqa(4))
+    (key, new), = change.items()
+    old = make_config(tmp_path, shuffle=True).to_dict()[key]
     model, processor = tiny_llava(seed=0)
-    loop = Loop(model, processor, make_config(tmp_path, max_steps=2, lora_r=8, resume_from="latest"))
-    with pytest.raises(ValueError, match="do not fit the model") as err:
+    loop = Loop(model, processor, make_config(tmp_path, max_steps=2, resume_from="latest", **{"shuffle": True, **change}))
+    with pytest.raises(ValueError, match="cannot resume step_000001 exactly") as err:
         loop.fit(synthetic_vqa(4))
-    assert "lora_r: 4 -> 8" in str(err.value), f"the error does not say what changed: {err.value}"
+    assert f"{key}: {old!r} -> {new!r}" in str(err.value), f"the error does not say what changed: {err.value}"
 
 
 # ---------------------------------------------------------------------- disk
