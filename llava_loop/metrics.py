@@ -88,9 +88,7 @@ class Metric:
     name: str = "metric"
     keys: tuple[str, ...] | None = None
 
-    def __call__(
-        self, predictions: Predictions, references: References
-    ) -> dict[str, float]:
+    def __call__(self, predictions: Predictions, references: References) -> dict[str, float]:
         """Scores the whole evaluation set.
 
         Args:
@@ -102,9 +100,7 @@ class Metric:
         """
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
 
-    def per_sample(
-        self, predictions: Predictions, references: References
-    ) -> dict[str, list[float]]:
+    def per_sample(self, predictions: Predictions, references: References) -> dict[str, list[float]]:
         """Per-sample scores, one list per key; ``{}`` when not meaningful (default).
 
         Example:
@@ -127,14 +123,10 @@ class _SampleMeanMetric(Metric):
     scores of the last inputs are cached so model-based metrics run only once.
     """
 
-    def _score_samples(
-        self, predictions: Predictions, references: References
-    ) -> dict[str, list[float]]:
+    def _score_samples(self, predictions: Predictions, references: References) -> dict[str, list[float]]:
         raise NotImplementedError
 
-    def per_sample(
-        self, predictions: Predictions, references: References
-    ) -> dict[str, list[float]]:
+    def per_sample(self, predictions: Predictions, references: References) -> dict[str, list[float]]:
         _check_inputs(predictions, references)
         key = (tuple(predictions), tuple(tuple(refs) for refs in references))
         cached = getattr(self, "_cache", None)
@@ -143,9 +135,7 @@ class _SampleMeanMetric(Metric):
             self._cache = cached
         return {k: list(v) for k, v in cached[1].items()}
 
-    def __call__(
-        self, predictions: Predictions, references: References
-    ) -> dict[str, float]:
+    def __call__(self, predictions: Predictions, references: References) -> dict[str, float]:
         scores = self.per_sample(predictions, references)
         return {k: math.fsum(v) / len(v) for k, v in scores.items()}
 
@@ -153,13 +143,9 @@ class _SampleMeanMetric(Metric):
 def _check_inputs(predictions: Predictions, references: References) -> None:
     """Raises if predictions/references are not ``list[str]`` / ``list[list[str]]``."""
     if isinstance(predictions, str) or not isinstance(predictions, Sequence):
-        raise TypeError(
-            f"predictions must be a list of strings, got {type(predictions).__name__}"
-        )
+        raise TypeError(f"predictions must be a list of strings, got {type(predictions).__name__}")
     if isinstance(references, str) or not isinstance(references, Sequence):
-        raise TypeError(
-            f"references must be a list of lists of strings, got {type(references).__name__}"
-        )
+        raise TypeError(f"references must be a list of lists of strings, got {type(references).__name__}")
     if len(predictions) != len(references):
         raise ValueError(
             f"got {len(predictions)} predictions but {len(references)} reference lists; "
@@ -169,18 +155,14 @@ def _check_inputs(predictions: Predictions, references: References) -> None:
         raise ValueError("no predictions to score: the evaluation set is empty")
     for i, (pred, refs) in enumerate(zip(predictions, references)):
         if not isinstance(pred, str):
-            raise TypeError(
-                f"prediction {i} must be a string, got {type(pred).__name__}"
-            )
+            raise TypeError(f"prediction {i} must be a string, got {type(pred).__name__}")
         if isinstance(refs, str) or not isinstance(refs, Sequence):
             raise TypeError(
                 f"references[{i}] must be a list of strings, got {type(refs).__name__} "
                 f"({refs!r}); wrap a single reference as [reference]"
             )
         if not refs:
-            raise ValueError(
-                f"sample {i} has no references; every prediction needs at least one"
-            )
+            raise ValueError(f"sample {i} has no references; every prediction needs at least one")
         if not all(isinstance(r, str) for r in refs):
             raise TypeError(f"references[{i}] must contain only strings, got {refs!r}")
 
@@ -204,9 +186,7 @@ def _free_gpu_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def _offline_error(
-    what: str, name: str, example: str, err: BaseException
-) -> RuntimeError:
+def _offline_error(what: str, name: str, example: str, err: BaseException) -> RuntimeError:
     return RuntimeError(
         f"Could not load the {what} model {name!r}: {err}\n"
         "It is not available offline (no network or HF_HUB_OFFLINE=1, and not in the "
@@ -243,9 +223,7 @@ class ExactMatch(_SampleMeanMetric):
     name = "exact_match"
     keys = ("exact_match",)
 
-    def _score_samples(
-        self, predictions: Predictions, references: References
-    ) -> dict[str, list[float]]:
+    def _score_samples(self, predictions: Predictions, references: References) -> dict[str, list[float]]:
         scores = []
         for pred, refs in zip(predictions, references):
             pred = _squad_normalize(pred)
@@ -491,13 +469,9 @@ class VQAAccuracy(_SampleMeanMetric):
     name = "vqa_accuracy"
     keys = ("vqa_accuracy",)
 
-    def _score_samples(
-        self, predictions: Predictions, references: References
-    ) -> dict[str, list[float]]:
+    def _score_samples(self, predictions: Predictions, references: References) -> dict[str, list[float]]:
         scores = [
-            _vqa_sample_accuracy(
-                _vqa_normalize(pred), [_vqa_normalize(r) for r in refs]
-            )
+            _vqa_sample_accuracy(_vqa_normalize(pred), [_vqa_normalize(r) for r in refs])
             for pred, refs in zip(predictions, references)
         ]
         return {"vqa_accuracy": scores}
@@ -529,17 +503,12 @@ class BLEU(Metric):
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
 
-    def __call__(
-        self, predictions: Predictions, references: References
-    ) -> dict[str, float]:
+    def __call__(self, predictions: Predictions, references: References) -> dict[str, float]:
         import sacrebleu
 
         _check_inputs(predictions, references)
         n_streams = max(len(refs) for refs in references)
-        streams = [
-            [refs[i] if i < len(refs) else None for refs in references]
-            for i in range(n_streams)
-        ]
+        streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(n_streams)]
         result = sacrebleu.corpus_bleu(list(predictions), streams, **self.kwargs)
         return {"bleu": float(result.score)}
 
@@ -571,15 +540,11 @@ class ROUGE(_SampleMeanMetric):
     def __init__(self) -> None:
         self._scorer = None
 
-    def _score_samples(
-        self, predictions: Predictions, references: References
-    ) -> dict[str, list[float]]:
+    def _score_samples(self, predictions: Predictions, references: References) -> dict[str, list[float]]:
         if self._scorer is None:
             from rouge_score import rouge_scorer
 
-            self._scorer = rouge_scorer.RougeScorer(
-                list(self.rouge_types), use_stemmer=True
-            )
+            self._scorer = rouge_scorer.RougeScorer(list(self.rouge_types), use_stemmer=True)
         scores: dict[str, list[float]] = {k: [] for k in self.rouge_types}
         for pred, refs in zip(predictions, references):
             best = self._scorer.score_multi(list(refs), pred)
@@ -651,9 +616,7 @@ class BERTScore(_SampleMeanMetric):
         rescale_with_baseline: bool = False,
     ) -> None:
         if rescale_with_baseline and lang is None:
-            raise ValueError(
-                "BERTScore(rescale_with_baseline=True) needs lang, e.g. lang='en'"
-            )
+            raise ValueError("BERTScore(rescale_with_baseline=True) needs lang, e.g. lang='en'")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model_type = model_type
@@ -666,9 +629,7 @@ class BERTScore(_SampleMeanMetric):
         self._scorer = None
 
     def __repr__(self) -> str:
-        return (
-            f"BERTScore(model_type={self.model_type!r}, num_layers={self.num_layers!r})"
-        )
+        return f"BERTScore(model_type={self.model_type!r}, num_layers={self.num_layers!r})"
 
     def _resolve_num_layers(self) -> int:
         from bert_score.utils import model2layers
@@ -677,11 +638,7 @@ class BERTScore(_SampleMeanMetric):
             return self.num_layers
         if self.model_type in model2layers:
             return model2layers[self.model_type]
-        n = (
-            _config_num_layers(self.model_type)
-            if os.path.isdir(self.model_type)
-            else None
-        )
+        n = _config_num_layers(self.model_type) if os.path.isdir(self.model_type) else None
         if n is None:
             raise ValueError(
                 f"BERTScore: bert_score has no tuned layer for {self.model_type!r} and its "
@@ -700,9 +657,7 @@ class BERTScore(_SampleMeanMetric):
             num_layers = self._resolve_num_layers()
             from bert_score import BERTScorer
 
-            logger.info(
-                "Loading BERTScore model %r (layer %d)", self.model_type, num_layers
-            )
+            logger.info("Loading BERTScore model %r (layer %d)", self.model_type, num_layers)
             try:
                 self._scorer = BERTScorer(
                     model_type=self.model_type,
@@ -727,21 +682,15 @@ class BERTScore(_SampleMeanMetric):
             scorer.device = target
         return scorer
 
-    def _score_samples(
-        self, predictions: Predictions, references: References
-    ) -> dict[str, list[float]]:
+    def _score_samples(self, predictions: Predictions, references: References) -> dict[str, list[float]]:
         scorer = self._get_scorer()
         refs = [list(r) for r in references]
         if self.idf:
             with warnings.catch_warnings():
                 # Re-computing the weights for each evaluation set is intended.
-                warnings.filterwarnings(
-                    "ignore", message="Overwriting the previous importance weights"
-                )
+                warnings.filterwarnings("ignore", message="Overwriting the previous importance weights")
                 scorer.compute_idf([r for group in refs for r in group])
-        precision, recall, f1 = scorer.score(
-            list(predictions), refs, batch_size=self.batch_size
-        )
+        precision, recall, f1 = scorer.score(list(predictions), refs, batch_size=self.batch_size)
         return {
             "bertscore_precision": precision.tolist(),
             "bertscore_recall": recall.tolist(),
@@ -762,8 +711,7 @@ def _entailment_index(id2label: Mapping[Any, str], model: str) -> int:
     found = [
         int(i)
         for i, label in id2label.items()
-        if "entail" in str(label).lower()
-        and not re.search("not|non", str(label).lower())
+        if "entail" in str(label).lower() and not re.search("not|non", str(label).lower())
     ]
     if len(found) != 1:
         raise ValueError(
@@ -811,9 +759,7 @@ class NLI(_SampleMeanMetric):
         premise: str = "reference",
     ) -> None:
         if premise not in ("reference", "prediction"):
-            raise ValueError(
-                f"premise must be 'reference' or 'prediction', got {premise!r}"
-            )
+            raise ValueError(f"premise must be 'reference' or 'prediction', got {premise!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -836,22 +782,16 @@ class NLI(_SampleMeanMetric):
                 tokenizer = AutoTokenizer.from_pretrained(self.model)
                 model = AutoModelForSequenceClassification.from_pretrained(self.model)
             except (OSError, ValueError) as err:
-                raise _offline_error(
-                    "NLI", self.model, "NLI(model='/path/to/deberta-large-mnli')", err
-                ) from err
+                raise _offline_error("NLI", self.model, "NLI(model='/path/to/deberta-large-mnli')", err) from err
             self._entail = _entailment_index(model.config.id2label, self.model)
             self._tokenizer, self._model = tokenizer, model.eval()
         return self._model.to(_resolve_device(self.device))
 
-    def _score_samples(
-        self, predictions: Predictions, references: References
-    ) -> dict[str, list[float]]:
+    def _score_samples(self, predictions: Predictions, references: References) -> dict[str, list[float]]:
         import torch
 
         model = self._load()
-        pairs = [
-            (ref, pred) for pred, refs in zip(predictions, references) for ref in refs
-        ]
+        pairs = [(ref, pred) for pred, refs in zip(predictions, references) for ref in refs]
         if self.premise == "prediction":
             pairs = [(pred, ref) for ref, pred in pairs]
         probs: list[float] = []
@@ -890,9 +830,7 @@ def _takes_reference_lists(module: Any) -> bool:
     features = module.features
     feature_sets = features if isinstance(features, list) else [features]
     return any(
-        "references" in fs and not isinstance(fs["references"], datasets.Value)
-        for fs in feature_sets
-        if fs is not None
+        "references" in fs and not isinstance(fs["references"], datasets.Value) for fs in feature_sets if fs is not None
     )
 
 
@@ -927,9 +865,7 @@ class EvaluateMetric(Metric):
 
     def __init__(self, module: Any, **compute_kwargs: Any) -> None:
         if not callable(getattr(module, "compute", None)):
-            raise TypeError(
-                f"EvaluateMetric needs an evaluate module (from evaluate.load), got {module!r}"
-            )
+            raise TypeError(f"EvaluateMetric needs an evaluate module (from evaluate.load), got {module!r}")
         self.module = module
         self.compute_kwargs = compute_kwargs
         self.name = module.name
@@ -937,9 +873,7 @@ class EvaluateMetric(Metric):
     def __repr__(self) -> str:
         return f"EvaluateMetric({self.name!r})"
 
-    def __call__(
-        self, predictions: Predictions, references: References
-    ) -> dict[str, float]:
+    def __call__(self, predictions: Predictions, references: References) -> dict[str, float]:
         _check_inputs(predictions, references)
         refs: list[Any] = [list(r) for r in references]
         if not _takes_reference_lists(self.module):
@@ -950,9 +884,7 @@ class EvaluateMetric(Metric):
                         f"but sample {i} has {len(r)}: {r!r}"
                     )
             refs = [r[0] for r in refs]
-        result = self.module.compute(
-            predictions=list(predictions), references=refs, **self.compute_kwargs
-        )
+        result = self.module.compute(predictions=list(predictions), references=refs, **self.compute_kwargs)
         if not isinstance(result, Mapping):
             raise TypeError(
                 f"evaluate module {self.name!r} returned {type(result).__name__}, not a dict "
@@ -996,9 +928,7 @@ def get_metric(name: str, **kwargs: Any) -> Metric:
         BERTScore(model_type='/models/roberta-large', num_layers=17)
     """
     if name not in _BUILTINS:
-        raise ValueError(
-            f"Unknown metric {name!r}. Available: {', '.join(sorted(_BUILTINS))}"
-        )
+        raise ValueError(f"Unknown metric {name!r}. Available: {', '.join(sorted(_BUILTINS))}")
     return _BUILTINS[name](**kwargs)
 
 
@@ -1093,13 +1023,9 @@ def greater_is_better(key: str) -> bool:
 def _checked_float(metric_name: str, key: Any, value: Any) -> float:
     number = _as_float(value)
     if number is None:
-        raise TypeError(
-            f"metric {metric_name!r} returned {value!r} for {key!r}; expected a float"
-        )
+        raise TypeError(f"metric {metric_name!r} returned {value!r} for {key!r}; expected a float")
     if math.isinf(number):
-        raise ValueError(
-            f"metric {metric_name!r} returned an infinite value for {key!r}"
-        )
+        raise ValueError(f"metric {metric_name!r} returned an infinite value for {key!r}")
     return number
 
 
@@ -1111,34 +1037,22 @@ def _validated_scores(scores: Any, metric_name: str) -> dict[str, float]:
         )
     for key in scores:
         if not isinstance(key, str):
-            raise TypeError(
-                f"metric {metric_name!r} returned key {key!r}; keys must be strings"
-            )
-    return {
-        key: _checked_float(metric_name, key, value) for key, value in scores.items()
-    }
+            raise TypeError(f"metric {metric_name!r} returned key {key!r}; keys must be strings")
+    return {key: _checked_float(metric_name, key, value) for key, value in scores.items()}
 
 
-def _validated_per_sample(
-    scores: Any, metric_name: str, n: int
-) -> dict[str, list[float]]:
+def _validated_per_sample(scores: Any, metric_name: str, n: int) -> dict[str, list[float]]:
     if not isinstance(scores, Mapping):
         raise TypeError(
             f"metric {metric_name!r}: per_sample returned {type(scores).__name__}, expected a dict of lists"
         )
     out = {}
     for key, values in scores.items():
-        if (
-            isinstance(values, (str, bytes))
-            or not isinstance(values, Sequence)
-            or len(values) != n
-        ):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != n:
             raise ValueError(
                 f"metric {metric_name!r}: per_sample[{key!r}] must be a list of {n} floats, one per sample"
             )
-        out[str(key)] = [
-            _checked_float(metric_name, f"{key}[{i}]", v) for i, v in enumerate(values)
-        ]
+        out[str(key)] = [_checked_float(metric_name, f"{key}[{i}]", v) for i, v in enumerate(values)]
     return out
 
 
@@ -1187,14 +1101,10 @@ def compute_metrics(
             summary[key] = value
         per_sample_fn = getattr(metric, "per_sample", None)
         if callable(per_sample_fn):
-            columns = _validated_per_sample(
-                per_sample_fn(predictions, references), name, len(predictions)
-            )
+            columns = _validated_per_sample(per_sample_fn(predictions, references), name, len(predictions))
             for key, values in columns.items():
                 if key in sample_owner:
-                    raise ValueError(
-                        f"metrics {sample_owner[key]!r} and {name!r} both return per-sample {key!r}"
-                    )
+                    raise ValueError(f"metrics {sample_owner[key]!r} and {name!r} both return per-sample {key!r}")
                 sample_owner[key] = name
                 for row, value in zip(per_sample, values):
                     row[key] = value

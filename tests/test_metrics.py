@@ -164,9 +164,7 @@ def _load_evaluate_script(tmp_path, name, references_feature):
 
 @pytest.fixture
 def multi_ref_module(tmp_path):
-    return _load_evaluate_script(
-        tmp_path, "toy_hits", 'datasets.Sequence(datasets.Value("string"))'
-    )
+    return _load_evaluate_script(tmp_path, "toy_hits", 'datasets.Sequence(datasets.Value("string"))')
 
 
 @pytest.fixture
@@ -190,20 +188,14 @@ def single_ref_module(tmp_path):
 )
 def test_exact_match_applies_squad_normalisation(prediction, reference, expected):
     got = M.ExactMatch()([prediction], [[reference]])
-    assert got == {"exact_match": expected}, (
-        f"{prediction!r} vs {reference!r}: got {got}"
-    )
+    assert got == {"exact_match": expected}, f"{prediction!r} vs {reference!r}: got {got}"
 
 
 def test_exact_match_takes_any_reference_and_averages_samples():
     metric = M.ExactMatch()
     preds, refs = ["cat", "dog", "cow"], [["dog", "Cat"], ["cat"], ["a cow", "bull"]]
-    assert metric(preds, refs) == pytest.approx({"exact_match": 2 / 3}), (
-        "mean of [1, 0, 1] should be 2/3"
-    )
-    assert metric.per_sample(preds, refs) == {"exact_match": [1.0, 0.0, 1.0]}, (
-        "per-sample hits are wrong"
-    )
+    assert metric(preds, refs) == pytest.approx({"exact_match": 2 / 3}), "mean of [1, 0, 1] should be 2/3"
+    assert metric.per_sample(preds, refs) == {"exact_match": [1.0, 0.0, 1.0]}, "per-sample hits are wrong"
 
 
 # --------------------------------------------------------------------------- VQA accuracy
@@ -224,9 +216,7 @@ def test_exact_match_takes_any_reference_and_averages_samples():
 def test_vqa_accuracy_with_ten_references_follows_official_formula(matches, expected):
     refs = ["2"] * matches + ["3"] * (10 - matches)
     got = M.VQAAccuracy()(["2"], [refs])["vqa_accuracy"]
-    assert got == pytest.approx(expected), (
-        f"{matches}/10 matching answers should score {expected}, got {got}"
-    )
+    assert got == pytest.approx(expected), f"{matches}/10 matching answers should score {expected}, got {got}"
 
 
 @pytest.mark.parametrize(
@@ -249,13 +239,9 @@ def test_vqa_accuracy_with_ten_references_follows_official_formula(matches, expe
         ("cat", "cats", 0.0),
     ],
 )
-def test_vqa_accuracy_normalises_answers_like_the_official_script(
-    prediction, reference, expected
-):
+def test_vqa_accuracy_normalises_answers_like_the_official_script(prediction, reference, expected):
     got = M.VQAAccuracy()([prediction], [[reference]])["vqa_accuracy"]
-    assert got == expected, (
-        f"{prediction!r} vs {reference!r}: expected {expected}, got {got}"
-    )
+    assert got == expected, f"{prediction!r} vs {reference!r}: expected {expected}, got {got}"
 
 
 @pytest.mark.parametrize(
@@ -272,20 +258,14 @@ def test_vqa_accuracy_normalises_answers_like_the_official_script(
 )
 def test_vqa_accuracy_with_fewer_references_uses_t_min_3_n_minus_1(refs, expected):
     got = M.VQAAccuracy()(["Cat"], [refs])["vqa_accuracy"]
-    assert got == pytest.approx(expected), (
-        f"refs {refs}: expected {expected}, got {got}"
-    )
+    assert got == pytest.approx(expected), f"refs {refs}: expected {expected}, got {got}"
 
 
 def test_vqa_accuracy_reports_per_sample_scores_and_their_mean():
     metric = M.VQAAccuracy()
     preds, refs = ["two", "no"], [["2"] * 10, ["yes"] * 9 + ["no"]]
-    assert metric.per_sample(preds, refs)["vqa_accuracy"] == pytest.approx(
-        [1.0, 0.3]
-    ), "per-sample VQA accuracy"
-    assert metric(preds, refs)["vqa_accuracy"] == pytest.approx(0.65), (
-        "summary should be the per-sample mean"
-    )
+    assert metric.per_sample(preds, refs)["vqa_accuracy"] == pytest.approx([1.0, 0.3]), "per-sample VQA accuracy"
+    assert metric(preds, refs)["vqa_accuracy"] == pytest.approx(0.65), "summary should be the per-sample mean"
 
 
 # --------------------------------------------------------------------------- BLEU / ROUGE
@@ -297,9 +277,7 @@ def test_bleu_equals_sacrebleu_with_one_reference():
     refs = [r[:1] for r in REFS]
     expected = sacrebleu.corpus_bleu(PREDS, [[r[0] for r in refs]]).score
     got = M.BLEU()(PREDS, refs)
-    assert got == {"bleu": pytest.approx(expected, abs=1e-12)}, (
-        f"BLEU {got} != sacrebleu {expected}"
-    )
+    assert got == {"bleu": pytest.approx(expected, abs=1e-12)}, f"BLEU {got} != sacrebleu {expected}"
     assert M.BLEU().per_sample(PREDS, refs) == {}, "corpus BLEU has no per-sample score"
 
 
@@ -308,12 +286,8 @@ def test_bleu_equals_sacrebleu_with_several_references():
 
     refs = [["the cat sat on a mat", "a cat sat"], ["a dog runs", "the dog is running"]]
     preds = ["the cat sat on the mat", "a dog is running"]
-    expected = sacrebleu.corpus_bleu(
-        preds, [[r[0] for r in refs], [r[1] for r in refs]]
-    ).score
-    assert M.BLEU()(preds, refs)["bleu"] == pytest.approx(expected, abs=1e-12), (
-        "multi-reference BLEU"
-    )
+    expected = sacrebleu.corpus_bleu(preds, [[r[0] for r in refs], [r[1] for r in refs]]).score
+    assert M.BLEU()(preds, refs)["bleu"] == pytest.approx(expected, abs=1e-12), "multi-reference BLEU"
 
 
 def test_bleu_skips_missing_references_when_counts_vary():
@@ -328,32 +302,23 @@ def test_bleu_skips_missing_references_when_counts_vary():
     padded = [r + [r[0]] * (n - len(r)) for r in refs]
     expected = sacrebleu.corpus_bleu(preds, [list(s) for s in zip(*padded)]).score
     got = M.BLEU()(preds, refs)["bleu"]
-    assert got == pytest.approx(expected, abs=1e-12), (
-        f"varying reference counts: {got} != {expected}"
-    )
+    assert got == pytest.approx(expected, abs=1e-12), f"varying reference counts: {got} != {expected}"
     assert 0.0 < got < 100.0, f"BLEU is on sacreBLEU's 0-100 scale, got {got}"
 
 
 def test_rouge_equals_rouge_score_best_reference_mean():
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(
-        ["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True
-    )
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
     expected = {}
     for key in ["rouge1", "rouge2", "rougeL", "rougeLsum"]:
-        best = [
-            max(scorer.score(r, p)[key].fmeasure for r in refs)
-            for p, refs in zip(PREDS, REFS)
-        ]
+        best = [max(scorer.score(r, p)[key].fmeasure for r in refs) for p, refs in zip(PREDS, REFS)]
         expected[key] = best
     metric = M.ROUGE()
     per_sample = metric.per_sample(PREDS, REFS)
     for key, values in expected.items():
         assert per_sample[key] == pytest.approx(values, abs=1e-12), f"per-sample {key}"
-        assert metric(PREDS, REFS)[key] == pytest.approx(
-            sum(values) / len(values), abs=1e-12
-        ), f"mean {key}"
+        assert metric(PREDS, REFS)[key] == pytest.approx(sum(values) / len(values), abs=1e-12), f"mean {key}"
 
 
 # --------------------------------------------------------------------------- BERTScore
@@ -363,30 +328,18 @@ def test_rouge_equals_rouge_score_best_reference_mean():
 def test_bertscore_equals_bert_score_with_best_reference(tiny_bert_dir, idf):
     import bert_score
 
-    P, R, F = bert_score.score(
-        PREDS, REFS, model_type=tiny_bert_dir, num_layers=2, idf=idf, device="cpu"
-    )
-    metric = M.BERTScore(
-        model_type=tiny_bert_dir, num_layers=2, idf=idf, device="cpu", batch_size=3
-    )
+    P, R, F = bert_score.score(PREDS, REFS, model_type=tiny_bert_dir, num_layers=2, idf=idf, device="cpu")
+    metric = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, idf=idf, device="cpu", batch_size=3)
     got = metric.per_sample(PREDS, REFS)
     for key, expected in [("precision", P), ("recall", R), ("f1", F)]:
-        assert got[f"bertscore_{key}"] == pytest.approx(expected.tolist(), abs=1e-6), (
-            f"{key} per sample"
-        )
-        assert metric(PREDS, REFS)[f"bertscore_{key}"] == pytest.approx(
-            expected.mean().item(), abs=1e-6
-        ), key
+        assert got[f"bertscore_{key}"] == pytest.approx(expected.tolist(), abs=1e-6), f"{key} per sample"
+        assert metric(PREDS, REFS)[f"bertscore_{key}"] == pytest.approx(expected.mean().item(), abs=1e-6), key
 
 
 def test_bertscore_reads_num_layers_from_a_local_config(tiny_bert_dir):
-    explicit = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, device="cpu")(
-        PREDS, REFS
-    )
+    explicit = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, device="cpu")(PREDS, REFS)
     implicit = M.BERTScore(model_type=tiny_bert_dir, device="cpu")(PREDS, REFS)
-    assert implicit == pytest.approx(explicit), (
-        "num_layers=None should use the config's 2 layers"
-    )
+    assert implicit == pytest.approx(explicit), "num_layers=None should use the config's 2 layers"
 
 
 def test_bertscore_without_layer_count_asks_for_num_layers(tmp_path):
@@ -396,9 +349,7 @@ def test_bertscore_without_layer_count_asks_for_num_layers(tmp_path):
     assert str(tmp_path) in str(err.value), "the message should name the model"
 
 
-def test_bertscore_loads_model_once_scores_once_and_survives_offload(
-    tiny_bert_dir, monkeypatch
-):
+def test_bertscore_loads_model_once_scores_once_and_survives_offload(tiny_bert_dir, monkeypatch):
     import bert_score
 
     built, scored = [], []
@@ -416,9 +367,7 @@ def test_bertscore_loads_model_once_scores_once_and_survives_offload(
     metric = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, device="cpu")
     assert not built, "the model must not load before the first call"
     summary, per_sample = M.compute_metrics({"bertscore": metric}, PREDS, REFS)
-    assert len(scored) == 1, (
-        f"summary + per-sample should share one scoring pass, got {len(scored)}"
-    )
+    assert len(scored) == 1, f"summary + per-sample should share one scoring pass, got {len(scored)}"
     assert per_sample[0].keys() == {
         "bertscore_precision",
         "bertscore_recall",
@@ -434,9 +383,7 @@ def test_bertscore_missing_model_offline_raises_clear_error():
     metric = M.BERTScore(model_type="roberta-large")  # not cached, HF_HUB_OFFLINE=1
     with pytest.raises(RuntimeError, match="not available offline") as err:
         metric(["a cat"], [["a cat"]])
-    assert "local directory" in str(err.value), (
-        f"message should say how to pass a local path: {err.value}"
-    )
+    assert "local directory" in str(err.value), f"message should say how to pass a local path: {err.value}"
 
 
 # --------------------------------------------------------------------------- NLI
@@ -450,9 +397,7 @@ def _manual_entailment(model_dir, premises_hypotheses, index):
     probs = []
     with torch.no_grad():
         for premise, hypothesis in premises_hypotheses:
-            logits = model(
-                **tokenizer(premise, hypothesis, return_tensors="pt")
-            ).logits[0]
+            logits = model(**tokenizer(premise, hypothesis, return_tensors="pt")).logits[0]
             exp = [math.exp(x) for x in logits.tolist()]
             probs.append(exp[index] / sum(exp))
     return probs
@@ -471,29 +416,19 @@ def test_nli_equals_manual_softmax_with_label_index_from_config(nli_dirs, model,
     pairs = [(ref, pred) for pred, refs in zip(PREDS, REFS) for ref in refs]
     expected = _best_per_sample(_manual_entailment(nli_dirs[model], pairs, index))
     other = _best_per_sample(_manual_entailment(nli_dirs[model], pairs, 2 - index))
-    assert max(abs(a - b) for a, b in zip(expected, other)) > 1e-3, (
-        "test model can't tell labels apart"
-    )
+    assert max(abs(a - b) for a, b in zip(expected, other)) > 1e-3, "test model can't tell labels apart"
     metric = M.NLI(model=nli_dirs[model], batch_size=2, device="cpu")
     got = metric.per_sample(PREDS, REFS)["nli_entailment"]
-    assert got == pytest.approx(expected, abs=1e-5), (
-        f"entailment must be label {index} from config.id2label"
-    )
+    assert got == pytest.approx(expected, abs=1e-5), f"entailment must be label {index} from config.id2label"
     summary = metric(PREDS, REFS)
-    assert summary == {
-        "nli_entailment": pytest.approx(sum(expected) / len(expected), abs=1e-5)
-    }, "mean"
+    assert summary == {"nli_entailment": pytest.approx(sum(expected) / len(expected), abs=1e-5)}, "mean"
 
 
 def test_nli_premise_prediction_swaps_the_pair(nli_dirs):
     pairs = [(pred, ref) for pred, refs in zip(PREDS, REFS) for ref in refs]
     expected = _best_per_sample(_manual_entailment(nli_dirs["entail_first"], pairs, 0))
-    got = M.NLI(
-        model=nli_dirs["entail_first"], premise="prediction", device="cpu"
-    ).per_sample(PREDS, REFS)
-    assert got["nli_entailment"] == pytest.approx(expected, abs=1e-5), (
-        "prediction should be the premise"
-    )
+    got = M.NLI(model=nli_dirs["entail_first"], premise="prediction", device="cpu").per_sample(PREDS, REFS)
+    assert got["nli_entailment"] == pytest.approx(expected, abs=1e-5), "prediction should be the premise"
 
 
 def test_nli_without_entailment_label_raises(nli_dirs):
@@ -516,24 +451,16 @@ def test_nli_rejects_unknown_premise():
 
 def test_evaluate_module_is_wrapped_and_flattened(multi_ref_module):
     metrics = M.resolve_metrics(multi_ref_module)
-    assert list(metrics) == ["toy_hits"], (
-        f"key should be module.name, got {list(metrics)}"
-    )
+    assert list(metrics) == ["toy_hits"], f"key should be module.name, got {list(metrics)}"
     metric = metrics["toy_hits"]
-    assert isinstance(metric, M.EvaluateMetric), (
-        "an evaluate module should be wrapped in EvaluateMetric"
-    )
+    assert isinstance(metric, M.EvaluateMetric), "an evaluate module should be wrapped in EvaluateMetric"
     got = metric(["a", "b"], [["a", "c"], ["d"]])
-    assert got == {"hit_rate": 0.5, "detail_n": 2.0}, (
-        f"scalars kept, nested dict flattened, rest dropped: {got}"
-    )
+    assert got == {"hit_rate": 0.5, "detail_n": 2.0}, f"scalars kept, nested dict flattened, rest dropped: {got}"
 
 
 def test_evaluate_module_with_single_reference_features_gets_strings(single_ref_module):
     metric = M.EvaluateMetric(single_ref_module)
-    assert metric(["a", "b"], [["a"], ["d"]])["hit_rate"] == 0.5, (
-        "single references should be passed as strings"
-    )
+    assert metric(["a", "b"], [["a"], ["d"]])["hit_rate"] == 0.5, "single references should be passed as strings"
     with pytest.raises(ValueError, match="one reference per prediction"):
         metric(["a"], [["a", "b"]])
 
@@ -545,16 +472,12 @@ def test_get_metric_unknown_name_lists_available_names():
     with pytest.raises(ValueError, match="Unknown metric 'blue'") as err:
         M.get_metric("blue")
     for name in ["exact_match", "vqa_accuracy", "bleu", "rouge", "bertscore", "nli"]:
-        assert name in str(err.value), (
-            f"available name {name!r} missing from: {err.value}"
-        )
+        assert name in str(err.value), f"available name {name!r} missing from: {err.value}"
 
 
 def test_get_metric_passes_kwargs():
     metric = M.get_metric("nli", model="/models/nli", premise="prediction")
-    assert isinstance(metric, M.NLI) and metric.premise == "prediction", (
-        f"kwargs not applied: {metric!r}"
-    )
+    assert isinstance(metric, M.NLI) and metric.premise == "prediction", f"kwargs not applied: {metric!r}"
 
 
 def length(predictions, references):
@@ -567,27 +490,17 @@ class Shout:
 
 
 def test_resolve_metrics_accepts_none_names_callables_lists_and_dicts():
-    assert list(M.resolve_metrics(None)) == ["exact_match"], (
-        "None should mean exact match"
-    )
-    assert isinstance(M.resolve_metrics("rouge")["rouge"], M.ROUGE), (
-        "a name should build the built-in"
-    )
-    assert M.resolve_metrics(length) == {"length": length}, (
-        "a function is keyed by __name__"
-    )
-    assert list(M.resolve_metrics(Shout())) == ["Shout"], (
-        "a callable object is keyed by class name"
-    )
+    assert list(M.resolve_metrics(None)) == ["exact_match"], "None should mean exact match"
+    assert isinstance(M.resolve_metrics("rouge")["rouge"], M.ROUGE), "a name should build the built-in"
+    assert M.resolve_metrics(length) == {"length": length}, "a function is keyed by __name__"
+    assert list(M.resolve_metrics(Shout())) == ["Shout"], "a callable object is keyed by class name"
     assert list(M.resolve_metrics(["bleu", length, M.VQAAccuracy()])) == [
         "bleu",
         "length",
         "vqa_accuracy",
     ], "list"
     named = M.resolve_metrics({"acc": "vqa_accuracy", "len": length})
-    assert isinstance(named["acc"], M.VQAAccuracy) and named["len"] is length, (
-        "dict keys should be used as names"
-    )
+    assert isinstance(named["acc"], M.VQAAccuracy) and named["len"] is length, "dict keys should be used as names"
 
 
 def test_resolve_metrics_rejects_duplicates_and_non_metrics():
@@ -615,9 +528,7 @@ def test_resolve_metrics_rejects_duplicates_and_non_metrics():
     ],
 )
 def test_greater_is_better_by_last_key_component(key, expected):
-    assert M.greater_is_better(key) is expected, (
-        f"greater_is_better({key!r}) should be {expected}"
-    )
+    assert M.greater_is_better(key) is expected, f"greater_is_better({key!r}) should be {expected}"
 
 
 # --------------------------------------------------------------------------- compute_metrics
@@ -625,15 +536,9 @@ def test_greater_is_better_by_last_key_component(key, expected):
 
 def test_compute_metrics_merges_summaries_and_per_sample_rows():
     metrics = M.resolve_metrics(["exact_match", "vqa_accuracy", "bleu", length])
-    summary, per_sample = M.compute_metrics(
-        metrics, ["Two", "cat"], [["2"], ["cat", "dog"]]
-    )
-    assert summary.keys() == {"exact_match", "vqa_accuracy", "bleu", "length"}, (
-        f"summary keys: {summary}"
-    )
-    assert summary["exact_match"] == 0.5 and summary["vqa_accuracy"] == 0.75, (
-        f"summary values: {summary}"
-    )
+    summary, per_sample = M.compute_metrics(metrics, ["Two", "cat"], [["2"], ["cat", "dog"]])
+    assert summary.keys() == {"exact_match", "vqa_accuracy", "bleu", "length"}, f"summary keys: {summary}"
+    assert summary["exact_match"] == 0.5 and summary["vqa_accuracy"] == 0.75, f"summary values: {summary}"
     assert per_sample == [
         {"exact_match": 0.0, "vqa_accuracy": 1.0},
         {"exact_match": 1.0, "vqa_accuracy": 0.5},
@@ -656,9 +561,7 @@ def test_compute_metrics_rejects_colliding_keys_and_infinite_values_but_allows_n
         M.compute_metrics({"inf": lambda p, r: {"x": float("inf")}}, ["a"], [["a"]])
     with pytest.raises(TypeError, match="expected a float"):
         M.compute_metrics({"text": lambda p, r: {"x": "high"}}, ["a"], [["a"]])
-    summary, _ = M.compute_metrics(
-        {"nan": lambda p, r: {"x": float("nan")}}, ["a"], [["a"]]
-    )
+    summary, _ = M.compute_metrics({"nan": lambda p, r: {"x": float("nan")}}, ["a"], [["a"]])
     assert math.isnan(summary["x"]), f"nan should pass through, got {summary}"
 
 
