@@ -232,131 +232,133 @@ class ExactMatch(_SampleMeanMetric):
 
 
 # --------------------------------------------------------------------------- VQA accuracy
-# Normalisation tables of the official VQA v2 evaluation (GT-Vision-Lab/VQA,
-# PythonEvaluationTools/vqaEvaluation/vqaEval.py), kept verbatim, quirks included
-# (curly apostrophes in most expansions, "somebody’d" -> "somebodyd"), so scores match
-# the official ones.
+# The rules of the official VQA evaluation script: GT-Vision-Lab/VQA,
+# PythonEvaluationTools/vqaEvaluation/vqaEval.py at master (commit a013f00, 2021, the table with
+# straight apostrophes). tests/data/vqa_official_golden.json holds the official scores of 600
+# random inputs aimed at every rule (made by tests/data/make_vqa_golden.py with Python 2.7);
+# tests/test_metrics.py checks that VQAAccuracy equals each one. The contractions table is the
+# official one, entries that can never match included ("Im", "Ive": words are lowercased first).
 _VQA_CONTRACTIONS = {
     "aint": "ain't",
     "arent": "aren't",
     "cant": "can't",
     "couldve": "could've",
     "couldnt": "couldn't",
-    "couldn'tve": "couldn’t’ve",
-    "couldnt’ve": "couldn’t’ve",
-    "didnt": "didn’t",
-    "doesnt": "doesn’t",
-    "dont": "don’t",
-    "hadnt": "hadn’t",
-    "hadnt’ve": "hadn’t’ve",
-    "hadn'tve": "hadn’t’ve",
-    "hasnt": "hasn’t",
-    "havent": "haven’t",
-    "hed": "he’d",
-    "hed’ve": "he’d’ve",
-    "he’dve": "he’d’ve",
-    "hes": "he’s",
-    "howd": "how’d",
-    "howll": "how’ll",
-    "hows": "how’s",
-    "Id’ve": "I’d’ve",
-    "I’dve": "I’d’ve",
-    "Im": "I’m",
-    "Ive": "I’ve",
-    "isnt": "isn’t",
-    "itd": "it’d",
-    "itd’ve": "it’d’ve",
-    "it’dve": "it’d’ve",
-    "itll": "it’ll",
-    "let’s": "let’s",
-    "maam": "ma’am",
-    "mightnt": "mightn’t",
-    "mightnt’ve": "mightn’t’ve",
-    "mightn’tve": "mightn’t’ve",
-    "mightve": "might’ve",
-    "mustnt": "mustn’t",
-    "mustve": "must’ve",
-    "neednt": "needn’t",
-    "notve": "not’ve",
-    "oclock": "o’clock",
-    "oughtnt": "oughtn’t",
-    "ow’s’at": "’ow’s’at",
-    "’ows’at": "’ow’s’at",
-    "’ow’sat": "’ow’s’at",
-    "shant": "shan’t",
-    "shed’ve": "she’d’ve",
-    "she’dve": "she’d’ve",
-    "she’s": "she’s",
-    "shouldve": "should’ve",
-    "shouldnt": "shouldn’t",
-    "shouldnt’ve": "shouldn’t’ve",
-    "shouldn’tve": "shouldn’t’ve",
-    "somebody’d": "somebodyd",
-    "somebodyd’ve": "somebody’d’ve",
-    "somebody’dve": "somebody’d’ve",
-    "somebodyll": "somebody’ll",
-    "somebodys": "somebody’s",
-    "someoned": "someone’d",
-    "someoned’ve": "someone’d’ve",
-    "someone’dve": "someone’d’ve",
-    "someonell": "someone’ll",
-    "someones": "someone’s",
-    "somethingd": "something’d",
-    "somethingd’ve": "something’d’ve",
-    "something’dve": "something’d’ve",
-    "somethingll": "something’ll",
-    "thats": "that’s",
-    "thered": "there’d",
-    "thered’ve": "there’d’ve",
-    "there’dve": "there’d’ve",
-    "therere": "there’re",
-    "theres": "there’s",
-    "theyd": "they’d",
-    "theyd’ve": "they’d’ve",
-    "they’dve": "they’d’ve",
-    "theyll": "they’ll",
-    "theyre": "they’re",
-    "theyve": "they’ve",
-    "twas": "’twas",
-    "wasnt": "wasn’t",
-    "wed’ve": "we’d’ve",
-    "we’dve": "we’d’ve",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
     "weve": "we've",
-    "werent": "weren’t",
-    "whatll": "what’ll",
-    "whatre": "what’re",
-    "whats": "what’s",
-    "whatve": "what’ve",
-    "whens": "when’s",
-    "whered": "where’d",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
     "wheres": "where's",
-    "whereve": "where’ve",
-    "whod": "who’d",
-    "whod’ve": "who’d’ve",
-    "who’dve": "who’d’ve",
-    "wholl": "who’ll",
-    "whos": "who’s",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
     "whove": "who've",
-    "whyll": "why’ll",
-    "whyre": "why’re",
-    "whys": "why’s",
-    "wont": "won’t",
-    "wouldve": "would’ve",
-    "wouldnt": "wouldn’t",
-    "wouldnt’ve": "wouldn’t’ve",
-    "wouldn’tve": "wouldn’t’ve",
-    "yall": "y’all",
-    "yall’ll": "y’all’ll",
-    "y’allll": "y’all’ll",
-    "yall’d’ve": "y’all’d’ve",
-    "y’alld’ve": "y’all’d’ve",
-    "y’all’dve": "y’all’d’ve",
-    "youd": "you’d",
-    "youd’ve": "you’d’ve",
-    "you’dve": "you’d’ve",
-    "youll": "you’ll",
-    "youre": "you’re",
-    "youve": "you’ve",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
 }
 _VQA_NUMBERS = {
     "none": "0",
@@ -372,59 +374,37 @@ _VQA_NUMBERS = {
     "nine": "9",
     "ten": "10",
 }
-_VQA_ARTICLES = {"a", "an", "the"}
-_VQA_PUNCT = [
-    ";",
-    ":",
-    "/",
-    "'",
-    "[",
-    "]",
-    '"',
-    "(",
-    ")",
-    "=",
-    "+",
-    "\\",
-    "_",
-    ">",
-    "<",
-    "@",
-    "`",
-    ",",
-    "?",
-]
-# Verbatim from the official script: "(?!<=\d)" was meant as a look-behind but is a
-# look-ahead, so in effect every period not followed by a digit is removed ("yes." ->
-# "yes", "2.5" kept).
-_VQA_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_VQA_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+_VQA_ARTICLES = frozenset({"a", "an", "the"})
+# Not in the list, so kept: the apostrophe (contractions keep it), ":" ("3:00"), ".", "#", "$",
+# "%", "&", "*", "^", "|", "~" and any non-ASCII mark ("’").
+_VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+# Digits are ASCII only, as in the Python 2 original (Python 3's \d would also match "٢").
+_VQA_DIGIT_COMMA_DIGIT = re.compile(r"[0-9],[0-9]")
+# A period not followed by a digit ("yes." -> "yes", "2.5" kept). The official pattern
+# "(?!<=\d)(\.)(?!\d)" starts with a look-ahead that can never fail, so this is the same rule.
+_VQA_PERIOD = re.compile(r"\.(?![0-9])")
+# The official call passes re.UNICODE (= 32) where re.sub takes `count`: it removes at most 32
+# periods per answer.
+_VQA_MAX_PERIODS = 32
 
 
-def _vqa_process_punctuation(text: str) -> str:
-    """Official VQA punctuation handling: a mark next to a space, or any mark in a text
-    with a digit-comma-digit ("1,000"), is deleted; otherwise it becomes a space."""
-    out = text
-    has_digit_comma = _VQA_COMMA_STRIP.search(text) is not None
-    for mark in _VQA_PUNCT:
-        if mark + " " in text or " " + mark in text or has_digit_comma:
-            out = out.replace(mark, "")
-        else:
-            out = out.replace(mark, " ")
-    return _VQA_PERIOD_STRIP.sub("", out)
-
-
-def _vqa_process_digit_article(text: str) -> str:
-    """Official VQA word handling: lowercase, number words -> digits, drop articles,
-    expand apostrophe-less contractions."""
-    words = [_VQA_NUMBERS.get(w, w) for w in text.lower().split()]
-    words = [_VQA_CONTRACTIONS.get(w, w) for w in words if w not in _VQA_ARTICLES]
-    return " ".join(words)
+def _vqa_clean_whitespace(answer: str) -> str:
+    """Newlines and tabs to spaces, outer whitespace stripped (applied to every answer)."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
 
 
 def _vqa_normalize(answer: str) -> str:
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _vqa_process_digit_article(_vqa_process_punctuation(answer))
+    """The official answer normalisation (see `VQAAccuracy`)."""
+    text = _vqa_clean_whitespace(answer)
+    # Punctuation: whether a mark is deleted or becomes a space is decided on the input text.
+    delete_all = _VQA_DIGIT_COMMA_DIGIT.search(text) is not None
+    out = text
+    for mark in _VQA_PUNCT:
+        beside_space = mark + " " in text or " " + mark in text
+        out = out.replace(mark, "" if delete_all or beside_space else " ")
+    out = _VQA_PERIOD.sub("", out, count=_VQA_MAX_PERIODS)
+    words = [_VQA_NUMBERS.get(w, w) for w in out.lower().split()]
+    return " ".join(_VQA_CONTRACTIONS.get(w, w) for w in words if w not in _VQA_ARTICLES)
 
 
 def _vqa_sample_accuracy(prediction: str, references: Sequence[str]) -> float:
@@ -440,30 +420,40 @@ def _vqa_sample_accuracy(prediction: str, references: Sequence[str]) -> float:
 
 
 class VQAAccuracy(_SampleMeanMetric):
-    """VQA v2 accuracy with the official answer normalisation.
+    """VQA accuracy, equal to the official VQA evaluation script (``vqaEval.py``).
 
-    Prediction and references are normalised as in the official evaluation script
-    (``vqaEval.py``): newlines/tabs to spaces; punctuation removed or turned into
-    spaces (all of it removed when the text has a digit-comma-digit such as
-    "1,000"); periods not followed by a digit removed; lowercase; number words
-    "none"/"zero".."ten" to digits; articles a/an/the removed; apostrophe-less
-    contractions expanded with the official map ("dont" -> "don’t" with a curly
-    apostrophe). The official script only punctuation-normalises the (already
-    normalised) VQA v2 annotations; here references get the full normalisation so
-    that free-form references work too.
+    Prediction and every reference are normalised by the official rules: newlines and tabs
+    become spaces and the text is stripped; each of the marks ``; / [ ] " { } ( ) = + \\ _ - > <
+    @ ` , ? !`` is deleted if it stands next to a space anywhere in the text, or if the text
+    contains a digit-comma-digit such as "1,000" (then every mark is deleted), and otherwise
+    becomes a space; periods not followed by a digit are removed (at most 32, as in the official
+    code); then the text is lowercased and split on whitespace, the number words
+    "none"/"zero".."ten" become digits, the articles a/an/the are dropped and apostrophe-less
+    contractions are expanded ("dont" -> "don't", "oclock" -> "o'clock"). Apostrophes, colons
+    and non-ASCII marks are kept, so "don’t" (curly) does not match "dont"; digits mean ASCII
+    0-9, as in the Python 2 original.
 
-    Accuracy of a sample with ``n`` references: for each reference ``i``, leave it
-    out and count the matches ``m_i`` among the other ``n - 1``;
-    ``acc_i = min(1, m_i / t)``; the sample scores ``mean_i acc_i``. The official
-    ``t = 3`` applies to VQA's 10 answers. With fewer references ``t = min(3, n - 1)``
-    for ``n >= 2`` (so 2 references: ``t = 1``), and a single reference gives plain
-    normalised exact match. The summary is the mean over samples, in [0, 1] (the
-    official script reports percentages).
+    Accuracy of a sample with ``n`` references: for each reference ``i``, leave it out and
+    count the matches ``m_i`` among the other ``n - 1``; ``acc_i = min(1, m_i / t)``; the
+    sample scores ``mean_i acc_i``. References are counted as given: duplicates are votes.
+    ``t = 3`` is the official rule; it applies to every ``n >= 4`` exactly as the official
+    script computes it. With fewer references the official formula could never reach 1, so
+    ``t = n - 1`` for ``n`` = 2 or 3 (2 references: an answer matching one of them scores 0.5)
+    and a single reference is normalised exact match. The summary is the mean over samples, in
+    [0, 1] (the official script reports percentages).
+
+    One official quirk is dropped: when all references are identical strings, the official
+    script normalises neither them nor the prediction, so "yes" against ten "Yes!" scores 0
+    there and 1 here. On such inputs (all references identical after the newline/tab/strip
+    step, prediction different from them before normalisation and equal after) we score 1 and
+    the official script 0; on every other input with ``n >= 4`` the scores are equal.
 
     Example:
         >>> refs = [["2"] * 3 + ["3"] * 7]  # 3 of 10 annotators said "2"
         >>> VQAAccuracy()(["Two"], refs)  # (7 * 3/3 + 3 * 2/3) / 10
         {'vqa_accuracy': 0.9}
+        >>> VQAAccuracy()(["yes"], [["Yes!"] * 10])  # the official script says 0.0
+        {'vqa_accuracy': 1.0}
     """
 
     name = "vqa_accuracy"
