@@ -2,7 +2,10 @@
 
 A *metric* is any callable ``(predictions, references) -> dict[str, float]``.
 ``predictions`` holds one generated string per sample and ``references`` one *list*
-of acceptable reference strings per sample. Subclass `Metric` to also report
+of acceptable reference strings per sample, as the record gives them (`EvalCollator`
+keeps duplicates: VQA's ten annotator answers are votes). Only ``vqa_accuracy`` counts
+duplicates; the other built-ins score against the best reference, so duplicates change
+nothing there. Subclass `Metric` to also report
 per-sample scores (written next to each prediction in prediction files) or to hold a
 model that `offload` can move off the GPU between evaluations.
 
@@ -473,10 +476,13 @@ class VQAAccuracy(_SampleMeanMetric):
 class BLEU(Metric):
     """Corpus BLEU from sacreBLEU, on sacreBLEU's 0-100 scale (not 0-1).
 
-    Equals ``sacrebleu.corpus_bleu(predictions, reference_streams, **kwargs)``.
-    Samples may have different numbers of references: shorter reference lists are
-    padded with ``None``, which sacreBLEU skips. Corpus BLEU has no meaningful
-    per-sample score, so `per_sample` returns ``{}``.
+    Equals ``sacrebleu.corpus_bleu(predictions, reference_streams, **kwargs)``, with the
+    ``i``-th reference of every sample in stream ``i``. Samples may have different numbers of
+    references: shorter reference lists are padded with ``None``, which sacreBLEU skips.
+    References are passed as given, duplicates included: sacreBLEU keeps, per n-gram, its
+    largest count in any one reference and the reference length closest to the prediction, so
+    a duplicate changes nothing and the score equals that of the de-duplicated list (tested).
+    Corpus BLEU has no meaningful per-sample score, so `per_sample` returns ``{}``.
 
     Args:
         **kwargs: Forwarded to `sacrebleu.corpus_bleu` (e.g. ``tokenize="zh"``,

@@ -262,22 +262,36 @@ def test_eval_prompt_is_the_training_history_plus_generation_prompt(markers):
         )
 
 
-def test_eval_references_are_final_answer_then_extra_answers():
-    rec = record(
+def test_eval_references_are_the_answers_as_given_else_the_final_answer():
+    votes = ["2"] * 9 + ["3"]  # VQA v2: ten annotator answers, duplicates are votes
+    vqa = record(
+        "vqa", ("human", "<image>\nHow many?"), ("gpt", "2"), image=solid_image(GREEN), answers=list(votes)
+    )
+    multi_turn = record(
         "r",
         ("human", "<image>\nWhat color?"),
         ("gpt", "green"),
         ("human", "Shape?"),
         ("gpt", " circle "),
         image=solid_image(GREEN),
-        answers=["a circle", "circle", "round"],
+        answers=["round", "a circle", "round"],
     )
-    plain = record("plain", ("human", "Hi"), ("gpt", "hello"))
-    batch = evaluate(tiny(), [rec, plain])
-    assert batch["references"] == [["circle", "a circle", "round"], ["hello"]], (
-        f"references {batch['references']}"
+    plain = record("plain", ("human", "Hi"), ("gpt", " hello \n"))
+    batch = evaluate(tiny(), [vqa, multi_turn, plain])
+    assert batch["references"] == [votes, ["round", "a circle", "round"], ["hello"]], (
+        "answers must be the references unchanged (duplicates and order kept, the training answer not "
+        f"added); without answers the stripped final answer: {batch['references']}"
     )
-    assert batch["ids"] == ["r", "plain"], f"ids {batch['ids']}"
+    assert batch["ids"] == ["vqa", "r", "plain"], f"ids {batch['ids']}"
+
+
+def test_empty_answers_list_is_a_bad_record_naming_the_id():
+    from llava_loop.data import as_dataset
+
+    raw = {"id": "q7", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "yo"}]}
+    with pytest.raises(BadSampleError, match="'answers' is empty") as err:
+        as_dataset([{**raw, "answers": []}])
+    assert "q7" in str(err.value), f"the error should name the sample: {err.value}"
 
 
 @pytest.mark.parametrize("collate", [train, evaluate], ids=["train", "eval"])

@@ -369,6 +369,39 @@ def test_bleu_skips_missing_references_when_counts_vary():
     assert 0.0 < got < 100.0, f"BLEU is on sacreBLEU's 0-100 scale, got {got}"
 
 
+# VQA votes: the same reference several times. Only vqa_accuracy counts them; the others take
+# the best reference (or sacreBLEU's max n-gram counts and closest length), so duplicates change
+# nothing and the user's list is passed as given.
+DUPLICATED_REFS = [[r, *refs] for refs in REFS for r in refs[:1]]
+
+
+@pytest.mark.parametrize("name", ["exact_match", "bleu", "rouge"])
+def test_duplicate_references_score_like_the_deduplicated_list(name):
+    with_duplicates = M.get_metric(name)(PREDS, DUPLICATED_REFS)
+    unique = M.get_metric(name)(PREDS, REFS)
+    assert with_duplicates == pytest.approx(unique, abs=1e-12), (
+        f"{name}: duplicates changed the score: {with_duplicates} vs {unique}"
+    )
+
+
+def test_bleu_with_duplicate_references_equals_sacrebleu_on_the_reference_list_as_given():
+    import sacrebleu
+
+    streams = [[refs[i] if i < len(refs) else None for refs in DUPLICATED_REFS] for i in range(4)]
+    assert max(len(r) for r in DUPLICATED_REFS) == 4, "test setup: 4 reference streams"
+    expected = sacrebleu.corpus_bleu(PREDS, streams).score
+    unique = sacrebleu.corpus_bleu(PREDS, [[refs[i] if i < len(refs) else None for refs in REFS] for i in range(3)])
+    assert M.BLEU()(PREDS, DUPLICATED_REFS)["bleu"] == pytest.approx(expected, abs=1e-12), "BLEU != sacreBLEU"
+    assert expected == pytest.approx(unique.score, abs=1e-12), "sacreBLEU itself ignores duplicate references"
+
+
+def test_vqa_accuracy_counts_duplicate_references_as_votes():
+    votes = ["2"] * 9 + ["3"]
+    got = M.VQAAccuracy().per_sample(["3", "2"], [votes, votes])["vqa_accuracy"]
+    assert got == pytest.approx([0.3, 1.0]), f"one vote of ten should give 0.3, nine 1.0: {got}"
+    assert M.VQAAccuracy()(["3"], [["2", "3"]])["vqa_accuracy"] == 0.5, "de-duplicated list gives 0.5"
+
+
 def test_rouge_equals_rouge_score_best_reference_mean():
     from rouge_score import rouge_scorer
 
