@@ -565,15 +565,52 @@ def _config_num_layers(path: str) -> int | None:
     return None
 
 
+class _EmptySentenceInputs:
+    """``build_inputs_with_special_tokens`` for bert-score's empty-sentence case only.
+
+    A class, not a closure, so that the tokenizer still pickles (bert-score's idf runs in a
+    process pool).
+    """
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def __call__(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
+        if token_ids_0 or token_ids_1:
+            raise NotImplementedError("only bert-score's empty sentence (no token ids) is supported")
+        return list(self.ids)
+
+
+def _encode_empty_sentences(tokenizer: Any) -> None:
+    """Lets bert-score encode an empty sentence with a tokenizer that lacks
+    ``build_inputs_with_special_tokens`` (transformers 5): on this instance only, it returns the
+    special tokens the tokenizer adds to an empty text ([CLS] [SEP], <s> </s>)."""
+    if not hasattr(tokenizer, "build_inputs_with_special_tokens"):
+        ids = tokenizer("", add_special_tokens=True)["input_ids"]
+        tokenizer.build_inputs_with_special_tokens = _EmptySentenceInputs(list(ids))
+
+
 class BERTScore(_SampleMeanMetric):
     """BERTScore precision/recall/F1 via ``bert_score.BERTScorer``, best reference each.
 
     The scorer (model + tokenizer) is built lazily on the first call and reused, so
     the model loads once per run. `offload` moves it to the CPU; the next call moves
     it back. With several references a sample gets, for each of P/R/F1 separately,
-    its best score over the references (bert_score's own multi-reference rule).
-    Values are cosine-similarity based, typically in [0, 1] (in [-1, 1] in
-    principle; rescaled values can be negative).
+    its best score over the references (bert_score's own multi-reference rule); the
+    list is used as given, so with ``idf=True`` duplicates count as documents, as in
+    ``bert_score.score``. Values are cosine-similarity based, typically in [0, 1] (in
+    [-1, 1] in principle; rescaled values can be negative).
+
+    Empty predictions and references (common early in finetuning, when the model emits
+    EOS first) follow bert-score's own rule: a sentence is stripped before encoding, so
+    a whitespace-only one is empty too; a pair with an empty side scores raw P = R =
+    F1 = 0 (bert-score warns on stderr); the best over the references is taken as
+    usual; with ``rescale_with_baseline`` the 0 becomes ``(0 - b) / (1 - b)``, i.e.
+    negative, for each of P/R/F1 with its own baseline ``b``. bert-score 0.3.13
+    encodes an empty sentence with ``tokenizer.build_inputs_with_special_tokens([])``,
+    which transformers 5 tokenizers lack; the scorer's own tokenizer instance gets one
+    returning the special tokens of an empty text (what transformers 4 returned),
+    nothing global is patched.
 
     Args:
         model_type: Hub name (e.g. ``"roberta-large"``) or a local directory.
@@ -586,6 +623,8 @@ class BERTScore(_SampleMeanMetric):
         idf: Weight tokens by inverse document frequency over each call's references.
         lang: Language code, required with ``rescale_with_baseline``.
         rescale_with_baseline: Rescale with bert_score's baseline for ``lang``.
+        baseline_path: A baseline file of your own (bert-score's TSV/CSV format:
+            a ``LAYER,P,R,F`` header, one row per layer) instead of bert_score's.
 
     Raises:
         RuntimeError: On the first call, if the model cannot be loaded (e.g. offline);
@@ -610,6 +649,7 @@ class BERTScore(_SampleMeanMetric):
         idf: bool = False,
         lang: str | None = None,
         rescale_with_baseline: bool = False,
+        baseline_path: str | None = None,
     ) -> None:
         if rescale_with_baseline and lang is None:
             raise ValueError("BERTScore(rescale_with_baseline=True) needs lang, e.g. lang='en'")
@@ -622,6 +662,7 @@ class BERTScore(_SampleMeanMetric):
         self.idf = idf
         self.lang = lang
         self.rescale_with_baseline = rescale_with_baseline
+        self.baseline_path = baseline_path
         self._scorer = None
 
     def __repr__(self) -> str:
@@ -663,7 +704,9 @@ class BERTScore(_SampleMeanMetric):
                     idf=self.idf,
                     lang=self.lang,
                     rescale_with_baseline=self.rescale_with_baseline,
+                    baseline_path=self.baseline_path,
                 )
+                _encode_empty_sentences(self._scorer._tokenizer)
             except (OSError, ValueError) as err:
                 raise _offline_error(
                     "BERTScore",

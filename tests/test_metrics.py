@@ -432,6 +432,57 @@ def test_bertscore_equals_bert_score_with_best_reference(tiny_bert_dir, idf):
         assert metric(PREDS, REFS)[f"bertscore_{key}"] == pytest.approx(expected.mean().item(), abs=1e-6), key
 
 
+EMPTY_PREDS = ["", "   \n\t", "a cat", "blue rug", "hello world"]
+EMPTY_REFS = [["the cat sat"], ["a dog", "hello world"], ["", "  "], ["a red rug", " "], ["hello world"]]
+BASELINE = {"P": 0.3, "R": 0.4, "F": 0.5}  # for layer 2 of the tiny BERT
+
+
+def _baseline_file(tmp_path):
+    """A bert-score baseline file: header, then one row per layer (row 2 is used with num_layers=2)."""
+    path = tmp_path / "baseline.tsv"
+    rows = ["LAYER,P,R,F", "0,0.9,0.9,0.9", "1,0.8,0.8,0.8", "2,{P},{R},{F}".format(**BASELINE)]
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("rescale", [False, True], ids=["raw", "rescaled"])
+def test_bertscore_scores_empty_and_whitespace_strings_by_bert_scores_rule(tiny_bert_dir, tmp_path, rescale):
+    """bert-score's rule (bert_score/utils.py): sentences are stripped; a pair with an empty side
+    scores raw P = R = F = 0; the best reference wins; rescaling maps 0 to (0 - b) / (1 - b)."""
+    import bert_score
+
+    kwargs = {"model_type": tiny_bert_dir, "num_layers": 2, "device": "cpu"}
+    if rescale:
+        kwargs.update(lang="en", rescale_with_baseline=True, baseline_path=_baseline_file(tmp_path))
+    got = M.BERTScore(batch_size=64, **kwargs).per_sample(EMPTY_PREDS, EMPTY_REFS)
+    # The non-empty pairs through bert_score.score itself (it cannot run on the empty ones).
+    P, R, F = bert_score.score(["blue rug", "hello world"], [["a red rug"], ["hello world"]], batch_size=64, **kwargs)
+    for key, letter, expected in [("precision", "P", P), ("recall", "R", R), ("f1", "F", F)]:
+        b = torch.tensor(BASELINE[letter])  # float32, as bert-score computes
+        zero = ((0.0 - b) / (1.0 - b)).item() if rescale else 0.0
+        values = got[f"bertscore_{key}"]
+        assert values[:3] == [zero, zero, zero], (
+            f"{key}: empty or whitespace-only prediction, or only empty references, should score {zero}: {values[:3]}"
+        )
+        assert expected[0].item() > zero, "test setup: 'blue rug' vs 'a red rug' should beat an empty reference"
+        assert values[3:] == expected.tolist(), (
+            f"{key}: non-empty pairs must equal bert_score.score {expected.tolist()}, got {values[3:]}"
+        )
+
+
+def test_bertscore_with_idf_scores_empty_strings_zero_and_keeps_the_tokenizer_picklable(tiny_bert_dir):
+    import pickle
+
+    metric = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, device="cpu", idf=True)
+    got = metric.per_sample(EMPTY_PREDS, EMPTY_REFS)  # idf runs bert-score's process pool on every reference
+    assert got["bertscore_f1"][:3] == [0.0, 0.0, 0.0], f"empty sides should score 0 with idf too: {got}"
+    assert all(v > 0 for v in got["bertscore_f1"][3:]), f"non-empty pairs should score: {got}"
+    assert pickle.loads(pickle.dumps(metric._scorer._tokenizer)).build_inputs_with_special_tokens([]) == [
+        2,
+        3,
+    ], "the tokenizer must stay picklable and encode an empty sentence as [CLS] [SEP]"
+
+
 def test_bertscore_reads_num_layers_from_a_local_config(tiny_bert_dir):
     explicit = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, device="cpu")(PREDS, REFS)
     implicit = M.BERTScore(model_type=tiny_bert_dir, device="cpu")(PREDS, REFS)
