@@ -256,7 +256,9 @@ class TrainCollator(_Collator):
 
     ``labels`` equal ``input_ids`` on the tokens of every assistant answer and its end-of-turn/EOS
     token (EOS is inserted where the template emits none) and ``ignore_index`` everywhere else:
-    system text, prompts, image tokens and padding. With ``max_length`` the sequence is cut at the
+    system text, prompts, image tokens and padding. Answers are trained stripped of outer whitespace
+    (``" 3\\n"`` as ``"3"``, after the template's separator; LLaVA's own code trains it as written),
+    inner whitespace kept. With ``max_length`` the sequence is cut at the
     end; a sample whose image tokens would be cut, or whose answers are cut away entirely, is a bad
     sample (raised, or skipped and reported under ``batch["skipped"]``), never a loss-0 sample.
 

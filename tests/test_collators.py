@@ -150,6 +150,37 @@ def test_train_labels_exactly_every_answer_plus_eos(markers):
     assert (image_labels == IGNORE).all(), "image tokens carry labels"
 
 
+def test_answers_are_trained_without_outer_whitespace_and_with_inner_whitespace():
+    padded = record(
+        "ws",
+        ("human", "<image>\nWhat color is the shape?"),
+        ("gpt", "\n It is red.\n\n"),
+        ("human", "And now?"),
+        ("gpt", "  red\nor blue \t"),
+        image=solid_image(RED),
+    )
+    stripped = record(
+        "ws",
+        ("human", "<image>\nWhat color is the shape?"),
+        ("gpt", "It is red."),
+        ("human", "And now?"),
+        ("gpt", "red\nor blue"),
+        image=solid_image(RED),
+    )
+    processor = tiny()
+    got, want = train(processor, [padded]), train(processor, [stripped])
+    for key in ("input_ids", "labels"):
+        assert torch.equal(got[key], want[key]), f"{key}: outer whitespace of answers must not be trained"
+    text = (
+        "USER: <image>\nWhat color is the shape? ASSISTANT: It is red.</s> USER: And now? ASSISTANT: red\nor blue</s>"
+    )
+    decoded = check_train_row(processor, got, 0, text, [" It is red.</s>", " red\nor blue</s>"], 1, TINY_IMAGE_TOKENS)
+    assert decoded == [" It is red.</s>", " red\nor blue</s>"], (
+        f"labels should be the template's separator + the stripped answer + EOS: {decoded}"
+    )
+    assert evaluate(processor, [padded])["references"] == [["red\nor blue"]], "the reference is stripped the same way"
+
+
 def test_train_labels_identical_with_and_without_generation_markers():
     records = [r for r, _, _ in tiny_cases()]
     with_markers, without = train(tiny(True), records), train(tiny(False), records)
