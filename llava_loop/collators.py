@@ -256,7 +256,9 @@ class TrainCollator(_Collator):
 
     ``labels`` equal ``input_ids`` on the tokens of every assistant answer and its end-of-turn/EOS
     token (EOS is inserted where the template emits none) and ``ignore_index`` everywhere else:
-    system text, prompts, image tokens and padding. With ``max_length`` the sequence is cut at the
+    system text, prompts, image tokens and padding. Answers are trained stripped of outer whitespace
+    (``" 3\\n"`` as ``"3"``, after the template's separator; LLaVA's own code trains it as written),
+    inner whitespace kept. With ``max_length`` the sequence is cut at the
     end; a sample whose image tokens would be cut, or whose answers are cut away entirely, is a bad
     sample (raised, or skipped and reported under ``batch["skipped"]``), never a loss-0 sample.
 
@@ -328,8 +330,10 @@ class EvalCollator(_Collator):
     """Prompt only (+ generation prompt) → left-padded ``input_ids`` for ``generate``.
 
     The conversation is rendered up to, not including, the final assistant answer; earlier turns
-    appear exactly as in training. ``references`` holds, per sample, the final answer followed by
-    any extra ``answers``. The batch has no ``labels``: `Loop` refuses it for training.
+    appear exactly as in training. ``references`` holds one list per sample (`references`): the
+    record's ``answers`` exactly as given when it has them (duplicates and order kept: VQA's ten
+    annotator answers are votes), else the final assistant answer, stripped. The batch has no
+    ``labels``: `Loop` refuses it for training.
 
     Args:
         processor: A Hugging Face processor with a chat template.
@@ -358,13 +362,31 @@ class EvalCollator(_Collator):
                 self._bad(err.sample_id, err.source, err.reason, skipped)
                 continue
             encoded.append(self._encode(sample))
-            final = next(t["value"] for t in reversed(record["conversations"]) if t["from"] == "gpt")
-            refs.append(list(dict.fromkeys([final.strip(), *record.get("answers", [])])))
+            refs.append(references(record))
             ids.append(sample.id)
             prompts.append(sample.text)
         return self._batch(
             encoded, left=True, extra={"ids": ids, "references": refs, "prompts": prompts, "skipped": skipped}
         )
+
+
+def references(record: dict) -> list[str]:
+    """The references a record's prediction is scored against, passed to every metric unchanged.
+
+    With ``answers``, that list as given: duplicates are kept (in VQA they are annotator votes),
+    order is kept, and the training answer is not added again. Without, the final assistant answer
+    with outer whitespace stripped, as it is trained (see `ChatRenderer.messages`).
+
+    Example:
+        >>> references({"conversations": [{"from": "gpt", "value": " 2 "}], "answers": ["2", "2", "3"]})
+        ['2', '2', '3']
+        >>> references({"conversations": [{"from": "gpt", "value": " 2 "}]})
+        ['2']
+    """
+    if "answers" in record:
+        return list(record["answers"])
+    final = next(t["value"] for t in reversed(record["conversations"]) if t["from"] == "gpt")
+    return [final.strip()]
 
 
 def _check(record: dict) -> None:

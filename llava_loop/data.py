@@ -6,7 +6,7 @@ Every dataset here yields *records*, the one format the collators consume::
         "id": "abc",                                  # always a str
         "image": PIL.Image | list[PIL.Image] | None,  # RGB, decoded; None = text-only
         "conversations": [{"from": "human" | "gpt" | "system", "value": str}, ...],
-        "answers": ["...", ...],                      # optional extra references (eval)
+        "answers": ["...", ...],                      # optional: the eval references, used as given
     }
 
 `<image>` (`IMAGE_TOKEN`) in a human turn marks where an image goes, one marker per image.
@@ -474,6 +474,8 @@ def normalize_record(
             isinstance(a, str) for a in answers
         ):
             raise bad("'answers' must be a list of strings")
+        if not answers:
+            raise bad("'answers' is empty; give at least one reference, or drop the key to score the final answer")
         record["answers"] = list(answers)
     return record
 

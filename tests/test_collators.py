@@ -150,6 +150,37 @@ def test_train_labels_exactly_every_answer_plus_eos(markers):
     assert (image_labels == IGNORE).all(), "image tokens carry labels"
 
 
+def test_answers_are_trained_without_outer_whitespace_and_with_inner_whitespace():
+    padded = record(
+        "ws",
+        ("human", "<image>\nWhat color is the shape?"),
+        ("gpt", "\n It is red.\n\n"),
+        ("human", "And now?"),
+        ("gpt", "  red\nor blue \t"),
+        image=solid_image(RED),
+    )
+    stripped = record(
+        "ws",
+        ("human", "<image>\nWhat color is the shape?"),
+        ("gpt", "It is red."),
+        ("human", "And now?"),
+        ("gpt", "red\nor blue"),
+        image=solid_image(RED),
+    )
+    processor = tiny()
+    got, want = train(processor, [padded]), train(processor, [stripped])
+    for key in ("input_ids", "labels"):
+        assert torch.equal(got[key], want[key]), f"{key}: outer whitespace of answers must not be trained"
+    text = (
+        "USER: <image>\nWhat color is the shape? ASSISTANT: It is red.</s> USER: And now? ASSISTANT: red\nor blue</s>"
+    )
+    decoded = check_train_row(processor, got, 0, text, [" It is red.</s>", " red\nor blue</s>"], 1, TINY_IMAGE_TOKENS)
+    assert decoded == [" It is red.</s>", " red\nor blue</s>"], (
+        f"labels should be the template's separator + the stripped answer + EOS: {decoded}"
+    )
+    assert evaluate(processor, [padded])["references"] == [["red\nor blue"]], "the reference is stripped the same way"
+
+
 def test_train_labels_identical_with_and_without_generation_markers():
     records = [r for r, _, _ in tiny_cases()]
     with_markers, without = train(tiny(True), records), train(tiny(False), records)
@@ -262,22 +293,36 @@ def test_eval_prompt_is_the_training_history_plus_generation_prompt(markers):
         )
 
 
-def test_eval_references_are_final_answer_then_extra_answers():
-    rec = record(
+def test_eval_references_are_the_answers_as_given_else_the_final_answer():
+    votes = ["2"] * 9 + ["3"]  # VQA v2: ten annotator answers, duplicates are votes
+    vqa = record(
+        "vqa", ("human", "<image>\nHow many?"), ("gpt", "2"), image=solid_image(GREEN), answers=list(votes)
+    )
+    multi_turn = record(
         "r",
         ("human", "<image>\nWhat color?"),
         ("gpt", "green"),
         ("human", "Shape?"),
         ("gpt", " circle "),
         image=solid_image(GREEN),
-        answers=["a circle", "circle", "round"],
+        answers=["round", "a circle", "round"],
     )
-    plain = record("plain", ("human", "Hi"), ("gpt", "hello"))
-    batch = evaluate(tiny(), [rec, plain])
-    assert batch["references"] == [["circle", "a circle", "round"], ["hello"]], (
-        f"references {batch['references']}"
+    plain = record("plain", ("human", "Hi"), ("gpt", " hello \n"))
+    batch = evaluate(tiny(), [vqa, multi_turn, plain])
+    assert batch["references"] == [votes, ["round", "a circle", "round"], ["hello"]], (
+        "answers must be the references unchanged (duplicates and order kept, the training answer not "
+        f"added); without answers the stripped final answer: {batch['references']}"
     )
-    assert batch["ids"] == ["r", "plain"], f"ids {batch['ids']}"
+    assert batch["ids"] == ["vqa", "r", "plain"], f"ids {batch['ids']}"
+
+
+def test_empty_answers_list_is_a_bad_record_naming_the_id():
+    from llava_loop.data import as_dataset
+
+    raw = {"id": "q7", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "yo"}]}
+    with pytest.raises(BadSampleError, match="'answers' is empty") as err:
+        as_dataset([{**raw, "answers": []}])
+    assert "q7" in str(err.value), f"the error should name the sample: {err.value}"
 
 
 @pytest.mark.parametrize("collate", [train, evaluate], ids=["train", "eval"])

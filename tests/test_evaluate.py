@@ -830,3 +830,25 @@ def test_eval_loss_off_skips_the_loss_forward_and_its_key(tmp_path):
     assert "eval/exact_match" in summary, f"generation metrics missing without eval loss: {summary}"
     with pytest.raises(ValueError, match="eval/loss"):
         Loop(model, processor, LoopConfig(output_dir=str(tmp_path), eval_loss=False, metric_for_best="eval/loss"))
+
+
+def test_vqa_references_reach_the_metrics_and_the_predictions_file_with_their_counts(tmp_path):
+    class AlwaysThree(Loop):
+        def generate(self, batch):
+            return ["3"] * len(batch["ids"])
+
+    votes = ["2"] * 9 + ["3"]
+    records = synthetic_vqa(2, seed=4)
+    records[0]["answers"] = list(votes)
+    records[1].pop("answers")
+    records[1]["conversations"][-1]["value"] = " 3 \n"
+    model, processor = tiny_llava(seed=0)
+    loop = AlwaysThree(model, processor, config(tmp_path, eval_loss=False), metrics=["vqa_accuracy"])
+    summary = loop.evaluate(records)
+    rows = predictions_file(tmp_path)
+    assert [r["references"] for r in rows] == [votes, ["3"]], (
+        f"the predictions file must record the references as passed: {[r['references'] for r in rows]}"
+    )
+    scores = [r["scores"]["vqa_accuracy"] for r in rows]
+    assert scores == pytest.approx([0.3, 1.0]), f"official VQA score of '3' against 9x'2' + '3' is 0.3: {scores}"
+    assert summary["eval/vqa_accuracy"] == pytest.approx(0.65), f"summary {summary}"

@@ -1,11 +1,16 @@
 """Tests for llava_loop.metrics: built-ins equal their reference libraries, offline."""
 
+import json
 import math
+import string
+from pathlib import Path
 
 import pytest
 import torch
 
 from llava_loop import metrics as M
+
+VQA_GOLDEN = Path(__file__).parent / "data" / "vqa_official_golden.json"
 
 # Every word the tiny tokenizers must know; anything else becomes [UNK].
 WORDS = [
@@ -164,9 +169,7 @@ def _load_evaluate_script(tmp_path, name, references_feature):
 
 @pytest.fixture
 def multi_ref_module(tmp_path):
-    return _load_evaluate_script(
-        tmp_path, "toy_hits", 'datasets.Sequence(datasets.Value("string"))'
-    )
+    return _load_evaluate_script(tmp_path, "toy_hits", 'datasets.Sequence(datasets.Value("string"))')
 
 
 @pytest.fixture
@@ -190,20 +193,14 @@ def single_ref_module(tmp_path):
 )
 def test_exact_match_applies_squad_normalisation(prediction, reference, expected):
     got = M.ExactMatch()([prediction], [[reference]])
-    assert got == {"exact_match": expected}, (
-        f"{prediction!r} vs {reference!r}: got {got}"
-    )
+    assert got == {"exact_match": expected}, f"{prediction!r} vs {reference!r}: got {got}"
 
 
 def test_exact_match_takes_any_reference_and_averages_samples():
     metric = M.ExactMatch()
     preds, refs = ["cat", "dog", "cow"], [["dog", "Cat"], ["cat"], ["a cow", "bull"]]
-    assert metric(preds, refs) == pytest.approx({"exact_match": 2 / 3}), (
-        "mean of [1, 0, 1] should be 2/3"
-    )
-    assert metric.per_sample(preds, refs) == {"exact_match": [1.0, 0.0, 1.0]}, (
-        "per-sample hits are wrong"
-    )
+    assert metric(preds, refs) == pytest.approx({"exact_match": 2 / 3}), "mean of [1, 0, 1] should be 2/3"
+    assert metric.per_sample(preds, refs) == {"exact_match": [1.0, 0.0, 1.0]}, "per-sample hits are wrong"
 
 
 # --------------------------------------------------------------------------- VQA accuracy
@@ -224,9 +221,7 @@ def test_exact_match_takes_any_reference_and_averages_samples():
 def test_vqa_accuracy_with_ten_references_follows_official_formula(matches, expected):
     refs = ["2"] * matches + ["3"] * (10 - matches)
     got = M.VQAAccuracy()(["2"], [refs])["vqa_accuracy"]
-    assert got == pytest.approx(expected), (
-        f"{matches}/10 matching answers should score {expected}, got {got}"
-    )
+    assert got == pytest.approx(expected), f"{matches}/10 matching answers should score {expected}, got {got}"
 
 
 @pytest.mark.parametrize(
@@ -240,22 +235,76 @@ def test_vqa_accuracy_with_ten_references_follows_official_formula(matches, expe
         ("a red car", "red car", 1.0),
         ("1,000", "1000", 1.0),  # digit-comma-digit: punctuation deleted, not spaced
         ("black/white", "black white", 1.0),  # otherwise punctuation becomes a space
-        ("dont", "don’t", 1.0),  # official contractions map (curly apostrophe)
+        ("dont", "don't", 1.0),  # official contractions table (straight apostrophes)
         ("dont", "dont", 1.0),
-        # Official quirk kept: "'" becomes a space ("don t") while "dont" maps to the
-        # curly "don’t", so these two do NOT match in the official evaluation either.
-        ("dont", "don't", 0.0),
+        ("youre", "you're", 1.0),
+        ("whats", "what's", 1.0),
+        ("isnt", "isn't", 1.0),
+        ("oclock", "o'clock", 1.0),
+        ("wheres", "where's", 1.0),
+        ("dont", "don’t", 0.0),  # a curly apostrophe is not punctuation there: no match
+        ("Yes!", "yes", 1.0),  # "!" is in the official punctuation list
+        ("{yes}", "yes", 1.0),
+        ("t-shirt", "t shirt", 1.0),  # "-" becomes a space
+        ("3:00", "3 00", 0.0),  # ":" is not in the list (it was in the 2015 draft)
+        ("yes" + "." * 40, "yes", 0.0),  # the official code removes at most 32 periods
         ("  yes\n", "Yes", 1.0),
         ("cat", "cats", 0.0),
     ],
 )
-def test_vqa_accuracy_normalises_answers_like_the_official_script(
-    prediction, reference, expected
-):
+def test_vqa_accuracy_normalises_answers_like_the_official_script(prediction, reference, expected):
     got = M.VQAAccuracy()([prediction], [[reference]])["vqa_accuracy"]
-    assert got == expected, (
-        f"{prediction!r} vs {reference!r}: expected {expected}, got {got}"
-    )
+    assert got == expected, f"{prediction!r} vs {reference!r}: expected {expected}, got {got}"
+
+
+def _official_skips_normalisation(case):
+    """Whether the official script compares ``case`` raw: all answers identical after its
+    newline/tab/strip step, so it normalises neither them nor the prediction (a quirk we drop)."""
+
+    def clean(text):
+        return text.replace("\n", " ").replace("\t", " ").strip()
+
+    answers = {clean(a) for a in case["answers"]}
+    return len(answers) == 1 and clean(case["prediction"]) not in answers
+
+
+def _golden_vqa_cases():
+    return json.loads(VQA_GOLDEN.read_text(encoding="utf-8"))["cases"]
+
+
+def test_vqa_golden_cases_cover_every_official_rule():
+    cases = _golden_vqa_cases()
+    texts = [t for c in cases for t in [c["prediction"], *c["answers"]]]
+    everything = "\n".join(texts)
+    for mark in string.punctuation + "’":
+        assert mark in everything, f"no golden case contains {mark!r}; regenerate with more punctuation"
+    for needle in ["dont", "youre", "whats", "isnt", "oclock", "wheres", "1,000", "2.5", "yes.", "\t", "The "]:
+        assert needle in everything, f"no golden case contains {needle!r}"
+    assert any(t.count(".") > 32 for t in texts), "no golden case has more than 32 periods"
+    assert any(w in t.lower().split() for t in texts for w in ["two", "ten", "none", "zero"]), "no number words"
+    sizes = {len(c["answers"]) for c in cases}
+    assert 10 in sizes and len(sizes) > 3, f"golden answer-set sizes {sizes}: need 10 and others >= 4"
+    assert len({c["official"] for c in cases}) > 10, "golden scores should cover many partial values"
+
+
+def test_vqa_accuracy_equals_the_official_script_on_golden_cases():
+    """tests/data/vqa_official_golden.json: scores of the official vqaEval.py (Python 2.7), made by
+    tests/data/make_vqa_golden.py. Equal on every case except where the official script skips
+    normalisation because all answers are identical; there it says 0 and we say 1 for
+    predictions that match only after normalisation ("yes" vs ten "Yes!")."""
+    cases = _golden_vqa_cases()
+    assert len(cases) >= 500, f"only {len(cases)} golden cases"
+    got = M.VQAAccuracy().per_sample([c["prediction"] for c in cases], [c["answers"] for c in cases])
+    differ = []
+    for case, ours in zip(cases, got["vqa_accuracy"]):
+        if abs(ours - case["official"]) <= 1e-12:
+            continue
+        assert _official_skips_normalisation(case) and case["official"] == 0.0 and ours == 1.0, (
+            f"VQAAccuracy {ours} != official {case['official']} for {case['prediction']!r} vs {case['answers']!r}"
+        )
+        differ.append(case)
+    assert differ, "the golden set should include the documented quirk (identical answers, e.g. ten 'Yes!')"
+    assert len(differ) < len(cases) // 10, f"{len(differ)} quirk cases: too many for the quirk alone"
 
 
 @pytest.mark.parametrize(
@@ -272,20 +321,14 @@ def test_vqa_accuracy_normalises_answers_like_the_official_script(
 )
 def test_vqa_accuracy_with_fewer_references_uses_t_min_3_n_minus_1(refs, expected):
     got = M.VQAAccuracy()(["Cat"], [refs])["vqa_accuracy"]
-    assert got == pytest.approx(expected), (
-        f"refs {refs}: expected {expected}, got {got}"
-    )
+    assert got == pytest.approx(expected), f"refs {refs}: expected {expected}, got {got}"
 
 
 def test_vqa_accuracy_reports_per_sample_scores_and_their_mean():
     metric = M.VQAAccuracy()
     preds, refs = ["two", "no"], [["2"] * 10, ["yes"] * 9 + ["no"]]
-    assert metric.per_sample(preds, refs)["vqa_accuracy"] == pytest.approx(
-        [1.0, 0.3]
-    ), "per-sample VQA accuracy"
-    assert metric(preds, refs)["vqa_accuracy"] == pytest.approx(0.65), (
-        "summary should be the per-sample mean"
-    )
+    assert metric.per_sample(preds, refs)["vqa_accuracy"] == pytest.approx([1.0, 0.3]), "per-sample VQA accuracy"
+    assert metric(preds, refs)["vqa_accuracy"] == pytest.approx(0.65), "summary should be the per-sample mean"
 
 
 # --------------------------------------------------------------------------- BLEU / ROUGE
@@ -297,9 +340,7 @@ def test_bleu_equals_sacrebleu_with_one_reference():
     refs = [r[:1] for r in REFS]
     expected = sacrebleu.corpus_bleu(PREDS, [[r[0] for r in refs]]).score
     got = M.BLEU()(PREDS, refs)
-    assert got == {"bleu": pytest.approx(expected, abs=1e-12)}, (
-        f"BLEU {got} != sacrebleu {expected}"
-    )
+    assert got == {"bleu": pytest.approx(expected, abs=1e-12)}, f"BLEU {got} != sacrebleu {expected}"
     assert M.BLEU().per_sample(PREDS, refs) == {}, "corpus BLEU has no per-sample score"
 
 
@@ -308,12 +349,8 @@ def test_bleu_equals_sacrebleu_with_several_references():
 
     refs = [["the cat sat on a mat", "a cat sat"], ["a dog runs", "the dog is running"]]
     preds = ["the cat sat on the mat", "a dog is running"]
-    expected = sacrebleu.corpus_bleu(
-        preds, [[r[0] for r in refs], [r[1] for r in refs]]
-    ).score
-    assert M.BLEU()(preds, refs)["bleu"] == pytest.approx(expected, abs=1e-12), (
-        "multi-reference BLEU"
-    )
+    expected = sacrebleu.corpus_bleu(preds, [[r[0] for r in refs], [r[1] for r in refs]]).score
+    assert M.BLEU()(preds, refs)["bleu"] == pytest.approx(expected, abs=1e-12), "multi-reference BLEU"
 
 
 def test_bleu_skips_missing_references_when_counts_vary():
@@ -328,32 +365,56 @@ def test_bleu_skips_missing_references_when_counts_vary():
     padded = [r + [r[0]] * (n - len(r)) for r in refs]
     expected = sacrebleu.corpus_bleu(preds, [list(s) for s in zip(*padded)]).score
     got = M.BLEU()(preds, refs)["bleu"]
-    assert got == pytest.approx(expected, abs=1e-12), (
-        f"varying reference counts: {got} != {expected}"
-    )
+    assert got == pytest.approx(expected, abs=1e-12), f"varying reference counts: {got} != {expected}"
     assert 0.0 < got < 100.0, f"BLEU is on sacreBLEU's 0-100 scale, got {got}"
+
+
+# VQA votes: the same reference several times. Only vqa_accuracy counts them; the others take
+# the best reference (or sacreBLEU's max n-gram counts and closest length), so duplicates change
+# nothing and the user's list is passed as given.
+DUPLICATED_REFS = [[r, *refs] for refs in REFS for r in refs[:1]]
+
+
+@pytest.mark.parametrize("name", ["exact_match", "bleu", "rouge"])
+def test_duplicate_references_score_like_the_deduplicated_list(name):
+    with_duplicates = M.get_metric(name)(PREDS, DUPLICATED_REFS)
+    unique = M.get_metric(name)(PREDS, REFS)
+    assert with_duplicates == pytest.approx(unique, abs=1e-12), (
+        f"{name}: duplicates changed the score: {with_duplicates} vs {unique}"
+    )
+
+
+def test_bleu_with_duplicate_references_equals_sacrebleu_on_the_reference_list_as_given():
+    import sacrebleu
+
+    streams = [[refs[i] if i < len(refs) else None for refs in DUPLICATED_REFS] for i in range(4)]
+    assert max(len(r) for r in DUPLICATED_REFS) == 4, "test setup: 4 reference streams"
+    expected = sacrebleu.corpus_bleu(PREDS, streams).score
+    unique = sacrebleu.corpus_bleu(PREDS, [[refs[i] if i < len(refs) else None for refs in REFS] for i in range(3)])
+    assert M.BLEU()(PREDS, DUPLICATED_REFS)["bleu"] == pytest.approx(expected, abs=1e-12), "BLEU != sacreBLEU"
+    assert expected == pytest.approx(unique.score, abs=1e-12), "sacreBLEU itself ignores duplicate references"
+
+
+def test_vqa_accuracy_counts_duplicate_references_as_votes():
+    votes = ["2"] * 9 + ["3"]
+    got = M.VQAAccuracy().per_sample(["3", "2"], [votes, votes])["vqa_accuracy"]
+    assert got == pytest.approx([0.3, 1.0]), f"one vote of ten should give 0.3, nine 1.0: {got}"
+    assert M.VQAAccuracy()(["3"], [["2", "3"]])["vqa_accuracy"] == 0.5, "de-duplicated list gives 0.5"
 
 
 def test_rouge_equals_rouge_score_best_reference_mean():
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(
-        ["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True
-    )
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
     expected = {}
     for key in ["rouge1", "rouge2", "rougeL", "rougeLsum"]:
-        best = [
-            max(scorer.score(r, p)[key].fmeasure for r in refs)
-            for p, refs in zip(PREDS, REFS)
-        ]
+        best = [max(scorer.score(r, p)[key].fmeasure for r in refs) for p, refs in zip(PREDS, REFS)]
         expected[key] = best
     metric = M.ROUGE()
     per_sample = metric.per_sample(PREDS, REFS)
     for key, values in expected.items():
         assert per_sample[key] == pytest.approx(values, abs=1e-12), f"per-sample {key}"
-        assert metric(PREDS, REFS)[key] == pytest.approx(
-            sum(values) / len(values), abs=1e-12
-        ), f"mean {key}"
+        assert metric(PREDS, REFS)[key] == pytest.approx(sum(values) / len(values), abs=1e-12), f"mean {key}"
 
 
 # --------------------------------------------------------------------------- BERTScore
@@ -363,30 +424,69 @@ def test_rouge_equals_rouge_score_best_reference_mean():
 def test_bertscore_equals_bert_score_with_best_reference(tiny_bert_dir, idf):
     import bert_score
 
-    P, R, F = bert_score.score(
-        PREDS, REFS, model_type=tiny_bert_dir, num_layers=2, idf=idf, device="cpu"
-    )
-    metric = M.BERTScore(
-        model_type=tiny_bert_dir, num_layers=2, idf=idf, device="cpu", batch_size=3
-    )
+    P, R, F = bert_score.score(PREDS, REFS, model_type=tiny_bert_dir, num_layers=2, idf=idf, device="cpu")
+    metric = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, idf=idf, device="cpu", batch_size=3)
     got = metric.per_sample(PREDS, REFS)
     for key, expected in [("precision", P), ("recall", R), ("f1", F)]:
-        assert got[f"bertscore_{key}"] == pytest.approx(expected.tolist(), abs=1e-6), (
-            f"{key} per sample"
+        assert got[f"bertscore_{key}"] == pytest.approx(expected.tolist(), abs=1e-6), f"{key} per sample"
+        assert metric(PREDS, REFS)[f"bertscore_{key}"] == pytest.approx(expected.mean().item(), abs=1e-6), key
+
+
+EMPTY_PREDS = ["", "   \n\t", "a cat", "blue rug", "hello world"]
+EMPTY_REFS = [["the cat sat"], ["a dog", "hello world"], ["", "  "], ["a red rug", " "], ["hello world"]]
+BASELINE = {"P": 0.3, "R": 0.4, "F": 0.5}  # for layer 2 of the tiny BERT
+
+
+def _baseline_file(tmp_path):
+    """A bert-score baseline file: header, then one row per layer (row 2 is used with num_layers=2)."""
+    path = tmp_path / "baseline.tsv"
+    rows = ["LAYER,P,R,F", "0,0.9,0.9,0.9", "1,0.8,0.8,0.8", "2,{P},{R},{F}".format(**BASELINE)]
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("rescale", [False, True], ids=["raw", "rescaled"])
+def test_bertscore_scores_empty_and_whitespace_strings_by_bert_scores_rule(tiny_bert_dir, tmp_path, rescale):
+    """bert-score's rule (bert_score/utils.py): sentences are stripped; a pair with an empty side
+    scores raw P = R = F = 0; the best reference wins; rescaling maps 0 to (0 - b) / (1 - b)."""
+    import bert_score
+
+    kwargs = {"model_type": tiny_bert_dir, "num_layers": 2, "device": "cpu"}
+    if rescale:
+        kwargs.update(lang="en", rescale_with_baseline=True, baseline_path=_baseline_file(tmp_path))
+    got = M.BERTScore(batch_size=64, **kwargs).per_sample(EMPTY_PREDS, EMPTY_REFS)
+    # The non-empty pairs through bert_score.score itself (it cannot run on the empty ones).
+    P, R, F = bert_score.score(["blue rug", "hello world"], [["a red rug"], ["hello world"]], batch_size=64, **kwargs)
+    for key, letter, expected in [("precision", "P", P), ("recall", "R", R), ("f1", "F", F)]:
+        b = torch.tensor(BASELINE[letter])  # float32, as bert-score computes
+        zero = ((0.0 - b) / (1.0 - b)).item() if rescale else 0.0
+        values = got[f"bertscore_{key}"]
+        assert values[:3] == [zero, zero, zero], (
+            f"{key}: empty or whitespace-only prediction, or only empty references, should score {zero}: {values[:3]}"
         )
-        assert metric(PREDS, REFS)[f"bertscore_{key}"] == pytest.approx(
-            expected.mean().item(), abs=1e-6
-        ), key
+        assert expected[0].item() > zero, "test setup: 'blue rug' vs 'a red rug' should beat an empty reference"
+        assert values[3:] == expected.tolist(), (
+            f"{key}: non-empty pairs must equal bert_score.score {expected.tolist()}, got {values[3:]}"
+        )
+
+
+def test_bertscore_with_idf_scores_empty_strings_zero_and_keeps_the_tokenizer_picklable(tiny_bert_dir):
+    import pickle
+
+    metric = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, device="cpu", idf=True)
+    got = metric.per_sample(EMPTY_PREDS, EMPTY_REFS)  # idf runs bert-score's process pool on every reference
+    assert got["bertscore_f1"][:3] == [0.0, 0.0, 0.0], f"empty sides should score 0 with idf too: {got}"
+    assert all(v > 0 for v in got["bertscore_f1"][3:]), f"non-empty pairs should score: {got}"
+    assert pickle.loads(pickle.dumps(metric._scorer._tokenizer)).build_inputs_with_special_tokens([]) == [
+        2,
+        3,
+    ], "the tokenizer must stay picklable and encode an empty sentence as [CLS] [SEP]"
 
 
 def test_bertscore_reads_num_layers_from_a_local_config(tiny_bert_dir):
-    explicit = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, device="cpu")(
-        PREDS, REFS
-    )
+    explicit = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, device="cpu")(PREDS, REFS)
     implicit = M.BERTScore(model_type=tiny_bert_dir, device="cpu")(PREDS, REFS)
-    assert implicit == pytest.approx(explicit), (
-        "num_layers=None should use the config's 2 layers"
-    )
+    assert implicit == pytest.approx(explicit), "num_layers=None should use the config's 2 layers"
 
 
 def test_bertscore_without_layer_count_asks_for_num_layers(tmp_path):
@@ -396,9 +496,7 @@ def test_bertscore_without_layer_count_asks_for_num_layers(tmp_path):
     assert str(tmp_path) in str(err.value), "the message should name the model"
 
 
-def test_bertscore_loads_model_once_scores_once_and_survives_offload(
-    tiny_bert_dir, monkeypatch
-):
+def test_bertscore_loads_model_once_scores_once_and_survives_offload(tiny_bert_dir, monkeypatch):
     import bert_score
 
     built, scored = [], []
@@ -416,9 +514,7 @@ def test_bertscore_loads_model_once_scores_once_and_survives_offload(
     metric = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, device="cpu")
     assert not built, "the model must not load before the first call"
     summary, per_sample = M.compute_metrics({"bertscore": metric}, PREDS, REFS)
-    assert len(scored) == 1, (
-        f"summary + per-sample should share one scoring pass, got {len(scored)}"
-    )
+    assert len(scored) == 1, f"summary + per-sample should share one scoring pass, got {len(scored)}"
     assert per_sample[0].keys() == {
         "bertscore_precision",
         "bertscore_recall",
@@ -434,9 +530,7 @@ def test_bertscore_missing_model_offline_raises_clear_error():
     metric = M.BERTScore(model_type="roberta-large")  # not cached, HF_HUB_OFFLINE=1
     with pytest.raises(RuntimeError, match="not available offline") as err:
         metric(["a cat"], [["a cat"]])
-    assert "local directory" in str(err.value), (
-        f"message should say how to pass a local path: {err.value}"
-    )
+    assert "local directory" in str(err.value), f"message should say how to pass a local path: {err.value}"
 
 
 # --------------------------------------------------------------------------- NLI
@@ -450,9 +544,7 @@ def _manual_entailment(model_dir, premises_hypotheses, index):
     probs = []
     with torch.no_grad():
         for premise, hypothesis in premises_hypotheses:
-            logits = model(
-                **tokenizer(premise, hypothesis, return_tensors="pt")
-            ).logits[0]
+            logits = model(**tokenizer(premise, hypothesis, return_tensors="pt")).logits[0]
             exp = [math.exp(x) for x in logits.tolist()]
             probs.append(exp[index] / sum(exp))
     return probs
@@ -471,29 +563,19 @@ def test_nli_equals_manual_softmax_with_label_index_from_config(nli_dirs, model,
     pairs = [(ref, pred) for pred, refs in zip(PREDS, REFS) for ref in refs]
     expected = _best_per_sample(_manual_entailment(nli_dirs[model], pairs, index))
     other = _best_per_sample(_manual_entailment(nli_dirs[model], pairs, 2 - index))
-    assert max(abs(a - b) for a, b in zip(expected, other)) > 1e-3, (
-        "test model can't tell labels apart"
-    )
+    assert max(abs(a - b) for a, b in zip(expected, other)) > 1e-3, "test model can't tell labels apart"
     metric = M.NLI(model=nli_dirs[model], batch_size=2, device="cpu")
     got = metric.per_sample(PREDS, REFS)["nli_entailment"]
-    assert got == pytest.approx(expected, abs=1e-5), (
-        f"entailment must be label {index} from config.id2label"
-    )
+    assert got == pytest.approx(expected, abs=1e-5), f"entailment must be label {index} from config.id2label"
     summary = metric(PREDS, REFS)
-    assert summary == {
-        "nli_entailment": pytest.approx(sum(expected) / len(expected), abs=1e-5)
-    }, "mean"
+    assert summary == {"nli_entailment": pytest.approx(sum(expected) / len(expected), abs=1e-5)}, "mean"
 
 
 def test_nli_premise_prediction_swaps_the_pair(nli_dirs):
     pairs = [(pred, ref) for pred, refs in zip(PREDS, REFS) for ref in refs]
     expected = _best_per_sample(_manual_entailment(nli_dirs["entail_first"], pairs, 0))
-    got = M.NLI(
-        model=nli_dirs["entail_first"], premise="prediction", device="cpu"
-    ).per_sample(PREDS, REFS)
-    assert got["nli_entailment"] == pytest.approx(expected, abs=1e-5), (
-        "prediction should be the premise"
-    )
+    got = M.NLI(model=nli_dirs["entail_first"], premise="prediction", device="cpu").per_sample(PREDS, REFS)
+    assert got["nli_entailment"] == pytest.approx(expected, abs=1e-5), "prediction should be the premise"
 
 
 def test_nli_without_entailment_label_raises(nli_dirs):
@@ -516,24 +598,16 @@ def test_nli_rejects_unknown_premise():
 
 def test_evaluate_module_is_wrapped_and_flattened(multi_ref_module):
     metrics = M.resolve_metrics(multi_ref_module)
-    assert list(metrics) == ["toy_hits"], (
-        f"key should be module.name, got {list(metrics)}"
-    )
+    assert list(metrics) == ["toy_hits"], f"key should be module.name, got {list(metrics)}"
     metric = metrics["toy_hits"]
-    assert isinstance(metric, M.EvaluateMetric), (
-        "an evaluate module should be wrapped in EvaluateMetric"
-    )
+    assert isinstance(metric, M.EvaluateMetric), "an evaluate module should be wrapped in EvaluateMetric"
     got = metric(["a", "b"], [["a", "c"], ["d"]])
-    assert got == {"hit_rate": 0.5, "detail_n": 2.0}, (
-        f"scalars kept, nested dict flattened, rest dropped: {got}"
-    )
+    assert got == {"hit_rate": 0.5, "detail_n": 2.0}, f"scalars kept, nested dict flattened, rest dropped: {got}"
 
 
 def test_evaluate_module_with_single_reference_features_gets_strings(single_ref_module):
     metric = M.EvaluateMetric(single_ref_module)
-    assert metric(["a", "b"], [["a"], ["d"]])["hit_rate"] == 0.5, (
-        "single references should be passed as strings"
-    )
+    assert metric(["a", "b"], [["a"], ["d"]])["hit_rate"] == 0.5, "single references should be passed as strings"
     with pytest.raises(ValueError, match="one reference per prediction"):
         metric(["a"], [["a", "b"]])
 
@@ -545,16 +619,12 @@ def test_get_metric_unknown_name_lists_available_names():
     with pytest.raises(ValueError, match="Unknown metric 'blue'") as err:
         M.get_metric("blue")
     for name in ["exact_match", "vqa_accuracy", "bleu", "rouge", "bertscore", "nli"]:
-        assert name in str(err.value), (
-            f"available name {name!r} missing from: {err.value}"
-        )
+        assert name in str(err.value), f"available name {name!r} missing from: {err.value}"
 
 
 def test_get_metric_passes_kwargs():
     metric = M.get_metric("nli", model="/models/nli", premise="prediction")
-    assert isinstance(metric, M.NLI) and metric.premise == "prediction", (
-        f"kwargs not applied: {metric!r}"
-    )
+    assert isinstance(metric, M.NLI) and metric.premise == "prediction", f"kwargs not applied: {metric!r}"
 
 
 def length(predictions, references):
@@ -567,27 +637,17 @@ class Shout:
 
 
 def test_resolve_metrics_accepts_none_names_callables_lists_and_dicts():
-    assert list(M.resolve_metrics(None)) == ["exact_match"], (
-        "None should mean exact match"
-    )
-    assert isinstance(M.resolve_metrics("rouge")["rouge"], M.ROUGE), (
-        "a name should build the built-in"
-    )
-    assert M.resolve_metrics(length) == {"length": length}, (
-        "a function is keyed by __name__"
-    )
-    assert list(M.resolve_metrics(Shout())) == ["Shout"], (
-        "a callable object is keyed by class name"
-    )
+    assert list(M.resolve_metrics(None)) == ["exact_match"], "None should mean exact match"
+    assert isinstance(M.resolve_metrics("rouge")["rouge"], M.ROUGE), "a name should build the built-in"
+    assert M.resolve_metrics(length) == {"length": length}, "a function is keyed by __name__"
+    assert list(M.resolve_metrics(Shout())) == ["Shout"], "a callable object is keyed by class name"
     assert list(M.resolve_metrics(["bleu", length, M.VQAAccuracy()])) == [
         "bleu",
         "length",
         "vqa_accuracy",
     ], "list"
     named = M.resolve_metrics({"acc": "vqa_accuracy", "len": length})
-    assert isinstance(named["acc"], M.VQAAccuracy) and named["len"] is length, (
-        "dict keys should be used as names"
-    )
+    assert isinstance(named["acc"], M.VQAAccuracy) and named["len"] is length, "dict keys should be used as names"
 
 
 def test_resolve_metrics_rejects_duplicates_and_non_metrics():
@@ -615,9 +675,7 @@ def test_resolve_metrics_rejects_duplicates_and_non_metrics():
     ],
 )
 def test_greater_is_better_by_last_key_component(key, expected):
-    assert M.greater_is_better(key) is expected, (
-        f"greater_is_better({key!r}) should be {expected}"
-    )
+    assert M.greater_is_better(key) is expected, f"greater_is_better({key!r}) should be {expected}"
 
 
 # --------------------------------------------------------------------------- compute_metrics
@@ -625,15 +683,9 @@ def test_greater_is_better_by_last_key_component(key, expected):
 
 def test_compute_metrics_merges_summaries_and_per_sample_rows():
     metrics = M.resolve_metrics(["exact_match", "vqa_accuracy", "bleu", length])
-    summary, per_sample = M.compute_metrics(
-        metrics, ["Two", "cat"], [["2"], ["cat", "dog"]]
-    )
-    assert summary.keys() == {"exact_match", "vqa_accuracy", "bleu", "length"}, (
-        f"summary keys: {summary}"
-    )
-    assert summary["exact_match"] == 0.5 and summary["vqa_accuracy"] == 0.75, (
-        f"summary values: {summary}"
-    )
+    summary, per_sample = M.compute_metrics(metrics, ["Two", "cat"], [["2"], ["cat", "dog"]])
+    assert summary.keys() == {"exact_match", "vqa_accuracy", "bleu", "length"}, f"summary keys: {summary}"
+    assert summary["exact_match"] == 0.5 and summary["vqa_accuracy"] == 0.75, f"summary values: {summary}"
     assert per_sample == [
         {"exact_match": 0.0, "vqa_accuracy": 1.0},
         {"exact_match": 1.0, "vqa_accuracy": 0.5},
@@ -656,9 +708,7 @@ def test_compute_metrics_rejects_colliding_keys_and_infinite_values_but_allows_n
         M.compute_metrics({"inf": lambda p, r: {"x": float("inf")}}, ["a"], [["a"]])
     with pytest.raises(TypeError, match="expected a float"):
         M.compute_metrics({"text": lambda p, r: {"x": "high"}}, ["a"], [["a"]])
-    summary, _ = M.compute_metrics(
-        {"nan": lambda p, r: {"x": float("nan")}}, ["a"], [["a"]]
-    )
+    summary, _ = M.compute_metrics({"nan": lambda p, r: {"x": float("nan")}}, ["a"], [["a"]])
     assert math.isnan(summary["x"]), f"nan should pass through, got {summary}"
 
 
