@@ -64,8 +64,14 @@ def bad_records() -> dict[str, tuple[dict, str]]:
         "extra-marker": (vqa("extra-marker", question="<image>\n<image>\nSame?"), "more <image> markers"),
         "answer-truncated": (vqa("answer-truncated", question=LONG_QUESTION), "answer entirely truncated"),
         "starts-with-gpt": (
-            {"id": "starts-with-gpt", "conversations": [
-                {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "red"}]},
+            {
+                "id": "starts-with-gpt",
+                "conversations": [
+                    {"from": "gpt", "value": "Hello."},
+                    {"from": "human", "value": "Hi"},
+                    {"from": "gpt", "value": "red"},
+                ],
+            },
             "turn order",
         ),
         "eos-in-answer": (vqa("eos-in-answer", answer="red</s>blue"), "special token '</s>'"),
@@ -411,8 +417,14 @@ def test_partly_truncated_samples_are_counted_in_the_logs_and_the_first_is_named
     model, processor = tiny_llava(seed=0)
     records = synthetic_vqa(4)
     for k in (2, 5):  # long answers: cut at max_length, but not entirely
-        records.insert(k, {**records[0], "id": f"long-{k}", "conversations": [
-            records[0]["conversations"][0], {"from": "gpt", "value": "red " * 12 + "circle"}]})
+        records.insert(
+            k,
+            {
+                **records[0],
+                "id": f"long-{k}",
+                "conversations": [records[0]["conversations"][0], {"from": "gpt", "value": "red " * 12 + "circle"}],
+            },
+        )
     lengths = [int(b["attention_mask"].sum()) for b in (TrainCollator(processor)([r]) for r in records)]
     max_length = max(n for r, n in zip(records, lengths) if not r["id"].startswith("long")) + 2
     assert all(n > max_length for r, n in zip(records, lengths) if r["id"].startswith("long")), (
@@ -467,8 +479,9 @@ def test_a_run_that_learns_from_random_init_does_not_warn_about_uniform_loss(tmp
         def on_step_end(self, loop, logs):
             losses.append(logs["train/loss"])
 
-    loop = Loop(model, processor, make_config(tmp_path, max_steps=30, max_length=None, log_steps=0),
-                callbacks=[Losses()])
+    loop = Loop(
+        model, processor, make_config(tmp_path, max_steps=30, max_length=None, log_steps=0), callbacks=[Losses()]
+    )
     with caplog.at_level(logging.WARNING):
         loop.fit(synthetic_vqa(16))
     ln_v = math.log(model.get_output_embeddings().weight.shape[0])
