@@ -142,9 +142,11 @@ def train(args: argparse.Namespace) -> None:
     config = LoopConfig.from_args(args, base=LoopConfig.from_file(args.config) if args.config else None)
     model, processor = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
                                   device_map=args.device_map)
-    train_data = as_dataset(args.train, args.image_folder, on_bad_sample=config.on_bad_sample)
+    external = config.allow_external_images
+    train_data = as_dataset(args.train, args.image_folder, on_bad_sample=config.on_bad_sample,
+                            allow_external_images=external)
     eval_data = as_dataset(args.eval, args.eval_image_folder or args.image_folder,
-                           on_bad_sample=config.on_bad_sample) if args.eval else None
+                           on_bad_sample=config.on_bad_sample, allow_external_images=external) if args.eval else None
     Loop(model, processor, config, metrics=args.metrics).fit(train_data, eval_data)
 
 

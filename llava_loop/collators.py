@@ -12,6 +12,7 @@ bugs come from).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from .data import (
     MEMORY_SOURCE,
     BadSampleError,
     SkippedSample,
+    check_conversation,
     record_images,
 )
 
@@ -70,6 +72,12 @@ class ChatRenderer:
         specials.discard(self.tokenizer.pad_token)
         # Longest first so "<|im_end|>" wins over a shorter token it starts with.
         self.end_of_turn_tokens = sorted(specials, key=len, reverse=True)
+        # Strings the tokenizer turns into control tokens wherever they appear in the text; only
+        # the `<image>` marker (human turns, counted against the images) is data.
+        forbidden = specials | {self.tokenizer.pad_token, self.image_token} - {None}
+        self.special_token_strings = sorted(forbidden - {IMAGE_TOKEN}, key=len, reverse=True)
+        # Leftmost match first; at one position the longest (the list is sorted longest first).
+        self._special_pattern = re.compile("|".join(map(re.escape, self.special_token_strings)) or "(?!)")
 
     def messages(self, record: dict) -> list[dict]:
         """Convert LLaVA ``conversations`` to chat-template messages, images at their markers.
@@ -96,7 +104,7 @@ class ChatRenderer:
 
     def render(self, record: dict, *, for_generation: bool = False) -> RenderedSample:
         """Render a record; with ``for_generation``, up to the generation prompt of the final answer."""
-        _check(record)
+        _check(record, self._special_pattern)
         messages = self.messages(record)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         if for_generation:
@@ -260,7 +268,9 @@ class TrainCollator(_Collator):
     (``" 3\\n"`` as ``"3"``, after the template's separator; LLaVA's own code trains it as written),
     inner whitespace kept. With ``max_length`` the sequence is cut at the
     end; a sample whose image tokens would be cut, or whose answers are cut away entirely, is a bad
-    sample (raised, or skipped and reported under ``batch["skipped"]``), never a loss-0 sample.
+    sample (raised, or skipped and reported under ``batch["skipped"]``), never a loss-0 sample. A
+    sample whose (last) answer is cut only partly is kept, counted in ``batch["num_truncated"]``
+    (`Loop` logs the total as ``train/truncated_samples``) and, the first time, named in a warning.
 
     Args:
         processor: A Hugging Face processor with a chat template (e.g. ``LlavaProcessor``).
@@ -291,6 +301,7 @@ class TrainCollator(_Collator):
             raise ValueError(f"max_length must be positive or None, got {max_length}")
         self.max_length = max_length
         self.ignore_index = ignore_index
+        self.warned_truncation = False  # the first partly truncated sample is named in a warning
 
     def __call__(self, records: list) -> dict[str, Any]:
         encoded, ids, skipped, truncated = [], [], [], 0
@@ -320,6 +331,14 @@ class TrainCollator(_Collator):
                 enc = {k: (v[:, :cut] if v.dim() == 2 and v.shape[-1] == len(input_ids) else v) for k, v in enc.items()}
                 labels = labels[:cut]
                 truncated += 1
+                if not self.warned_truncation:
+                    self.warned_truncation = True
+                    logger.warning(
+                        "sample %r (%s) has %d tokens > max_length=%d: the end of its answer is cut off "
+                        "and not trained on. Further partly truncated samples are not warned about, only "
+                        "counted (train/truncated_samples); raise max_length to keep them whole.",
+                        sample.id, record.get("source", MEMORY_SOURCE), len(input_ids), cut,
+                    )
             enc["labels"] = labels[None]
             encoded.append(enc)
             ids.append(sample.id)
@@ -389,20 +408,29 @@ def references(record: dict) -> list[str]:
     return [final.strip()]
 
 
-def _check(record: dict) -> None:
-    """Raise `BadSampleError` for records the templates cannot render into a trainable sample."""
+def _check(record: dict, special_tokens: re.Pattern) -> None:
+    """Raise `BadSampleError` for records the templates cannot render into a trainable sample.
+
+    The turn rules are `llava_loop.data.check_conversation` (also run when datasets load, so
+    records given to a collator directly get the same checks); this adds what needs decoded
+    images or the tokenizer: one marker per image, and no special-token strings in the text.
+    """
+    sample_id, source = record.get("id", "<no id>"), record.get("source", MEMORY_SOURCE)
 
     def bad(reason: str) -> BadSampleError:
-        return BadSampleError(record.get("id", "<no id>"), record.get("source", MEMORY_SOURCE), reason)
+        return BadSampleError(sample_id, source, reason)
 
     turns = record["conversations"]
-    if not any(t["from"] == "gpt" for t in turns):
-        raise bad("no gpt/assistant turn (nothing to learn or score)")
+    check_conversation(turns, sample_id=sample_id, source=source)
     for k, turn in enumerate(turns):
-        if turn["from"] == "gpt" and not turn["value"].replace(IMAGE_TOKEN, "").strip():
-            raise bad(f"turn {k} (gpt) is an empty answer")
-        if turn["from"] != "human" and IMAGE_TOKEN in turn["value"]:
-            raise bad(f"turn {k} ({turn['from']}) has an {IMAGE_TOKEN} marker; only human turns may")
+        found = special_tokens.search(turn["value"])
+        if found is not None:
+            token = found.group()
+            raise bad(
+                f"turn {k} ({turn['from']}) contains the special token {token!r} as text; the tokenizer "
+                "would read it as a control token (e.g. an end of sequence in mid-answer) and train on "
+                f"it. Remove it from the data, or escape it (e.g. {token.replace('<', '< ', 1)!r})"
+            )
     markers = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
     images = len(record_images(record))
     if markers != images:

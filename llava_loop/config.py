@@ -157,6 +157,9 @@ class LoopConfig:
     """Shuffle the training data every epoch."""
     on_bad_sample: str = "raise"
     """Sample that cannot be loaded or tokenized: "raise" or "skip" (with a warning)."""
+    allow_external_images: bool = False
+    """Accept image paths that lead outside the image folder (../x.jpg, absolute or ~ paths,
+    symlinks out); by default such a sample is a bad sample. Only for datasets you trust."""
     max_bad_steps: int = 3
     """Consecutive non-finite-loss steps tolerated (each skipped with a warning) before
     stopping with an error; 0 = stop at the first."""

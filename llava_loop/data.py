@@ -37,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ _ROLES = {
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _warned_truncated_flag = False
+_warned_multi_frame = False
 
 
 class BadSampleError(ValueError):
@@ -123,6 +125,8 @@ class VLDataset(torch.utils.data.Dataset):
         source: Where the records came from (a file path, or ``"<memory>"``); used in
             default ids and error messages.
         on_bad_sample: ``"raise"`` (default) or ``"skip"``; see the module docstring.
+        allow_external_images: Accept image paths outside the image folder (``../x.jpg``,
+            absolute paths, ``~``, symlinks leading out); see `normalize_record`.
 
     Attributes:
         source: As passed.
@@ -146,6 +150,7 @@ class VLDataset(torch.utils.data.Dataset):
         image_folder: str | os.PathLike[str] | None = None,
         source: str = MEMORY_SOURCE,
         on_bad_sample: OnBadSample = "raise",
+        allow_external_images: bool = False,
     ) -> None:
         _check_on_bad_sample(on_bad_sample)
         if image_folder is not None and not os.path.isdir(image_folder):
@@ -160,7 +165,11 @@ class VLDataset(torch.utils.data.Dataset):
         for index, raw in enumerate(records):
             try:
                 record = normalize_record(
-                    raw, image_folder=image_folder, source=source, index=index
+                    raw,
+                    image_folder=image_folder,
+                    source=source,
+                    index=index,
+                    allow_external_images=allow_external_images,
                 )
             except BadSampleError as err:
                 if on_bad_sample == "raise":
@@ -236,6 +245,7 @@ def load_llava_json(
     image_folder: str | os.PathLike[str] | None = None,
     *,
     on_bad_sample: OnBadSample = "raise",
+    allow_external_images: bool = False,
 ) -> VLDataset:
     """Load a ``.json`` (a list of records) or ``.jsonl`` (one record per line) file.
 
@@ -247,6 +257,8 @@ def load_llava_json(
         image_folder: Folder that relative image paths are relative to; defaults to the
             folder holding ``path``.
         on_bad_sample: ``"raise"`` (default) or ``"skip"``.
+        allow_external_images: Accept image paths that lead outside the image folder (by
+            default they are bad samples); only for datasets you trust.
 
     Returns:
         The validated `VLDataset`.
@@ -281,7 +293,11 @@ def load_llava_json(
             f"{path}: not UTF-8 text ({err}); save the file as UTF-8."
         ) from err
     return VLDataset(
-        records, image_folder=image_folder, source=path, on_bad_sample=on_bad_sample
+        records,
+        image_folder=image_folder,
+        source=path,
+        on_bad_sample=on_bad_sample,
+        allow_external_images=allow_external_images,
     )
 
 
@@ -290,6 +306,7 @@ def as_dataset(
     image_folder: str | os.PathLike[str] | None = None,
     *,
     on_bad_sample: OnBadSample = "raise",
+    allow_external_images: bool = False,
 ) -> torch.utils.data.Dataset:
     """Turn whatever the user passed as data into a dataset of records.
 
@@ -298,6 +315,8 @@ def as_dataset(
             images as paths or PIL images), or a torch ``Dataset`` (returned unchanged).
         image_folder: Folder that relative image paths are relative to.
         on_bad_sample: ``"raise"`` (default) or ``"skip"``.
+        allow_external_images: Accept image paths that lead outside the image folder; only for
+            datasets you trust (see `normalize_record`).
 
     Returns:
         A map-style dataset yielding records (or `SkippedSample` in skip mode).
@@ -315,9 +334,19 @@ def as_dataset(
     if isinstance(data, torch.utils.data.Dataset):
         return data
     if isinstance(data, (str, os.PathLike)):
-        return load_llava_json(data, image_folder, on_bad_sample=on_bad_sample)
+        return load_llava_json(
+            data,
+            image_folder,
+            on_bad_sample=on_bad_sample,
+            allow_external_images=allow_external_images,
+        )
     if isinstance(data, (list, tuple)):
-        return VLDataset(data, image_folder=image_folder, on_bad_sample=on_bad_sample)
+        return VLDataset(
+            data,
+            image_folder=image_folder,
+            on_bad_sample=on_bad_sample,
+            allow_external_images=allow_external_images,
+        )
     raise TypeError(
         f"cannot make a dataset from {type(data).__name__}; pass a .json/.jsonl path, "
         "a list of records, or a torch.utils.data.Dataset."
@@ -330,13 +359,21 @@ def normalize_record(
     image_folder: str | os.PathLike[str] | None = None,
     source: str = MEMORY_SOURCE,
     index: int = 0,
+    allow_external_images: bool = False,
 ) -> dict[str, Any]:
     """Normalise and validate one raw record's structure; images are not decoded.
 
     Converts HF ``messages`` to LLaVA ``conversations``, maps roles to human/gpt/system,
-    resolves relative image paths and checks they exist, and inserts one ``"<image>\\n"`` per
-    image at the start of the first human turn when the text has no markers. One image is
-    stored as a single item, several as a list, none as ``None``.
+    checks the turns (`check_conversation`), resolves relative image paths and checks they
+    exist, and inserts one ``"<image>\\n"`` per image at the start of the first human turn when
+    the text has no markers. One image is stored as a single item, several as a list, none as
+    ``None``.
+
+    Image paths must stay inside the *image folder*: ``image_folder``, or by default the folder
+    of ``source``. A path that leads out of it (``../x.jpg``, an absolute path or ``~`` elsewhere,
+    a symlink whose target is elsewhere) is a bad sample unless ``allow_external_images``: a
+    dataset file must not make training read arbitrary files. Records with no image folder
+    (in memory, no ``image_folder``) have nothing to stay inside: any path is accepted.
 
     Args:
         raw: The record as read from JSON or given in memory.
@@ -344,6 +381,7 @@ def normalize_record(
             folder of ``source`` (when it is a file), else the current directory.
         source: File the record came from, or ``"<memory>"``.
         index: Position of the record in ``source``, for the default id.
+        allow_external_images: Accept image paths outside the image folder.
 
     Returns:
         ``{"id", "image", "conversations"}`` plus ``"answers"`` when given; images are
@@ -416,18 +454,8 @@ def normalize_record(
             )
         images = inline_images
 
+    check_conversation(conversations, sample_id=sample_id, source=source)
     roles = [turn["from"] for turn in conversations]
-    if "human" not in roles:
-        raise bad("no human/user turn")
-    if "gpt" not in roles:
-        raise bad("no gpt/assistant turn (nothing to learn or score)")
-    for t, turn in enumerate(conversations):
-        if turn["from"] == "gpt" and not turn["value"].strip():
-            raise bad(f"turn {t} (gpt) is an empty answer")
-        if turn["from"] != "human" and IMAGE_TOKEN in turn["value"]:
-            raise bad(
-                f"turn {t} ({turn['from']}) has an {IMAGE_TOKEN} marker; only human turns may"
-            )
 
     n_markers = sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations)
     if not images and n_markers:
@@ -455,7 +483,8 @@ def normalize_record(
         folder = os.path.dirname(source)
     else:
         folder = None
-    resolved = [_resolve_image(x, folder, bad) for x in images]
+    confine = None if allow_external_images else folder
+    resolved = [_resolve_image(x, folder, confine, bad) for x in images]
 
     record: dict[str, Any] = {
         "id": sample_id,
@@ -480,13 +509,77 @@ def normalize_record(
     return record
 
 
+def check_conversation(
+    conversations: list[dict[str, str]], *, sample_id: str, source: str = MEMORY_SOURCE
+) -> None:
+    """Check the turns of a normalised conversation; the one home of the turn rules.
+
+    `normalize_record` (every dataset) and the collators (records built in memory) both call
+    it. The accepted order is an optional system turn, then human and gpt turns alternating,
+    starting with human and ending with gpt: the collators train on every gpt turn and
+    `EvalCollator` asks for the final one, so any other order cannot be rendered faithfully.
+    Answers must not be empty, and ``<image>`` markers may only appear in human turns.
+
+    Args:
+        conversations: ``[{"from": "human" | "gpt" | "system", "value": str}, ...]``.
+        sample_id: The record's id, for the error.
+        source: File the record came from, for the error.
+
+    Raises:
+        BadSampleError: The first rule the conversation breaks.
+
+    Example:
+        >>> check_conversation([{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "Yo"}],
+        ...                    sample_id="a")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        BadSampleError: bad sample 'a' (<memory>): turn order: turn 0 is 'gpt' where a 'human' ...
+    """
+
+    def bad(reason: str) -> BadSampleError:
+        return BadSampleError(sample_id, source, reason)
+
+    roles = [turn.get("from") for turn in conversations]
+    for t, role in enumerate(roles):
+        if role not in ("human", "gpt", "system"):
+            raise bad(f"turn {t} has unknown role {role!r}; expected 'human', 'gpt' or 'system'")
+    if "human" not in roles:
+        raise bad("no human/user turn")
+    if "gpt" not in roles:
+        raise bad("no gpt/assistant turn (nothing to learn or score)")
+    order = "the accepted order is [system], human, gpt, human, gpt, ..., ending with gpt"
+    start = 1 if roles[0] == "system" else 0
+    for t in range(start, len(roles)):
+        expected = "human" if (t - start) % 2 == 0 else "gpt"
+        if roles[t] == "system":
+            raise bad(f"turn order: turn {t} is a system turn; only the first turn may be ({order})")
+        if roles[t] != expected:
+            raise bad(f"turn order: turn {t} is {roles[t]!r} where a {expected!r} turn is expected ({order})")
+    if roles[-1] != "gpt":
+        raise bad(f"turn order: the last turn ({len(roles) - 1}) is 'human' with no answer ({order})")
+    for t, turn in enumerate(conversations):
+        if turn["from"] == "gpt" and not turn["value"].strip():
+            raise bad(f"turn {t} (gpt) is an empty answer")
+        if turn["from"] != "human" and IMAGE_TOKEN in turn["value"]:
+            raise bad(f"turn {t} ({turn['from']}) has an {IMAGE_TOKEN} marker; only human turns may")
+
+
 def load_image(
     path_or_image: str | os.PathLike[str] | Image.Image, *, sample_id: str, source: str
 ) -> Image.Image:
-    """Decode an image fully and return it as a new RGB image.
+    """Decode an image fully and return it as a new RGB image, upright as a viewer shows it.
 
-    Transparent images (RGBA, LA, P with transparency) are composited onto white; 16-bit
-    grayscale is scaled to 8 bits; other modes (L, CMYK, 1, ...) are converted to RGB.
+    * The EXIF orientation is applied (``PIL.ImageOps.exif_transpose``, as
+      ``transformers.image_utils.load_image`` does), so phone photos are not trained sideways.
+    * Transparent images (RGBA, LA, P with transparency) are composited onto white.
+    * High-bit-depth greyscale is scaled to 8 bits by the range of its mode, not clipped:
+      16-bit (``I;16``, ``I;16B``, ...) and 32-bit integer (``I``) by 0..65535 (``I`` is
+      Pillow's working mode for 16-bit data; ``I`` values outside 0..65535 are refused), float
+      (``F``) by 0..1 (values outside 0..1, NaN or inf are refused). 0 is black, the top of the
+      range white.
+    * Multi-frame files (animated GIF/PNG, multi-page TIFF) give their first frame, with a
+      warning the first time.
+    * Other modes (L, CMYK, 1, ...) are converted to RGB.
+
     Truncated files are errors (``ImageFile.LOAD_TRUNCATED_IMAGES`` is never enabled here).
 
     Args:
@@ -498,7 +591,8 @@ def load_image(
         A fully loaded RGB image.
 
     Raises:
-        BadSampleError: Missing, corrupt, truncated, zero-size or too-large image.
+        BadSampleError: Missing, corrupt, truncated, zero-size or too-large image, or pixel
+            values outside the range of a high-bit-depth mode.
 
     Example:
         >>> img = load_image(Image.new("LA", (2, 2)), sample_id="a", source="<memory>")
@@ -533,6 +627,8 @@ def load_image(
         raise BadSampleError(
             sample_id, source, f"{what} has zero size {err.args[0]}"
         ) from err
+    except _UnknownRange as err:
+        raise BadSampleError(sample_id, source, f"{what}: {err.args[0]}") from err
     except _DECODE_ERRORS as err:
         raise BadSampleError(
             sample_id,
@@ -652,8 +748,9 @@ def _content_to_text(
     return "".join(parts)
 
 
-def _resolve_image(image: Any, folder: str | None, bad: Any) -> Any:
-    """Keep PIL images; resolve a path against `folder` and check the file exists."""
+def _resolve_image(image: Any, folder: str | None, confine: str | None, bad: Any) -> Any:
+    """Keep PIL images; resolve a path against `folder`, check it stays inside `confine` (symlinks
+    followed) and that the file exists."""
     if isinstance(image, Image.Image):
         return image
     if not isinstance(image, (str, os.PathLike)):
@@ -663,6 +760,14 @@ def _resolve_image(image: Any, folder: str | None, bad: Any) -> Any:
         raise bad("empty image path")
     if folder is not None and not os.path.isabs(path):
         path = os.path.join(folder, path)
+    if confine is not None:
+        root, real = os.path.realpath(confine), os.path.realpath(path)
+        if os.path.commonpath([root, real]) != root:
+            raise bad(
+                f"image path {os.fspath(image)!r} leads outside the image folder {confine!r} "
+                f"(to {real}); move the image into the folder, or, if you trust this dataset, "
+                "pass allow_external_images=True (CLI: --allow-external-images)"
+            )
     if not os.path.isfile(path):
         where = f" (relative paths are resolved against {folder!r})" if folder else ""
         raise bad(f"image file not found: {path}{where}")
@@ -673,19 +778,59 @@ class _ZeroSizeImage(Exception):
     """Raised by `_decode` for a 0-pixel-wide or -high image."""
 
 
+class _UnknownRange(Exception):
+    """Raised by `_decode` for high-bit-depth pixels outside the range of their mode."""
+
+
 def _decode(img: Image.Image, what: str) -> Image.Image:
-    """Load all pixels, reject empty images, and return a new RGB image."""
+    """Load the (first frame's) pixels, reject empty images, and return a new, upright RGB image."""
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        img.seek(0)
+        _warn_multi_frame(what, frames)
     img.load()
     if img.width == 0 or img.height == 0:
         raise _ZeroSizeImage(img.size)
-    if img.mode in _SIXTEEN_BIT_MODES:
-        # Plain convert("RGB") clips 16-bit values at 255 (an all-white image); scale instead.
-        return img.convert("I").point(lambda v: v / 257).convert("RGB")
+    img = ImageOps.exif_transpose(img)  # a new image; the orientation tag is removed from it
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
+        # Plain convert("RGB") clips at 255: 16-bit images become white, 0..1 floats black.
+        return _high_depth_to_rgb(img)
     if img.has_transparency_data:
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         background.alpha_composite(img.convert("RGBA"))
         return background.convert("RGB")
     return img.convert("RGB")
+
+
+def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
+    """Scale 16/32-bit integer or float greyscale to 8 bits by the value range of its mode."""
+    values = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        top, range_text = 1.0, "0..1"
+    else:
+        top, range_text = 65535.0, "0..65535"
+    if not np.isfinite(values).all() or values.min() < 0 or values.max() > top:
+        low, high = np.nanmin(values), np.nanmax(values)
+        raise _UnknownRange(
+            f"mode {img.mode} pixels span {low:g}..{high:g} (non-finite values: "
+            f"{int((~np.isfinite(values)).sum())}), outside {range_text}, so their brightness is "
+            "unknown; convert the image to 8-bit (or scale it into that range) yourself"
+        )
+    scaled = np.rint(values * (255.0 / top)).astype(np.uint8)
+    return Image.fromarray(scaled).convert("RGB")  # 2-D uint8: mode L
+
+
+def _warn_multi_frame(what: str, frames: int) -> None:
+    """Warn once that multi-frame images give their first frame only."""
+    global _warned_multi_frame
+    if not _warned_multi_frame:
+        _warned_multi_frame = True
+        logger.warning(
+            "%s has %d frames (animated or multi-page); only the first frame is used. "
+            "This warning is shown once; later multi-frame images are not reported.",
+            what,
+            frames,
+        )
 
 
 def _warn_if_truncated_images_allowed() -> None:

@@ -66,6 +66,8 @@ class LoopState:
     skipped_samples: int = 0
     """Bad samples skipped (``on_bad_sample="skip"``), all processes; a sample skipped in several
     epochs counts each time."""
+    truncated_samples: int = 0
+    """Training samples whose answer was partly cut by ``max_length``, all processes."""
     bad_steps_in_a_row: int = 0
     """Consecutive steps skipped for a non-finite loss."""
     best_metric: float | None = None
@@ -307,11 +309,14 @@ class Loop:
             [sum(self.count_loss_tokens(b) for b in micro_batches),
              sum(int(b["attention_mask"].sum()) if "attention_mask" in b else 0 for b in micro_batches),
              sum(len(b["ids"]) for b in micro_batches),
-             sum(len(b.get("skipped") or ()) for b in micro_batches)],
+             sum(len(b.get("skipped") or ()) for b in micro_batches),
+             sum(b.get("num_truncated", 0) for b in micro_batches)],
             device=acc.device, dtype=torch.float64,
         )
-        total_loss_tokens, total_tokens, total_samples, skipped = acc.reduce(counts, reduction="sum").tolist()
+        total_loss_tokens, total_tokens, total_samples, skipped, truncated = acc.reduce(
+            counts, reduction="sum").tolist()
         state.skipped_samples += int(skipped)  # all processes; the collator/dataset warned per sample
+        state.truncated_samples += int(truncated)  # the collator warned about the first one
         if total_loss_tokens == 0:
             self._skip_empty_step(int(skipped))
             return
@@ -335,6 +340,7 @@ class Loop:
         if not math.isfinite(mean_loss):
             self._skip_bad_step(f"non-finite loss ({mean_loss})", micro_batches)
             return
+        self._check_uniform_loss(mean_loss)
         # max_grad_norm=0: no clipping, but the norm is still measured (logged, checked).
         grad_norm = acc.clip_grad_norm_(self._trainable, cfg.max_grad_norm or math.inf)
         # With fp16 the grad scaler skips inf/nan steps itself (and lowers its scale).
@@ -476,6 +482,12 @@ class Loop:
     callback_samples: int = 4
     """How many predictions (the first, in dataset order) `on_evaluate` receives as ``samples``."""
 
+    uniform_loss_steps: int = 20
+    """Consecutive steps with the training loss within `uniform_loss_tolerance` of ln(vocab size), the
+    loss of a uniform prediction, before `fit` warns that the model may have diverged."""
+    uniform_loss_tolerance: float = 0.01
+    """Relative distance to ln(vocab size) that counts as "at" it (0.01: 0.1 nats for a 32k vocabulary)."""
+
     @torch.no_grad()
     def evaluate(self, eval_data: Any = None) -> dict[str, float]:
         """Generate on the eval set, score it, write the predictions, track the best model.
@@ -505,7 +517,8 @@ class Loop:
 
         cfg = self.config
         if eval_data is not None:
-            dataset = as_dataset(eval_data, on_bad_sample=cfg.on_bad_sample)
+            dataset = as_dataset(eval_data, on_bad_sample=cfg.on_bad_sample,
+                                 allow_external_images=cfg.allow_external_images)
         else:
             dataset = getattr(self, "eval_data", None)
         if dataset is None:
@@ -611,10 +624,12 @@ class Loop:
         cfg = self.config
         self._setup_accelerator()
         acc = self.accelerator
-        self.train_data = as_dataset(train_data, on_bad_sample=cfg.on_bad_sample)
+        self.train_data = as_dataset(train_data, on_bad_sample=cfg.on_bad_sample,
+                                     allow_external_images=cfg.allow_external_images)
         # Records rejected while loading (skip mode); a resumed run restores the count instead.
         self.state.skipped_samples = len(getattr(self.train_data, "skipped", ()))
-        self.eval_data = as_dataset(eval_data, on_bad_sample=cfg.on_bad_sample) if eval_data is not None else None
+        self.eval_data = as_dataset(eval_data, on_bad_sample=cfg.on_bad_sample,
+                                    allow_external_images=cfg.allow_external_images) if eval_data is not None else None
         if (cfg.eval_steps or cfg.eval_each_epoch or cfg.eval_before_training) and self.eval_data is None:
             raise ValueError(
                 "eval_steps/eval_each_epoch/eval_before_training are set but no eval_data was given to "
@@ -648,6 +663,8 @@ class Loop:
         self._pending_rng = None
         self._signal_received = None
         self._empty_steps = 0
+        self._uniform_loss = _uniform_loss(acc.unwrap_model(self.model))  # ln(V); None if V is unknown
+        self._uniform_steps = 0  # consecutive steps with the loss at ln(V)
         self._last_save = None
         self._window = {"time": 0.0, "tokens": 0.0, "samples": 0.0, "loss": []}
         if acc.is_main_process:
@@ -800,6 +817,23 @@ class Loop:
                 "was skipped as bad; check the data (see the warnings above)"
             )
 
+    def _check_uniform_loss(self, loss: float) -> None:
+        """Warn once per stretch of `uniform_loss_steps` steps with the loss at ln(V): the model then
+        predicts every token as likely as any other, which a model that learns never does for long."""
+        ln_v = self._uniform_loss
+        if ln_v is None:
+            return
+        if abs(loss - ln_v) > self.uniform_loss_tolerance * ln_v:
+            self._uniform_steps = 0
+            return
+        self._uniform_steps += 1
+        if self._uniform_steps == self.uniform_loss_steps:
+            logger.warning(
+                "loss is at the uniform-distribution value ln(V)=%.3f (V=%d) for %d steps in a row (step %d, "
+                "loss %.4f); the model may have diverged (learning rate too high?)",
+                ln_v, round(math.exp(ln_v)), self._uniform_steps, self.state.step + 1, loss,
+            )
+
     def _evaluated_at(self, step: int) -> bool:
         return bool(self.state.history) and self.state.history[-1]["step"] == step
 
@@ -837,6 +871,8 @@ class Loop:
             record["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if state.skipped_samples:
             record["train/skipped_samples"] = state.skipped_samples
+        if state.truncated_samples:
+            record["train/truncated_samples"] = state.truncated_samples
         self._window = {"time": 0.0, "tokens": 0.0, "samples": 0.0, "loss": []}
         self._log(record)
 
@@ -924,6 +960,18 @@ def fit(
     loop = Loop(model, processor, config, metrics=metrics, callbacks=callbacks)
     loop.fit(train_data, eval_data)
     return loop
+
+
+def _uniform_loss(model: Any) -> float | None:
+    """ln(V) for the model's output vocabulary V (output embedding rows, else the text config's
+    vocab_size); None when neither is known."""
+    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = getattr(getattr(embeddings, "weight", None), "shape", (None,))[0]
+    if vocab is None:
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        vocab = getattr(text_config, "vocab_size", None)
+    return math.log(vocab) if vocab and vocab > 1 else None
 
 
 def _record_image(dataset: Dataset, index: int) -> Any:

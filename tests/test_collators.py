@@ -522,6 +522,17 @@ BAD_RECORDS = {
         "image-without-marker", ("human", "Hi"), ("gpt", "yes"), image=solid_image(RED)
     ),
     "empty-answer": record("empty-answer", ("human", "Hi"), ("gpt", "  ")),
+    # Turn order: [system], human, gpt, ..., ending with gpt (llava_loop.data.check_conversation).
+    "starts-with-gpt": record("starts-with-gpt", ("gpt", "Hello."), ("human", "Hi"), ("gpt", "yes")),
+    "two-humans": record("two-humans", ("human", "Hi"), ("human", "Hi?"), ("gpt", "yes")),
+    "ends-with-human": record("ends-with-human", ("human", "Hi"), ("gpt", "yes"), ("human", "And?")),
+    "system-not-first": record("system-not-first", ("human", "Hi"), ("system", "Be brief."), ("gpt", "yes")),
+    "unknown-role": record("unknown-role", ("user", "Hi"), ("gpt", "yes")),
+    # Special-token strings the tokenizer would read as control tokens.
+    "eos-in-answer": record("eos-in-answer", ("human", "Hi"), ("gpt", "yes</s> no")),
+    "bos-in-prompt": record("bos-in-prompt", ("human", "<s>strike</s> Hi"), ("gpt", "yes")),
+    "pad-in-system": record("pad-in-system", ("system", "x<pad>"), ("human", "Hi"), ("gpt", "yes")),
+    "unk-in-answer": record("unk-in-answer", ("human", "Hi"), ("gpt", "<unk>")),
 }
 
 
@@ -662,3 +673,58 @@ def test_llava15_rejects_image_marker_in_answer_and_missing_answer(collate):
     for name in ("image-in-answer", "no-answer"):
         with pytest.raises(BadSampleError, match=f"'{name}'"):
             collate(processor, [BAD_RECORDS[name]])
+
+
+SPECIAL_TOKEN_CASES = {  # record id -> (turn, token) named in the error
+    "eos-in-answer": (1, "</s>"),
+    "bos-in-prompt": (0, "<s>"),
+    "pad-in-system": (0, "<pad>"),
+    "unk-in-answer": (1, "<unk>"),
+}
+
+
+@pytest.mark.parametrize("processor", ["tiny", "llava15"])
+@pytest.mark.parametrize("collate", [train, evaluate], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(SPECIAL_TOKEN_CASES))
+def test_special_token_string_in_text_is_refused_naming_turn_and_token(processor, collate, name):
+    processor = tiny() if processor == "tiny" else llava15()
+    turn, token = SPECIAL_TOKEN_CASES[name]
+    with pytest.raises(BadSampleError) as err:
+        collate(processor, [BAD_RECORDS[name]])
+    reason = err.value.reason
+    assert err.value.sample_id == name, f"error names {err.value.sample_id!r}"
+    assert f"turn {turn} " in reason and repr(token) in reason, f"turn {turn} / {token!r} not named: {reason}"
+    assert "Remove it" in reason and "escape" in reason, f"no fix given: {reason}"
+
+
+def test_llava15_special_tokens_include_the_added_pad_and_not_the_image_marker():
+    renderer = TrainCollator(llava15()).renderer
+    assert {"<s>", "</s>", "<unk>", "<pad>"} <= set(renderer.special_token_strings), (
+        f"Llama-2 specials missing: {renderer.special_token_strings}"
+    )
+    assert "<image>" not in renderer.special_token_strings, "the image marker must stay allowed"
+    batch = train(llava15(), [llava15_cases()[0][0]])
+    assert batch["ids"] == ["real-multi-turn"], "a record with <image> markers was refused"
+
+
+def test_text_that_only_looks_like_special_tokens_is_fine():
+    rec = record("lookalike", ("human", "Is < /s> or <s > or <im> a tag?"), ("gpt", "no: </ s>"))
+    batch = train(tiny(), [rec])
+    assert batch["ids"] == ["lookalike"], "text near special tokens was refused"
+
+
+def test_first_partly_truncated_sample_is_named_in_one_warning(caplog):
+    processor = tiny()
+    start = first_label(train(processor, [long_record()]))
+    collator = TrainCollator(processor, start + 3, pad_token_id=PAD, ignore_index=IGNORE)
+    with caplog.at_level("WARNING", logger="llava_loop.collators"):
+        first = collator([long_record("first-long"), long_record("second-long")])
+        again = collator([long_record("third-long")])
+    assert (first["num_truncated"], again["num_truncated"]) == (2, 1), (
+        f"truncations counted {first['num_truncated']}, {again['num_truncated']}"
+    )
+    warnings = [r.getMessage() for r in caplog.records if "max_length" in r.getMessage()]
+    assert len(warnings) == 1, f"expected one truncation warning, got {warnings}"
+    assert "'first-long'" in warnings[0] and f"max_length={start + 3}" in warnings[0], (
+        f"warning does not name the first sample and max_length: {warnings[0]}"
+    )

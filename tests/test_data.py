@@ -4,6 +4,7 @@ import json
 import logging
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -221,10 +222,98 @@ def test_absolute_image_paths_are_kept(tmp_path):
     elsewhere.mkdir()
     abs_path = str(_save(elsewhere / "red.png"))
     (tmp_path / "imgs").mkdir()
-    record = normalize_record(_llava(image=abs_path), image_folder=tmp_path / "imgs")
+    record = normalize_record(
+        _llava(image=abs_path),
+        image_folder=tmp_path / "imgs",
+        allow_external_images=True,
+    )
     assert record["image"] == abs_path, (
         f"absolute path was rewritten to {record['image']}"
     )
+    inside = str(_save(tmp_path / "imgs" / "red.png"))
+    record = normalize_record(_llava(image=inside), image_folder=tmp_path / "imgs")
+    assert record["image"] == inside, "an absolute path inside image_folder was refused"
+
+
+# --- image paths outside the image folder -----------------------------------------------
+
+
+@pytest.fixture
+def outside(tmp_path, monkeypatch):
+    """A data folder with images/, and an image outside it reachable five ways."""
+    folder = tmp_path / "data" / "images"
+    folder.mkdir(parents=True)
+    secret = _save(tmp_path / "secret.png")
+    home = tmp_path / "home"
+    home.mkdir()
+    _save(home / "me.png")
+    monkeypatch.setenv("HOME", str(home))
+    (folder / "link.png").symlink_to(secret)
+    (folder / "sub").mkdir()
+    return folder, {
+        "dotdot": "../../secret.png",
+        "dotdot-inside-first": "sub/../../../secret.png",
+        "absolute": str(secret),
+        "home": "~/me.png",
+        "symlink-out": "link.png",
+    }
+
+
+@pytest.mark.parametrize(
+    "how", ["dotdot", "dotdot-inside-first", "absolute", "home", "symlink-out"]
+)
+@pytest.mark.parametrize("entry", ["load_llava_json", "as_dataset-records"])
+def test_image_path_outside_image_folder_is_refused_unless_allowed(
+    tmp_path, outside, how, entry
+):
+    folder, paths = outside
+    raw = _llava("escape", image=paths[how])
+    json_path = _write_json(tmp_path / "data" / "train.json", [raw])
+
+    def load(**kwargs):
+        if entry == "load_llava_json":
+            return load_llava_json(json_path, image_folder=folder, **kwargs)
+        return as_dataset([raw], image_folder=folder, **kwargs)
+
+    with pytest.raises(BadSampleError) as info:
+        load()
+    message = str(info.value)
+    assert info.value.sample_id == "escape", f"error names {info.value.sample_id!r}"
+    assert paths[how] in message, f"error does not name the path: {message}"
+    assert "outside the image folder" in message, f"error does not say why: {message}"
+    assert "allow_external_images=True" in message, f"error gives no way out: {message}"
+    with pytest.raises(ValueError, match="all 1 were rejected"):
+        load(on_bad_sample="skip")
+    image = load(allow_external_images=True)[0]["image"]
+    assert image.getpixel((0, 0)) == RED, "the allowed external image did not load"
+
+
+def test_image_folder_defaults_to_the_json_folder_for_the_outside_check(tmp_path):
+    _save(tmp_path / "red.png")
+    (tmp_path / "data").mkdir()
+    path = _write_json(tmp_path / "data" / "t.json", [_llava("up", image="../red.png")])
+    with pytest.raises(BadSampleError, match="outside the image folder"):
+        load_llava_json(path)
+    assert load_llava_json(path, allow_external_images=True)[0]["image"].size == (4, 3), (
+        "allowed path did not load"
+    )
+
+
+def test_records_without_an_image_folder_accept_any_path(tmp_path):
+    absolute = str(_save(tmp_path / "red.png"))
+    ds = as_dataset([_llava("mem", image=absolute)])
+    assert ds[0]["image"].getpixel((0, 0)) == RED, (
+        "in-memory record with an absolute path and no image_folder must keep working"
+    )
+
+
+def test_symlink_inside_the_image_folder_to_a_file_inside_is_fine(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _save(folder / "red.png")
+    (folder / "alias.png").symlink_to(folder / "red.png")
+    ds = as_dataset([_llava("alias", image="alias.png")], image_folder=folder)
+    assert ds[0]["image"].getpixel((0, 0)) == RED, "a symlink inside the folder was refused"
 
 
 def test_construction_does_not_decode_images(tmp_path, red_png, monkeypatch):
@@ -585,3 +674,168 @@ def test_skip_mode_returns_skipped_sample_for_unreadable_image(
 def test_all_records_rejected_is_an_error():
     with pytest.raises(ValueError, match="all 1 were rejected"):
         VLDataset([_llava("a", answer="")], on_bad_sample="skip")
+
+
+# --- turn order ---------------------------------------------------------------------------
+
+BAD_ORDERS = {
+    "starts-with-gpt": ([("gpt", "Hello."), ("human", "Hi"), ("gpt", "a")], "turn 0 is 'gpt'"),
+    "two-humans": ([("human", "q1"), ("human", "q2"), ("gpt", "a")], "turn 1 is 'human'"),
+    "two-gpts": ([("human", "q"), ("gpt", "a1"), ("gpt", "a2")], "turn 2 is 'gpt'"),
+    "ends-with-human": ([("human", "q"), ("gpt", "a"), ("human", "q2")], "last turn (2)"),
+    "system-not-first": ([("human", "q"), ("system", "s"), ("gpt", "a")], "turn 1 is a system"),
+    "two-systems": ([("system", "s"), ("system", "t"), ("human", "q"), ("gpt", "a")], "turn 1 is a system"),
+}
+_HF_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def _as_format(fmt, rid, pairs):
+    if fmt == "messages":
+        return {"id": rid, "messages": [{"role": _HF_ROLES[r], "content": v} for r, v in pairs]}
+    return {"id": rid, "conversations": _turns(*pairs)}
+
+
+@pytest.mark.parametrize("fmt", ["llava-json", "messages-jsonl", "messages", "memory"])
+@pytest.mark.parametrize("name", list(BAD_ORDERS))
+def test_turn_order_is_checked_at_load_time_for_every_format(tmp_path, name, fmt):
+    pairs, reason = BAD_ORDERS[name]
+    raw = _as_format("messages" if "messages" in fmt else "llava", name, pairs)
+    good = _as_format("messages" if "messages" in fmt else "llava", "good", [("human", "q"), ("gpt", "a")])
+    if fmt == "llava-json":
+        source = str(_write_json(tmp_path / "t.json", [good, raw]))
+    elif fmt == "messages-jsonl":
+        source = str(_write_jsonl(tmp_path / "t.jsonl", [good, raw]))
+    else:
+        source = "<memory>"
+
+    def load(on_bad_sample="raise"):
+        data = [good, raw] if source == "<memory>" else source
+        return as_dataset(data, on_bad_sample=on_bad_sample)
+
+    with pytest.raises(BadSampleError) as info:
+        load()
+    assert (info.value.sample_id, info.value.source) == (name, source), (
+        f"error names {info.value.sample_id!r} ({info.value.source}), not {name!r} ({source})"
+    )
+    assert "turn order" in info.value.reason and reason in info.value.reason, (
+        f"reason does not say {reason!r}: {info.value.reason}"
+    )
+    assert "[system], human, gpt" in info.value.reason, (
+        f"reason does not state the accepted order: {info.value.reason}"
+    )
+    ds = load("skip")
+    assert [ds[i]["id"] for i in range(len(ds))] == ["good"], f"{name} was not skipped"
+    assert [s.id for s in ds.skipped] == [name], f"skipped {ds.skipped}"
+
+
+def test_accepted_turn_orders_load():
+    for pairs in (
+        [("human", "q"), ("gpt", "a")],
+        [("system", "s"), ("human", "q"), ("gpt", "a"), ("human", "q2"), ("gpt", "a2")],
+    ):
+        record = normalize_record({"conversations": _turns(*pairs)})
+        assert [t["from"] for t in record["conversations"]] == [r for r, _ in pairs], (
+            f"{pairs} changed when normalised"
+        )
+
+
+# --- image decoding: orientation, bit depth, frames ----------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_exif_orientation_is_applied(tmp_path, fmt):
+    # Stored sideways: left half red, right half blue; orientation 6 = rotate 90° clockwise to view.
+    img = Image.new("RGB", (32, 16), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 16, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"rotated.{fmt.lower()}"
+    img.save(path, fmt, exif=exif, **({"quality": 95} if fmt != "PNG" else {}))
+    with Image.open(path) as check:
+        assert check.getexif().get(0x0112) == 6, f"test setup: {fmt} did not keep the orientation tag"
+    out = load_image(path, sample_id="x", source="t.json")
+    assert out.size == (16, 32), f"{fmt}: orientation 6 not applied, size {out.size}"
+    top, bottom = out.getpixel((8, 4)), out.getpixel((8, 27))
+    assert top[0] > 200 and top[2] < 50, f"{fmt}: top should be red after rotating, is {top}"
+    assert bottom[2] > 200 and bottom[0] < 50, f"{fmt}: bottom should be blue, is {bottom}"
+
+
+def test_exif_orientation_of_in_memory_image_is_applied_once():
+    img = Image.new("RGB", (4, 2), (0, 0, 255))
+    img.putpixel((0, 0), (255, 0, 0))
+    img.getexif()[0x0112] = 6
+    once = load_image(img, sample_id="x", source="<memory>")
+    twice = load_image(once, sample_id="x", source="<memory>")
+    assert once.size == (2, 4) and once.getpixel((1, 0)) == (255, 0, 0), (
+        f"in-memory orientation 6 not applied: size {once.size}"
+    )
+    assert _pixels(twice) == _pixels(once), "loading an already upright image rotated it again"
+
+
+def _gradient(mode, top, fmt, tmp_path, width=256):
+    values = np.linspace(0, top, width)[None, :].repeat(3, axis=0)
+    if mode == "F":
+        img = Image.fromarray(values.astype(np.float32))
+    elif mode == "I":
+        img = Image.fromarray(np.rint(values).astype(np.int32))
+    else:  # I;16 / I;16B from raw 16-bit bytes in that byte order
+        dtype = ">u2" if mode == "I;16B" else "<u2"
+        img = Image.frombytes(mode, (width, 3), np.rint(values).astype(dtype).tobytes())
+    path = tmp_path / f"gradient.{fmt.lower()}"
+    img.save(path, fmt)
+    with Image.open(path) as check:
+        assert check.mode == mode, f"test setup: {fmt} saved {mode} as {check.mode}"
+    return path, np.rint(values[0] * 255 / top).astype(int)
+
+
+@pytest.mark.parametrize(
+    ("mode", "top", "fmt"),
+    [
+        ("I;16", 65535, "PNG"),
+        ("I;16", 65535, "TIFF"),
+        ("I;16B", 65535, "TIFF"),
+        ("I", 65535, "TIFF"),
+        ("F", 1.0, "TIFF"),
+    ],
+)
+def test_high_bit_depth_gradient_keeps_its_gradient(tmp_path, mode, top, fmt):
+    path, expected = _gradient(mode, top, fmt, tmp_path)
+    out = load_image(path, sample_id="x", source="t.json")
+    got = np.asarray(out)
+    assert out.mode == "RGB", f"{mode} loaded as {out.mode}"
+    assert (got[..., 0] == got[..., 2]).all(), f"{mode}: grey became coloured"
+    assert (np.abs(got[0, :, 0].astype(int) - expected) <= 1).all(), (
+        f"{mode} {fmt}: gradient 0..{top} became {got[0, ::32, 0].tolist()}, "
+        f"expected {expected[::32].tolist()}"
+    )
+
+
+@pytest.mark.parametrize(("mode", "top"), [("F", 255.0), ("F", -1.0), ("I", 70000)])
+def test_high_bit_depth_values_outside_the_mode_range_are_refused(tmp_path, mode, top):
+    path, _ = _gradient(mode, top, "TIFF", tmp_path)
+    with pytest.raises(BadSampleError) as info:
+        load_image(path, sample_id="deep", source="t.json")
+    message = str(info.value)
+    assert "'deep'" in message and str(path) in message, f"sample/file not named: {message}"
+    assert "convert the image to 8-bit" in message, f"no fix given: {message}"
+
+
+def _frames(path, fmt):
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    frames[0].save(path, fmt, save_all=True, append_images=frames[1:])
+    with Image.open(path) as check:
+        assert getattr(check, "n_frames", 1) == 2, f"test setup: {fmt} has one frame"
+    return path
+
+
+@pytest.mark.parametrize(("fmt", "ext"), [("GIF", "gif"), ("TIFF", "tif"), ("PNG", "png")])
+def test_multi_frame_image_gives_first_frame_with_one_warning(tmp_path, monkeypatch, caplog, fmt, ext):
+    monkeypatch.setattr(data, "_warned_multi_frame", False)
+    first = _frames(tmp_path / f"a.{ext}", fmt)
+    second = _frames(tmp_path / f"b.{ext}", fmt)
+    with caplog.at_level(logging.WARNING, logger=data.__name__):
+        pixels = [load_image(p, sample_id="m", source="t").getpixel((0, 0)) for p in (first, second, first)]
+    assert all(p[0] > 240 and p[2] < 15 for p in pixels), f"{fmt}: not the first (red) frame: {pixels}"
+    warnings = [r.getMessage() for r in caplog.records if "frames" in r.getMessage()]
+    assert len(warnings) == 1, f"{fmt}: expected one multi-frame warning, got {warnings}"
+    assert str(first) in warnings[0] and "first frame" in warnings[0], f"warning unclear: {warnings[0]}"

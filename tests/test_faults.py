@@ -16,7 +16,7 @@ from PIL import Image
 
 from helpers import small_config
 from llava_loop import Loop, LoopConfig, checkpointing
-from llava_loop.collators import IGNORE_INDEX
+from llava_loop.collators import IGNORE_INDEX, TrainCollator
 from llava_loop.data import BadSampleError
 from llava_loop.testing import draw_scene, synthetic_vqa, tiny_llava
 
@@ -63,10 +63,22 @@ def bad_records() -> dict[str, tuple[dict, str]]:
         "empty-answer": (vqa("empty-answer", answer="  "), "empty answer"),
         "extra-marker": (vqa("extra-marker", question="<image>\n<image>\nSame?"), "more <image> markers"),
         "answer-truncated": (vqa("answer-truncated", question=LONG_QUESTION), "answer entirely truncated"),
+        "starts-with-gpt": (
+            {
+                "id": "starts-with-gpt",
+                "conversations": [
+                    {"from": "gpt", "value": "Hello."},
+                    {"from": "human", "value": "Hi"},
+                    {"from": "gpt", "value": "red"},
+                ],
+            },
+            "turn order",
+        ),
+        "eos-in-answer": (vqa("eos-in-answer", answer="red</s>blue"), "special token '</s>'"),
     }
 
 
-RUNTIME_BAD = ("corrupt-image", "truncated-image", "huge-image", "answer-truncated")
+RUNTIME_BAD = ("corrupt-image", "truncated-image", "huge-image", "answer-truncated", "eos-in-answer")
 """Found only when the sample is loaded or collated, mid-training; the rest when the file is read."""
 
 
@@ -131,7 +143,10 @@ def test_skip_mode_completes_counts_and_logs_every_bad_sample(tmp_path, data_dir
     loop = CheckedLoop(model, processor, make_config(out, max_steps=0, num_epochs=1, on_bad_sample="skip"))
     with caplog.at_level(logging.WARNING):
         loop.fit(path)
-    assert loop.state.step == 5, f"one epoch of 10 loadable records in batches of 2 is 5 steps, ran {loop.state.step}"
+    loadable = 2 * len(RUNTIME_BAD) + 2
+    assert loop.state.step == loadable // 2, (
+        f"one epoch of {loadable} loadable records in batches of 2 is {loadable // 2} steps, ran {loop.state.step}"
+    )
     assert loop.state.skipped_samples == len(bad), f"skipped_samples={loop.state.skipped_samples}, want {len(bad)}"
     for bad_id in bad:
         assert any(bad_id in r.getMessage() for r in caplog.records), f"no warning names skipped sample {bad_id}"
@@ -399,3 +414,95 @@ def test_a_save_that_hits_a_full_disk_fails_clearly_and_keeps_earlier_checkpoint
     resumed = Loop(model, processor, make_config(tmp_path, max_steps=3, resume_from="latest"))
     resumed.fit(synthetic_vqa(8))
     assert resumed.state.step == 3, f"resume after the failed save ended at step {resumed.state.step}"
+
+
+# ---------------------------------------------------------------------- silent degradations
+def test_partly_truncated_samples_are_counted_in_the_logs_and_the_first_is_named(tmp_path, caplog):
+    model, processor = tiny_llava(seed=0)
+    records = synthetic_vqa(4)
+    for k in (2, 5):  # long answers: cut at max_length, but not entirely
+        records.insert(
+            k,
+            {
+                **records[0],
+                "id": f"long-{k}",
+                "conversations": [records[0]["conversations"][0], {"from": "gpt", "value": "red " * 12 + "circle"}],
+            },
+        )
+    lengths = [int(b["attention_mask"].sum()) for b in (TrainCollator(processor)([r]) for r in records)]
+    max_length = max(n for r, n in zip(records, lengths) if not r["id"].startswith("long")) + 2
+    assert all(n > max_length for r, n in zip(records, lengths) if r["id"].startswith("long")), (
+        f"test setup: long samples are not longer than max_length={max_length}: {lengths}"
+    )
+    out = tmp_path / "out"
+    loop = CheckedLoop(model, processor, make_config(out, max_steps=0, num_epochs=1, max_length=max_length))
+    with caplog.at_level(logging.WARNING):
+        loop.fit(records)
+    assert loop.state.truncated_samples == 2, f"truncated_samples={loop.state.truncated_samples}, want 2"
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    counts = [r.get("train/truncated_samples", 0) for r in logged if "train/loss" in r]
+    assert counts == [0, 1, 2], f"train/truncated_samples per logged step: {counts}"
+    warnings = [r.getMessage() for r in caplog.records if "max_length" in r.getMessage()]
+    assert len(warnings) == 1 and "'long-2'" in warnings[0] and f"max_length={max_length}" in warnings[0], (
+        f"expected one warning naming 'long-2' and max_length={max_length}: {warnings}"
+    )
+
+
+def uniform_loss_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "uniform-distribution" in r.getMessage()]
+
+
+def test_loss_stuck_at_ln_vocab_warns_that_the_model_may_have_diverged(tmp_path, caplog):
+    model, processor = tiny_llava(seed=0)
+    losses = []
+
+    class Losses:
+        def on_step_end(self, loop, logs):
+            losses.append(logs["train/loss"])
+
+    config = make_config(tmp_path, max_steps=26, learning_rate=1000.0, max_length=None, log_steps=0)
+    loop = Loop(model, processor, config, callbacks=[Losses()])
+    with caplog.at_level(logging.WARNING):
+        loop.fit(synthetic_vqa(16))
+    ln_v = math.log(model.get_output_embeddings().weight.shape[0])
+    assert sum(abs(x - ln_v) < 0.01 for x in losses) >= loop.uniform_loss_steps, (
+        f"test setup: the huge learning rate did not pin the loss at ln(V)={ln_v:.3f}: {losses}"
+    )
+    warnings = uniform_loss_warnings(caplog)
+    assert len(warnings) == 1, f"expected one divergence warning for one stretch, got {warnings}"
+    assert f"ln(V)={ln_v:.3f}" in warnings[0] and "learning rate too high" in warnings[0], (
+        f"warning does not give ln(V) and the likely cause: {warnings[0]}"
+    )
+
+
+def test_a_run_that_learns_from_random_init_does_not_warn_about_uniform_loss(tmp_path, caplog):
+    model, processor = tiny_llava(seed=0)
+    losses = []
+
+    class Losses:
+        def on_step_end(self, loop, logs):
+            losses.append(logs["train/loss"])
+
+    loop = Loop(
+        model, processor, make_config(tmp_path, max_steps=30, max_length=None, log_steps=0), callbacks=[Losses()]
+    )
+    with caplog.at_level(logging.WARNING):
+        loop.fit(synthetic_vqa(16))
+    ln_v = math.log(model.get_output_embeddings().weight.shape[0])
+    assert abs(losses[0] - ln_v) < 0.5 and losses[-1] < ln_v - 1, (
+        f"test setup: expected a random-init start near ln(V)={ln_v:.3f} that then learns: {losses}"
+    )
+    assert uniform_loss_warnings(caplog) == [], f"a learning run warned: {uniform_loss_warnings(caplog)}"
+
+
+def test_fit_refuses_images_outside_the_data_folder_unless_the_config_allows_them(tmp_path, data_dir):
+    draw_scene("blue", "square", "right").save(tmp_path / "outside.png")
+    path = write_json(data_dir, [vqa("good-0"), vqa("escape", image="../outside.png")])
+    model, processor = tiny_llava(seed=0)
+    with pytest.raises(BadSampleError, match="'escape'.*outside the image folder"):
+        Loop(model, processor, make_config(tmp_path / "refused", max_steps=1)).fit(path)
+    loop = Loop(model, processor, make_config(tmp_path / "allowed", max_steps=1, allow_external_images=True))
+    loop.fit(path)
+    assert loop.state.step == 1 and loop.state.skipped_samples == 0, (
+        f"allow_external_images=True did not train on the external image: {loop.state}"
+    )
