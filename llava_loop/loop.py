@@ -620,9 +620,9 @@ class Loop:
                               *self.callbacks]
         if cfg.report_to:
             self.callbacks.append(TrackerLogger())
+        if acc.is_main_process:  # finish what a killed save or write left, before anyone looks
+            checkpointing.repair_checkpoints(cfg.output_dir)
         if cfg.resume_from:
-            if acc.is_main_process:  # finish what a killed save left, before anyone looks
-                checkpointing.repair_checkpoints(cfg.output_dir)
             acc.wait_for_everyone()
             path = checkpointing.resolve_checkpoint(cfg.output_dir, cfg.resume_from)
             self._pending_rng = checkpointing.load_checkpoint(self, path)

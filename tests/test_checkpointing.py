@@ -764,3 +764,107 @@ def test_rng_states_round_trip_through_safetensors_without_pickle(tmp_path):
     expected = draw()
     set_rng_state(load_rng_state(tmp_path / "rng.safetensors"))
     assert draw() == expected, "the restored python / numpy / torch RNG streams differ from the saved ones"
+
+
+# ---------------------------------------------------------------------- export: base model paths
+def test_export_finds_a_base_model_given_by_relative_path_from_any_working_directory(tmp_path, monkeypatch):
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    tiny, processor = tiny_llava(seed=0)
+    tiny.save_pretrained(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained("base")  # a relative path, as a user would pass it
+    loop = Loop(model, processor, make_config(Path("run"), max_steps=2, lora_dropout=0.0))
+    loop.fit(synthetic_vqa(4, seed=0))
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    assert json.loads((ckpt / "meta.json").read_text())["base_model"] == str(tmp_path / "base"), (
+        "meta.json does not record the local base model as an absolute path"
+    )
+    records = synthetic_vqa(3, seed=11)
+    expected = logits_of(loop.accelerator.unwrap_model(loop.model), processor, records)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    from llava_loop.cli import main
+
+    assert main(["export", "../run/checkpoints/step_000002", "merged"]) == 0, "`llava-loop export` failed"
+    merged = LlavaForConditionalGeneration.from_pretrained(elsewhere / "merged")
+    torch.testing.assert_close(
+        logits_of(merged, processor, records), expected, rtol=1e-4, atol=1e-4, msg="exported logits differ"
+    )
+
+    # A relative base model path (a hand-edited or moved run) is looked for in the run's directory.
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "base_model": "../base"}))
+    export(ckpt, elsewhere / "again")
+    assert (elsewhere / "again" / "config.json").is_file(), "export with a run-relative base model path failed"
+
+
+@pytest.mark.parametrize("base", ["../nowhere/base", "nowhere-base"], ids=["path", "Hub-like name, offline"])
+def test_export_with_a_base_model_that_does_not_exist_names_the_paths_it_tried(tmp_path, three_checkpoints, base):
+    out = copy_run(three_checkpoints, tmp_path)
+    ckpt = out / "checkpoints" / "step_000003"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "base_model": base}))
+    with pytest.raises(OSError) as err:  # FileNotFoundError is an OSError
+        export(ckpt, tmp_path / "merged")
+    message = str(err.value)
+    assert repr(base) in message and str((out / base).resolve()) in message and "--base-model" in message, (
+        f"the error does not name the base model, the folders tried and the fix: {message}"
+    )
+    assert not (tmp_path / "merged").exists(), "export wrote something without a base model"
+
+
+# ---------------------------------------------------------------------- temporary files
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_run_deletes_temporary_files_of_dead_writers_and_keeps_live_ones(tmp_path):
+    dead = dead_pid()
+    leftovers = [
+        tmp_path / f".write-test-{dead}",
+        tmp_path / "checkpoints" / f".best.json.tmp-{dead}",
+        tmp_path / "predictions" / f".step_000002.jsonl.tmp-{dead}",
+        tmp_path / f".config.yaml.tmp-{dead}",
+    ]
+    live = tmp_path / "checkpoints" / f".best.json.tmp-{os.getpid()}"  # a writer still running
+    for path in [*leftovers, live]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("half written")
+    run(tmp_path, max_steps=1)
+    remaining = [p.name for p in leftovers if p.exists()]
+    assert not remaining, f"a new run left temporary files of dead writers: {remaining}"
+    assert live.exists(), "a temporary file of a running writer was deleted"
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from llava_loop import checkpointing
+
+    target = tmp_path / "predictions" / "step_000001.jsonl"
+    target.mkdir(parents=True)  # os.replace onto a folder fails after the temporary file is written
+    with pytest.raises(OSError):
+        checkpointing.write_predictions(target, [{"id": "a"}])
+    assert [p.name for p in target.parent.iterdir()] == [target.name], "the failed write left a temporary file"
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointing, "open", lambda path, mode="r", **kw: FullDisk(open(path, mode)), raising=False)
+    with pytest.raises(OSError, match="not writable"):
+        checkpointing.check_output_dir(str(tmp_path / "out"))
+    assert not list((tmp_path / "out").iterdir()), "check_output_dir's failed probe was left behind"
