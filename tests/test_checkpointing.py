@@ -38,8 +38,17 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------- helpers
 def make_config(out: Path, **overrides) -> LoopConfig:
     """Small, CPU-fp32 settings where the RNG matters: shuffling, accumulation, LoRA dropout."""
-    settings = dict(max_steps=4, grad_accum_steps=2, lora_dropout=0.1, shuffle=True, log_steps=0, warmup_steps=1,
-                    seed=3, max_new_tokens=2, eval_batch_size=4)
+    settings = dict(
+        max_steps=4,
+        grad_accum_steps=2,
+        lora_dropout=0.1,
+        shuffle=True,
+        log_steps=0,
+        warmup_steps=1,
+        seed=3,
+        max_new_tokens=2,
+        eval_batch_size=4,
+    )
     return small_config(out, **{**settings, **overrides})
 
 
