@@ -775,6 +775,22 @@ def test_rng_states_round_trip_through_safetensors_without_pickle(tmp_path):
     assert draw() == expected, "the restored python / numpy / torch RNG streams differ from the saved ones"
 
 
+def test_a_callback_state_that_json_cannot_hold_fails_the_save_naming_the_callback(tmp_path):
+    class TensorState:
+        def state_dict(self):
+            return {"seen": torch.tensor(3)}
+
+    model, processor = tiny_llava(seed=0)
+    loop = Loop(model, processor, make_config(tmp_path, max_steps=1), callbacks=[TensorState()])
+    with pytest.raises(TypeError) as err:
+        loop.fit(synthetic_vqa(4, seed=0))
+    message = str(err.value)
+    assert "TensorState:0" in message and "['seen'] is a Tensor" in message, (
+        f"the save error does not name the callback and the value JSON cannot hold: {message}"
+    )
+    assert not list_checkpoints(tmp_path), "a checkpoint without the callback's state was published"
+
+
 # ---------------------------------------------------------------------- export: base model paths
 def test_export_finds_a_base_model_given_by_relative_path_from_any_working_directory(tmp_path, monkeypatch):
     from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
