@@ -597,8 +597,8 @@ def _write_main(loop: Any, tmp: Path) -> None:
             key: _plain(f"the state_dict() of callback {key}", value)
             for key, value in _callback_states(loop.callbacks).items()
         },
-        "scheduler": _plain("the scheduler's state_dict()", loop.scheduler.state_dict()) if loop.scheduler else None,
-        "scaler": _plain("the grad scaler's state_dict()", acc.scaler.state_dict()) if acc.scaler else None,
+        "scheduler": None if loop.scheduler is None else _plain("the scheduler's state", loop.scheduler.state_dict()),
+        "scaler": None if acc.scaler is None else _plain("the grad scaler's state", acc.scaler.state_dict()),
         "num_processes": acc.num_processes,
     }
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
@@ -807,13 +807,15 @@ def export(
 
     The result loads with ``LlavaForConditionalGeneration.from_pretrained(out_dir)`` (and
     ``AutoProcessor.from_pretrained(out_dir)``); it is what AWQ/GGUF/bitsandbytes quantisers
-    expect. Written to a temporary sibling and renamed, so ``out_dir`` is never half-written.
+    expect. The checkpoint is verified first (`verify_checkpoint`). Written to a temporary
+    sibling and renamed, so ``out_dir`` is never half-written.
 
     Args:
         checkpoint: A checkpoint folder (``.../checkpoints/step_000120``).
         out_dir: Where to write the merged model.
         base_model: The base model object (it is modified), or a name/path; default: the one
-            recorded in the checkpoint.
+            recorded in the checkpoint. A relative path is looked for in the working directory,
+            then in the run's directory; a name that is no folder is loaded from the Hub.
         dtype: Optional dtype for loading the base model by name.
         overwrite: Replace an existing non-empty ``out_dir``.
 
