@@ -23,6 +23,8 @@ setup(
         "pillow>=10",
         "tqdm>=4.60",
         "safetensors>=0.4",
+        "huggingface_hub>=0.23",
+        "psutil>=5.8",
         "pyyaml>=6",
         "numpy",
         "matplotlib>=3.7",

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, rotation, best tracking, exact resume, export to a plain HF model.
+"""Checkpoints: atomic save, rotation, best tracking, exact resume, integrity, export to a plain HF model.
 
 Layout of ``{output_dir}/checkpoints/step_000120/``::
 
@@ -7,12 +7,23 @@ Layout of ``{output_dir}/checkpoints/step_000120/``::
                            ckpt / "model")`` restores every trained weight. Full finetune:
                            trainable.safetensors + config.json. Plus the processor files, so the
                            folder loads on its own.
-    training_state.pt      optimizer, scheduler, grad scaler, LoopState (step, epoch, data position,
-                           metric history, best), callback states, number of processes
-    rng_state_{rank}.pt    python / numpy / torch / CUDA RNG of each process
+    optimizer.pt           the optimizer's state dict (tensors and plain values only: loaded with
+                           ``torch.load(..., weights_only=True)``)
+    trainer_state.json     LoopState (step, epoch, data position, metric history, best), callback
+                           states, scheduler and grad-scaler state, number of processes
+    rng_state_{rank}.safetensors  python / numpy / torch / CUDA RNG of each process: the state
+                           arrays as tensors, the few scalars as JSON in the file's metadata
     config.yaml            the LoopConfig
-    meta.json              step, epoch, kind ("lora" | "full"), base model, latest eval metrics;
-                           written last
+    meta.json              format, step, epoch, kind ("lora" | "full"), base model (a local
+                           directory as an absolute path), latest eval metrics, and the size and
+                           sha256 of every other file; written last
+
+Security: loading a checkpoint never unpickles anything but tensors and plain values; a
+checkpoint of the previous format (pickled ``training_state.pt``) is refused, not loaded.
+
+Integrity: `verify_checkpoint` checks that the files are exactly those of meta.json (none missing,
+none extra), their sizes (cheap) and then their hashes; resume and export call it.
+``resume_from="latest"`` falls back to the newest intact checkpoint with a warning.
 
 ``checkpoints/best.json`` names the best checkpoint (by ``metric_for_best``); rotation
 (``save_total_limit``) never deletes it, nor the newest checkpoint.
@@ -20,16 +31,18 @@ Layout of ``{output_dir}/checkpoints/step_000120/``::
 Atomicity: a checkpoint is written into a hidden sibling (``.tmp-step_000120``), every file and
 folder is fsynced, then the folder is renamed into place; rotation renames a folder away
 (``.deleting-...``) before deleting it. A crash or ``kill -9`` at any moment therefore leaves every
-listed checkpoint complete; leftovers of interrupted saves are ignored and cleaned up by the next
-save or resume.
+listed checkpoint complete; leftovers of interrupted saves, and temporary files of killed writers,
+are ignored and cleaned up by the next save or run (`repair_checkpoints`).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -43,11 +56,19 @@ import torch
 logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
-REQUIRED = ("meta.json", "training_state.pt", "config.yaml", "model")
-"""What a complete checkpoint folder holds (``rng_state_*.pt`` too)."""
+FORMAT = 2
+"""meta.json ``format`` this version writes and reads (1: the pickled ``training_state.pt``)."""
+REQUIRED = ("trainer_state.json", "optimizer.pt", "config.yaml", "rng_state_0.safetensors")
+"""Files every checkpoint's meta.json lists (and the ``model/`` folder's files)."""
 _TMP, _OLD, _DELETING = ".tmp-", ".old-", ".deleting-"
+_TEMP_FILE = re.compile(r"^\.(?:.+\.tmp|write-test)-(\d+)$")
+"""Temporary files of `atomic_write_text` / `check_output_dir`, named after their writer's pid."""
 EXTRA_TRAINABLE = "extra_trainable.safetensors"
 """Trainable weights that are neither LoRA nor ``modules_to_save`` (LoRA runs only)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not be loaded: damaged, not what its meta.json lists, or unsafe."""
 
 
 # ---------------------------------------------------------------------- atomic files
@@ -69,15 +90,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename."""
+    """Write ``text`` to ``path`` via a temporary file and a rename; a failed write leaves no file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_predictions(path: str | Path, rows: list[dict]) -> None:
@@ -87,16 +112,42 @@ def write_predictions(path: str | Path, rows: list[dict]) -> None:
 
 def check_output_dir(output_dir: str) -> None:
     """Fail before training if ``output_dir`` cannot be created or written."""
+    probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
     try:
         os.makedirs(output_dir, exist_ok=True)
-        probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
-        os.remove(probe)
     except OSError as err:
         raise OSError(
             err.errno, f"output_dir {output_dir!r} is not writable ({err}); choose another output_dir"
         ) from err
+    finally:
+        if os.path.lexists(probe):  # also after a failed write (e.g. a full disk)
+            os.remove(probe)
+
+
+def clean_temp_files(output_dir: str | Path) -> list[Path]:
+    """Delete the temporary files (``.best.json.tmp-PID``, ``.write-test-PID``,
+    ``predictions/.step_000010.jsonl.tmp-PID``) of writers that no longer run. Main process only.
+
+    Returns:
+        The deleted files.
+    """
+    import psutil
+
+    out = Path(output_dir)
+    deleted = []
+    for folder in (out, out / "predictions", checkpoints_dir(out)):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            match = _TEMP_FILE.match(path.name)
+            if match and path.is_file() and not psutil.pid_exists(int(match.group(1))):
+                path.unlink()
+                deleted.append(path)
+    if deleted:
+        logger.info("deleted %d temporary files of interrupted writes, e.g. %s", len(deleted), deleted[0])
+    return deleted
 
 
 def estimate_checkpoint_bytes(model: Any) -> int:
@@ -138,6 +189,47 @@ def set_rng_state(state: dict) -> None:
                 len(state["cuda"]),
                 torch.cuda.device_count(),
             )
+
+
+def save_rng_state(state: dict, file: Path) -> None:
+    """Write what `get_rng_state` returned as safetensors: the state arrays as tensors, the few
+    scalars as JSON metadata, so that reading it back needs no pickle."""
+    from safetensors.torch import save_file
+
+    version, words, gauss_next = state["python"]
+    algorithm, key, pos, has_gauss, cached_gaussian = state["numpy"]
+    tensors = {
+        "python": torch.tensor(words, dtype=torch.int64),
+        "numpy": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+        "torch": state["torch"],
+    }
+    cuda = state.get("cuda", [])
+    tensors.update({f"cuda_{i}": t.cpu() for i, t in enumerate(cuda)})
+    scalars = {
+        "python": [version, gauss_next],
+        "numpy": [algorithm, int(pos), int(has_gauss), float(cached_gaussian)],
+        "cuda_devices": len(cuda),
+    }
+    save_file(tensors, str(file), metadata={"scalars": json.dumps(scalars)})
+
+
+def load_rng_state(file: Path) -> dict:
+    """Read what `save_rng_state` wrote, in `get_rng_state`'s form."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        scalars = json.loads(f.metadata()["scalars"])
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    version, gauss_next = scalars["python"]
+    algorithm, pos, has_gauss, cached_gaussian = scalars["numpy"]
+    state = {
+        "python": (version, tuple(tensors["python"].tolist()), gauss_next),
+        "numpy": (algorithm, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached_gaussian),
+        "torch": tensors["torch"],
+    }
+    if scalars["cuda_devices"]:
+        state["cuda"] = [tensors[f"cuda_{i}"] for i in range(scalars["cuda_devices"])]
+    return state
 
 
 # ---------------------------------------------------------------------- model weights
@@ -242,30 +334,148 @@ def load_model_weights(model: Any, folder: Path, *, require_all_trainable: bool 
         model.load_state_dict(weights, strict=False)
 
 
-# ---------------------------------------------------------------------- listing
+# ---------------------------------------------------------------------- listing, integrity
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def is_complete(path: str | Path) -> bool:
-    """Whether ``path`` is a complete checkpoint folder (every file of `REQUIRED` present)."""
-    path = Path(path)
-    return all((path / name).exists() for name in REQUIRED) and any(path.glob("rng_state_*.pt"))
-
-
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (leftovers of interrupted saves are ignored)."""
+    """Published checkpoints (``step_*`` folders with their meta.json), oldest first.
+
+    Leftovers of interrupted saves are not listed. A listed checkpoint was complete when it was
+    renamed into place; whether its files are still intact is `verify_checkpoint`'s question.
+    """
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and is_complete(p)]
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` holds every file its meta.json lists, at the recorded size (no hashing)."""
+    return Path(path).is_dir() and _find_problem(Path(path), hashes=False) is None
+
+
+def verify_checkpoint(path: str | Path, hashes: bool = True) -> dict:
+    """Check that a checkpoint folder is exactly what was saved; return its meta.json.
+
+    Every file meta.json lists must be present with its recorded size, no other file may be in
+    the folder, and (with ``hashes``) every file's sha256 must match. Sizes are checked first:
+    they are cheap and catch truncated and empty files.
+
+    Args:
+        path: A checkpoint folder (``.../checkpoints/step_000120``).
+        hashes: Also compare the sha256 of every file (reads all of them).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a folder.
+        CheckpointError: The checkpoint is damaged, incomplete or of the old, unsafe format; the
+            message names the file and what to do, e.g. ``checkpoint out/checkpoints/step_000030:
+            model/adapter_model.safetensors is corrupt (sha256 mismatch); resume from step_000027
+            (the newest intact older checkpoint) or delete step_000030``.
+
+    Example:
+        >>> verify_checkpoint("out/checkpoints/step_000120")["step"]  # doctest: +SKIP
+        120
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a llava_loop checkpoint folder (it does not exist)")
+    problem = _find_problem(path, hashes)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path}: {problem}; {_advice(path)}")
+    return _read_meta(path)
+
+
+def _read_meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text(encoding="utf-8"))
+
+
+def _find_problem(path: Path, hashes: bool = True) -> str | None:
+    """What is wrong with the checkpoint folder ``path`` (None: nothing). One home for the rules."""
+    if not (path / "meta.json").is_file():
+        return "has no meta.json (not a llava_loop checkpoint, or its save never finished)"
+    try:
+        meta = _read_meta(path)
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"meta.json is corrupt ({err})"
+    if not isinstance(meta, dict):
+        return "meta.json is corrupt (not a JSON object)"
+    if "format" not in meta:
+        return (
+            "was written by an earlier llava_loop whose training_state.pt and rng_state_*.pt are pickles, "
+            "which can run arbitrary code when loaded, so it is not loaded. Its model/ folder (safetensors) "
+            "still loads with PeftModel.from_pretrained(base, path/'model'); to continue training, start a "
+            "new run from those weights"
+        )
+    if meta["format"] != FORMAT:
+        return f"has format {meta['format']}, this llava_loop reads format {FORMAT} (upgrade llava_loop?)"
+    files = meta.get("files", {})
+    for name in REQUIRED:
+        if name not in files:
+            return f"meta.json lists no {name}"
+    if not any(name.startswith("model/") for name in files):
+        return "meta.json lists no model/ files"
+    on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()} - {"meta.json"}
+    for name, record in files.items():
+        if name not in on_disk:
+            return f"{name} is missing"
+        size = (path / name).stat().st_size
+        if size != record["size"]:
+            if size == 0:
+                return f"{name} is empty (0 of {record['size']} bytes)"
+            if size < record["size"]:
+                return f"{name} is truncated ({size} of {record['size']} bytes)"
+            return f"{name} is corrupt ({size} bytes, {record['size']} expected)"
+    extra = sorted(on_disk - set(files))
+    if extra:
+        return f"{extra[0]} is not part of the checkpoint (meta.json does not list it; delete the file)"
+    if hashes:
+        for name, record in files.items():
+            if _sha256(path / name) != record["sha256"]:
+                return f"{name} is corrupt (sha256 mismatch)"
+    return None
+
+
+def _advice(path: Path) -> str:
+    """What to do about the broken checkpoint ``path``: its newest intact older sibling, if any."""
+    match = STEP_DIR.match(path.name)
+    if match:
+        older = [
+            p
+            for p in list_checkpoints(path.parent.parent)
+            if int(STEP_DIR.match(p.name).group(1)) < int(match.group(1))
+        ]
+        for candidate in reversed(older):
+            if _find_problem(candidate) is None:
+                return f"resume from {candidate.name} (the newest intact older checkpoint) or delete {path.name}"
+    return f"delete {path.name} (there is no intact older checkpoint next to it)"
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_records(folder: Path) -> dict[str, dict]:
+    """Size and sha256 of every file under ``folder`` (meta.json's ``files``)."""
+    return {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if not p.is_dir()
+    }
+
+
 def repair_checkpoints(output_dir: str | Path) -> None:
-    """Finish what an interrupted save or rotation left in ``output_dir``: restore a checkpoint
-    killed between the two renames of a re-save, delete temporary folders. Main process only."""
+    """Finish what interrupted saves and writes left in ``output_dir``: restore a checkpoint killed
+    between the two renames of a re-save, delete temporary folders, and delete temporary files of
+    writers that no longer run (`clean_temp_files`). Main process only, before training."""
     _clean_leftovers(checkpoints_dir(output_dir))
+    clean_temp_files(output_dir)
 
 
 def _clean_leftovers(root: Path) -> None:
@@ -327,7 +537,7 @@ def save_checkpoint(loop: Any, best: bool = False) -> str:
     if best:  # before writing, so that the LoopState saved in the best checkpoint names itself
         state.best_checkpoint = str(final)
     try:
-        torch.save(get_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
+        save_rng_state(get_rng_state(), tmp / f"rng_state_{acc.process_index}.safetensors")
         acc.wait_for_everyone()
         if acc.is_main_process:
             _write_main(loop, tmp)
@@ -380,31 +590,61 @@ def _write_main(loop: Any, tmp: Path) -> None:
     acc, state, cfg = loop.accelerator, loop.state, loop.config
     model = acc.unwrap_model(loop.model)
     kind = save_model_weights(model, loop.processor, tmp / "model")
-    torch.save(
-        {
-            "optimizer": loop.optimizer.state_dict(),
-            "scheduler": loop.scheduler.state_dict() if loop.scheduler is not None else None,
-            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-            "loop_state": state.state_dict(),
-            "callbacks": _callback_states(loop.callbacks),
-            "num_processes": acc.num_processes,
+    torch.save(loop.optimizer.state_dict(), tmp / "optimizer.pt")
+    trainer_state = {
+        "loop_state": _plain("LoopState.state_dict()", state.state_dict()),
+        "callbacks": {
+            key: _plain(f"the state_dict() of callback {key}", value)
+            for key, value in _callback_states(loop.callbacks).items()
         },
-        tmp / "training_state.pt",
-    )
+        "scheduler": None if loop.scheduler is None else _plain("the scheduler's state", loop.scheduler.state_dict()),
+        "scaler": None if acc.scaler is None else _plain("the grad scaler's state", acc.scaler.state_dict()),
+        "num_processes": acc.num_processes,
+    }
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
     cfg.save(tmp / "config.yaml")
     base = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     if _is_peft(model):
         base = model.peft_config[model.active_adapter].base_model_name_or_path or base
     meta = {
+        "format": FORMAT,
         "step": state.step,
         "epoch": state.epoch,
         "kind": kind,
-        "base_model": base,
+        # A local folder as an absolute path, so that export works from any working directory.
+        "base_model": os.path.abspath(base) if base and os.path.isdir(base) else base,
         "time": time.time(),
         "metrics": state.history[-1] if state.history else None,
+        "files": _file_records(tmp),  # every RNG state included: the other processes wrote theirs
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks the folder complete
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")  # last: marks it complete
     _fsync_tree(tmp)
+
+
+def _plain(what: str, value: Any) -> Any:
+    """``value`` unchanged if JSON holds it faithfully (tuples become lists); else a TypeError."""
+
+    def check(item: Any, where: str) -> None:
+        if isinstance(item, dict):
+            for key, sub in item.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"{where} has the non-string key {key!r}")
+                check(sub, f"{where}[{key!r}]")
+        elif isinstance(item, (list, tuple)):
+            for i, sub in enumerate(item):
+                check(sub, f"{where}[{i}]")
+        elif item is not None and not isinstance(item, (str, int, float, bool)):
+            raise TypeError(f"{where} is a {type(item).__name__}")
+
+    try:
+        check(value, "")
+    except TypeError as err:
+        raise TypeError(
+            f"cannot save {what} in a checkpoint: its value{err}. Checkpoints store this state as JSON "
+            "(so that loading it cannot run code): return str, int, float, bool, None, lists and dicts "
+            "with string keys"
+        ) from None
+    return value
 
 
 def rotate_checkpoints(output_dir: str | Path, limit: int | None, keep: str | None = None) -> list[Path]:
@@ -445,7 +685,11 @@ def best_checkpoint(output_dir: str | Path) -> dict | None:
 
 # ---------------------------------------------------------------------- resume
 def resolve_checkpoint(output_dir: str | Path, resume_from: str | Path) -> Path:
-    """``"latest"`` → newest complete checkpoint in ``output_dir``; otherwise a checkpoint folder."""
+    """``"latest"`` → newest intact checkpoint in ``output_dir``; otherwise a checkpoint folder.
+
+    Both are verified (`verify_checkpoint`). With ``"latest"``, a damaged newest checkpoint is
+    skipped with a warning naming it and what is wrong, and the newest intact one is used.
+    """
     if str(resume_from) == "latest":
         found = list_checkpoints(output_dir)
         if not found:
@@ -453,13 +697,19 @@ def resolve_checkpoint(output_dir: str | Path, resume_from: str | Path) -> Path:
                 f"resume_from='latest' but {checkpoints_dir(output_dir)} has no complete checkpoint; "
                 "check output_dir, or drop resume_from to start fresh"
             )
-        return found[-1]
-    path = Path(resume_from)
-    if not is_complete(path):
-        raise FileNotFoundError(
-            f"resume_from={str(resume_from)!r} is not a complete llava_loop checkpoint folder "
-            f"(needs {', '.join(REQUIRED)}, rng_state_*.pt)"
+        refused = []
+        for path in reversed(found):
+            problem = _find_problem(path)
+            if problem is None:
+                return path
+            logger.warning("not resuming from checkpoint %s: %s; trying the next older one", path, problem)
+            refused.append(f"{path.name}: {problem}")
+        raise CheckpointError(
+            f"resume_from='latest' but no checkpoint in {checkpoints_dir(output_dir)} is intact "
+            f"({'; '.join(refused)}); delete them, or drop resume_from to start fresh"
         )
+    path = Path(resume_from)
+    verify_checkpoint(path)
     return path
 
 
@@ -474,12 +724,15 @@ def read_resume_info(path: str | Path) -> tuple[dict, dict]:
     from .config import LoopConfig
 
     path = Path(path)
-    training = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+    training = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     return LoopConfig.from_file(path / "config.yaml").to_dict(), training["loop_state"]
 
 
 def load_checkpoint(loop: Any, path: str | Path) -> dict:
     """Restore weights, optimizer, scheduler, scaler, LoopState and callback states into ``loop``.
+
+    ``path`` should come from `resolve_checkpoint`, which verifies the hashes; here only the
+    format and the file sizes are checked again. Nothing is unpickled but tensors and plain values.
 
     Returns:
         This process's RNG state; the loop applies it right before its first step.
@@ -487,6 +740,7 @@ def load_checkpoint(loop: Any, path: str | Path) -> dict:
     from .config import LoopConfig
 
     path = Path(path)
+    verify_checkpoint(path, hashes=False)
     acc = loop.accelerator
     differences = _config_differences(LoopConfig.from_file(path / "config.yaml"), loop.config)
     try:
@@ -498,9 +752,9 @@ def load_checkpoint(loop: Any, path: str | Path) -> dict:
             f"the weights of {path} do not fit the model: {first} "
             f"(resume with the checkpoint's model settings{changed})"
         ) from err
-    training = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+    training = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     try:
-        loop.optimizer.load_state_dict(training["optimizer"])
+        loop.optimizer.load_state_dict(_load_tensors(path, "optimizer.pt"))
     except ValueError as err:
         raise ValueError(
             f"cannot restore the optimizer state of {path}: {err}. The trainable "
@@ -516,10 +770,24 @@ def load_checkpoint(loop: Any, path: str | Path) -> dict:
     loop.state.max_steps = max_steps
     loop.state.should_stop, loop.state.stop_reason = False, None
     _load_callback_states(loop.callbacks, training["callbacks"])
-    rng_file = path / f"rng_state_{acc.process_index}.pt"
+    rng_file = path / f"rng_state_{acc.process_index}.safetensors"
     if not rng_file.is_file():
-        rng_file = path / "rng_state_0.pt"
-    return torch.load(rng_file, map_location="cpu", weights_only=False)
+        rng_file = path / "rng_state_0.safetensors"
+    return load_rng_state(rng_file)
+
+
+def _load_tensors(checkpoint: Path, name: str) -> Any:
+    """``torch.load`` of tensors and plain values only: a file that holds anything else (which
+    could run code when unpickled) is refused, naming the checkpoint and the file."""
+    try:
+        return torch.load(checkpoint / name, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((line for line in str(err).splitlines() if "GLOBAL" in line), str(err).splitlines()[0])
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: {name} holds objects other than tensors and plain values, which "
+            f"could run code when loaded; refused ({reason.strip()}). Do not load it with "
+            f"weights_only=False unless you made it yourself; resume from another checkpoint"
+        ) from err
 
 
 # ---------------------------------------------------------------------- export
@@ -534,13 +802,15 @@ def export(
 
     The result loads with ``LlavaForConditionalGeneration.from_pretrained(out_dir)`` (and
     ``AutoProcessor.from_pretrained(out_dir)``); it is what AWQ/GGUF/bitsandbytes quantisers
-    expect. Written to a temporary sibling and renamed, so ``out_dir`` is never half-written.
+    expect. The checkpoint is verified first (`verify_checkpoint`). Written to a temporary
+    sibling and renamed, so ``out_dir`` is never half-written.
 
     Args:
         checkpoint: A checkpoint folder (``.../checkpoints/step_000120``).
         out_dir: Where to write the merged model.
         base_model: The base model object (it is modified), or a name/path; default: the one
-            recorded in the checkpoint.
+            recorded in the checkpoint. A relative path is looked for in the working directory,
+            then in the run's directory; a name that is no folder is loaded from the Hub.
         dtype: Optional dtype for loading the base model by name.
         overwrite: Replace an existing non-empty ``out_dir``.
 
@@ -548,18 +818,14 @@ def export(
         >>> export("out/checkpoints/step_000120", "merged")  # doctest: +SKIP
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    if not is_complete(checkpoint):
-        raise FileNotFoundError(f"{checkpoint} is not a complete llava_loop checkpoint folder")
+    meta = verify_checkpoint(checkpoint)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (CLI: --overwrite)")
-    meta = json.loads((checkpoint / "meta.json").read_text())
     if base_model is None or isinstance(base_model, (str, Path)):
-        from transformers import AutoModelForImageTextToText
-
-        name = base_model or meta["base_model"]
+        name = str(base_model or meta["base_model"])
         if not name:
             raise ValueError(f"{checkpoint} records no base model name; pass base_model=")
-        base_model = AutoModelForImageTextToText.from_pretrained(str(name), dtype=dtype or "auto")
+        base_model = _load_base_model(name, checkpoint, dtype)
     folder = checkpoint / "model"
     if meta["kind"] == "lora":
         from peft import PeftModel
@@ -579,10 +845,44 @@ def export(
         raise ValueError(f"could not load the processor saved in {folder}: {err}") from err
     tmp = out_dir.with_name(f"{_TMP}{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    _fsync_tree(tmp)
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def _load_base_model(name: str, checkpoint: Path, dtype: Any) -> Any:
+    """Load the base model ``name``: a local folder (a relative one is looked for in the working
+    directory, then in the run's directory), else a Hub model; failures say which paths were tried."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+    from transformers import AutoModelForImageTextToText
+
+    path = Path(name).expanduser()
+    run_dir = checkpoint.resolve().parent.parent  # {output_dir}/checkpoints/step_000120
+    tried = [path] if path.is_absolute() else [path.resolve(), (run_dir / path).resolve()]
+    for folder in tried:
+        if folder.is_dir():
+            return AutoModelForImageTextToText.from_pretrained(str(folder), dtype=dtype or "auto")
+    where = " nor ".join(str(p) for p in dict.fromkeys(tried))
+    advice = "pass the base model's folder or Hub name as base_model= (CLI: --base-model)"
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"the base model of {checkpoint}, {name!r}, does not exist: there is no folder {where}; {advice}"
+        ) from None
+    try:
+        return AutoModelForImageTextToText.from_pretrained(name, dtype=dtype or "auto")
+    except OSError as err:  # offline, not on the Hub, or no access
+        raise OSError(
+            f"could not load the base model of {checkpoint}, {name!r}: there is no folder {where}, and as a "
+            f"Hub model name it failed ({str(err).splitlines()[0]}); {advice}"
+        ) from err

@@ -24,8 +24,10 @@ from llava_loop.checkpointing import (
     export,
     is_complete,
     list_checkpoints,
+    load_rng_state,
     repair_checkpoints,
     resolve_checkpoint,
+    verify_checkpoint,
 )
 from llava_loop.loop import LoopState
 from llava_loop.testing import synthetic_vqa, tiny_llava
@@ -36,8 +38,17 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------- helpers
 def make_config(out: Path, **overrides) -> LoopConfig:
     """Small, CPU-fp32 settings where the RNG matters: shuffling, accumulation, LoRA dropout."""
-    settings = dict(max_steps=4, grad_accum_steps=2, lora_dropout=0.1, shuffle=True, log_steps=0, warmup_steps=1,
-                    seed=3, max_new_tokens=2, eval_batch_size=4)
+    settings = dict(
+        max_steps=4,
+        grad_accum_steps=2,
+        lora_dropout=0.1,
+        shuffle=True,
+        log_steps=0,
+        warmup_steps=1,
+        seed=3,
+        max_new_tokens=2,
+        eval_batch_size=4,
+    )
     return small_config(out, **{**settings, **overrides})
 
 
@@ -122,8 +133,9 @@ def test_checkpoint_holds_weights_optimizer_rng_state_config_and_processor(tmp_p
         "chat_template.jinja",
     ):
         assert name in model_files, f"{name} missing from {ckpt / 'model'}: {sorted(model_files)}"
-    training = torch.load(ckpt / "training_state.pt", weights_only=False)
-    assert training["optimizer"]["state"], "optimizer state is empty"
+    training = json.loads((ckpt / "trainer_state.json").read_text())
+    optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert optimizer["state"], "optimizer state is empty"
     assert training["scheduler"]["last_epoch"] == 2, f"scheduler state: {training['scheduler']}"
     assert "scaler" in training, "grad scaler entry missing"
     state = LoopState()
@@ -132,7 +144,7 @@ def test_checkpoint_holds_weights_optimizer_rng_state_config_and_processor(tmp_p
     # 2 steps x 2 accumulated micro-batches x batch_size samples
     assert position == (2, 0, 4 * loop.config.batch_size, loop.config.seed), f"LoopState: {state}"
     assert [h["step"] for h in state.history] == [1, 2], f"metric history: {state.history}"
-    rng = torch.load(ckpt / "rng_state_0.pt", weights_only=False)
+    rng = load_rng_state(ckpt / "rng_state_0.safetensors")
     assert {"python", "numpy", "torch"} <= set(rng), f"RNG state keys: {sorted(rng)}"
     assert LoopConfig.from_file(ckpt / "config.yaml") == loop.config, "config.yaml differs from the run's"
     meta = json.loads((ckpt / "meta.json").read_text())
@@ -238,7 +250,7 @@ def test_resume_works_when_some_parameters_never_had_gradients(tmp_path):
     model, processor = tiny_llava(seed=0)
     Loop(model, processor, make_config(tmp_path, max_steps=2)).fit(text_only)
     ckpt = list_checkpoints(tmp_path)[-1]
-    optimizer = torch.load(ckpt / "training_state.pt", weights_only=False)["optimizer"]
+    optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)
     n_params = sum(len(g["params"]) for g in optimizer["param_groups"])
     assert 0 < len(optimizer["state"]) < n_params, (
         f"expected optimizer state for only some parameters (projector had no gradient): "
@@ -289,7 +301,7 @@ def test_rotation_never_deletes_the_best_or_newest_checkpoint(tmp_path, limit):
     assert kept == ["step_000001", "step_000004"], f"limit={limit}: kept {kept}, want the best (1) and newest (4)"
     best = best_checkpoint(tmp_path)
     assert (best["checkpoint"], best["step"], best["value"]) == ("step_000001", 1, 0.9), f"best.json: {best}"
-    saved = torch.load(Path(best["path"]) / "training_state.pt", weights_only=False)["loop_state"]
+    saved = json.loads((Path(best["path"]) / "trainer_state.json").read_text())["loop_state"]
     assert Path(saved["best_checkpoint"]).name == "step_000001", (
         f"the best checkpoint's own LoopState names {saved['best_checkpoint']} as best: a run resumed from "
         "it would let rotation delete it"
@@ -392,9 +404,9 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120)
 def assert_loadable(ckpt: Path) -> None:
     from peft import PeftModel
 
-    assert is_complete(ckpt), f"{ckpt} is listed but incomplete"
+    verify_checkpoint(ckpt)  # raises naming the damaged file
     PeftModel.from_pretrained(tiny_llava(seed=0)[0], ckpt / "model")
-    training = torch.load(ckpt / "training_state.pt", weights_only=False)
+    training = json.loads((ckpt / "trainer_state.json").read_text())
     step = training["loop_state"]["step"]
     assert ckpt.name == f"step_{step:06d}", f"{ckpt.name} holds the state of step {step}"
 
@@ -527,7 +539,7 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_pat
     assert [r["step"] for r in results] == [2, 2], f"processes stopped at different steps: {results}"
     assert results[0]["stop_reason"] == "signal (on another process)", f"rank 0: {results[0]}"
     ckpt = out / "checkpoints" / "step_000002"
-    assert is_complete(ckpt) and (ckpt / "rng_state_1.pt").is_file(), f"incomplete 2-process checkpoint {ckpt}"
+    assert is_complete(ckpt) and (ckpt / "rng_state_1.safetensors").is_file(), f"incomplete 2-process checkpoint {ckpt}"
     resumed = run_two_processes(tmp_path, make_config(out, max_steps=5, resume_from="latest"), signal_at=None)
     assert [r["step"] for r in resumed] == [5, 5], f"the resumed 2-process run ended at {resumed}"
 
@@ -591,3 +603,299 @@ def test_export_of_a_full_finetune_checkpoint(tmp_path):
         "exported full-finetune model computes different logits than the trained one"
     )
     AutoProcessor.from_pretrained(out)
+
+
+# ---------------------------------------------------------------------- trust: no code, integrity
+class Payload:
+    """Unpickling this object creates ``marker``: what a planted ``__reduce__`` exploit would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def rehash(ckpt: Path) -> None:
+    """Record the current files in meta.json, as an attacker who edits a checkpoint would."""
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if "files" in meta:
+        from llava_loop.checkpointing import _file_records
+
+        meta["files"] = {k: v for k, v in _file_records(ckpt).items() if k != "meta.json"}
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def resume_run(out: Path, resume_from: str, max_steps: int = 3) -> RecordingLoop:
+    model, processor = tiny_llava(seed=0)
+    loop = RecordingLoop(model, processor, make_config(out, max_steps=max_steps, resume_from=resume_from))
+    loop.fit(synthetic_vqa(10, seed=0))
+    return loop
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory):
+    """A run with checkpoints at steps 1, 2 and 3; tests copy it before damaging it."""
+    out = tmp_path_factory.mktemp("three") / "run"
+    run(out, max_steps=3, save_steps=1)
+    return out
+
+
+def copy_run(source: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    return out
+
+
+def test_resume_never_unpickles_code_planted_in_any_pt_file_of_a_checkpoint(tmp_path, three_checkpoints):
+    out = copy_run(three_checkpoints, tmp_path)
+    ckpt = out / "checkpoints" / "step_000003"
+    pt_files = sorted(p.name for p in ckpt.glob("*.pt"))
+    assert pt_files, f"no .pt file in {ckpt}: the test would check nothing"
+    for name in pt_files:
+        marker = tmp_path / f"ran-{name}"
+        torch.save({"state": {0: Payload(marker)}, "param_groups": []}, ckpt / name)
+        rehash(ckpt)  # so that the integrity check passes and the loader itself is tested
+        with pytest.raises(Exception) as err:
+            resume_run(out, str(ckpt), max_steps=4)
+        assert not marker.exists(), f"resuming ran the code planted in {name}"
+        message = str(err.value)
+        assert str(ckpt) in message and name in message and "run code" in message, (
+            f"the refusal of the planted {name} does not name the checkpoint, the file and why: {message}"
+        )
+
+
+def test_a_checkpoint_of_the_earlier_pickle_format_is_refused_not_unpickled(tmp_path, three_checkpoints):
+    out = copy_run(three_checkpoints, tmp_path)
+    ckpt = out / "checkpoints" / "step_000003"
+    marker = tmp_path / "ran"
+    for path in list(ckpt.iterdir()):  # the earlier layout: pickled training_state.pt and rng_state_0.pt
+        if path.is_file() and path.name not in ("config.yaml", "meta.json"):
+            path.unlink()
+    torch.save({"optimizer": Payload(marker), "num_processes": 1}, ckpt / "training_state.pt")
+    torch.save({"python": Payload(marker)}, ckpt / "rng_state_0.pt")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({k: meta[k] for k in ("step", "epoch", "kind", "base_model")}))
+    with pytest.raises(Exception) as err:
+        resume_run(out, str(ckpt), max_steps=4)
+    assert not marker.exists(), "resuming unpickled the earlier format's training_state.pt"
+    message = str(err.value)
+    assert "step_000003" in message and "pickle" in message and "not loaded" in message, (
+        f"the refusal does not say the earlier format cannot be loaded safely: {message}"
+    )
+
+
+def test_the_latest_fallback_resumes_from_the_newest_intact_checkpoint_past_an_earlier_format_one(
+    tmp_path, three_checkpoints, caplog
+):
+    out = copy_run(three_checkpoints, tmp_path)
+    ckpt = out / "checkpoints" / "step_000003"
+    (ckpt / "optimizer.pt").rename(ckpt / "training_state.pt")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({k: meta[k] for k in ("step", "epoch", "kind", "base_model")}))
+    with caplog.at_level("WARNING", logger="llava_loop.checkpointing"):
+        loop = resume_run(out, "latest", max_steps=4)
+    assert len(loop.losses) == 2, f"expected a resume from step 2 (2 steps to 4), made {len(loop.losses)} steps"
+    assert any("step_000003" in r.message and "pickle" in r.message for r in caplog.records), (
+        f"no warning naming the refused checkpoint: {[r.message for r in caplog.records]}"
+    )
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # tensor data, not the header: safetensors loads it without complaint
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "bit flip": (_flip_last_byte, "is corrupt (sha256 mismatch)"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-100]), "is truncated"),
+    "zero bytes": (lambda p: p.write_bytes(b""), "is empty"),
+    "missing": (lambda p: p.unlink(), "is missing"),
+    "extra file": (lambda p: p.with_name("adapter_model.bin").write_bytes(b"x"), "is not part of the checkpoint"),
+}
+
+
+@pytest.mark.parametrize(
+    ("damage", "target"),
+    [(damage, "model/adapter_model.safetensors") for damage in DAMAGE]
+    + [("bit flip", "optimizer.pt"), ("truncated", "optimizer.pt"), ("bit flip", "rng_state_0.safetensors")],
+)
+def test_a_damaged_checkpoint_is_refused_by_name_and_latest_falls_back_to_an_intact_one(
+    tmp_path, three_checkpoints, caplog, damage, target
+):
+    out = copy_run(three_checkpoints, tmp_path)
+    ckpt = out / "checkpoints" / "step_000003"
+    damage_file, problem = DAMAGE[damage]
+    damage_file(ckpt / target)
+    shown = str(Path(target).with_name("adapter_model.bin").as_posix()) if damage == "extra file" else target
+    with pytest.raises(Exception) as err:
+        resume_run(out, str(ckpt), max_steps=4)
+    message = str(err.value)
+    assert f"checkpoint {ckpt}: {shown} {problem}" in message and "resume from step_000002" in message, (
+        f"{damage} of {target}: the error does not name the checkpoint, the file, the problem and the "
+        f"intact older checkpoint: {message}"
+    )
+    with pytest.raises(Exception) as err:
+        export(ckpt, tmp_path / "merged", base_model=tiny_llava(seed=0)[0])
+    assert f"{shown} {problem}" in str(err.value), f"export of a damaged checkpoint: {err.value}"
+    assert not (tmp_path / "merged").exists(), "export wrote a model from a damaged checkpoint"
+
+    with caplog.at_level("WARNING", logger="llava_loop.checkpointing"):
+        loop = resume_run(out, "latest", max_steps=4)
+    assert len(loop.losses) == 2, f"{damage}: resume_from='latest' did not fall back to step 2 ({loop.losses})"
+    assert any("step_000003" in r.message and problem in r.message for r in caplog.records), (
+        f"{damage}: no warning naming the damaged checkpoint and why: {[r.message for r in caplog.records]}"
+    )
+
+
+def test_meta_json_records_the_size_and_sha256_of_every_other_file(three_checkpoints):
+    import hashlib
+
+    ckpt = three_checkpoints / "checkpoints" / "step_000003"
+    files = json.loads((ckpt / "meta.json").read_text())["files"]
+    on_disk = {p.relative_to(ckpt).as_posix(): p for p in ckpt.rglob("*") if p.is_file() and p.name != "meta.json"}
+    assert set(files) == set(on_disk), f"meta.json lists {sorted(files)}, the folder holds {sorted(on_disk)}"
+    for name, path in on_disk.items():
+        data = path.read_bytes()
+        assert files[name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, f"record of {name}"
+
+
+def test_rng_states_round_trip_through_safetensors_without_pickle(tmp_path):
+    import numpy as np
+
+    from llava_loop.checkpointing import get_rng_state, save_rng_state, set_rng_state
+
+    random.seed(5)
+    random.gauss(0, 1)  # leaves a cached gaussian in python's state
+    np.random.seed(5)
+    np.random.standard_normal()  # and in numpy's
+    torch.manual_seed(5)
+    save_rng_state(get_rng_state(), tmp_path / "rng.safetensors")
+
+    def draw():
+        return [random.random(), random.gauss(0, 1)], np.random.standard_normal(3).tolist(), torch.rand(3).tolist()
+
+    expected = draw()
+    set_rng_state(load_rng_state(tmp_path / "rng.safetensors"))
+    assert draw() == expected, "the restored python / numpy / torch RNG streams differ from the saved ones"
+
+
+def test_a_callback_state_that_json_cannot_hold_fails_the_save_naming_the_callback(tmp_path):
+    class TensorState:
+        def state_dict(self):
+            return {"seen": torch.tensor(3)}
+
+    model, processor = tiny_llava(seed=0)
+    loop = Loop(model, processor, make_config(tmp_path, max_steps=1), callbacks=[TensorState()])
+    with pytest.raises(TypeError) as err:
+        loop.fit(synthetic_vqa(4, seed=0))
+    message = str(err.value)
+    assert "TensorState:0" in message and "['seen'] is a Tensor" in message, (
+        f"the save error does not name the callback and the value JSON cannot hold: {message}"
+    )
+    assert not list_checkpoints(tmp_path), "a checkpoint without the callback's state was published"
+
+
+# ---------------------------------------------------------------------- export: base model paths
+def test_export_finds_a_base_model_given_by_relative_path_from_any_working_directory(tmp_path, monkeypatch):
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    tiny, processor = tiny_llava(seed=0)
+    tiny.save_pretrained(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained("base")  # a relative path, as a user would pass it
+    loop = Loop(model, processor, make_config(Path("run"), max_steps=2, lora_dropout=0.0))
+    loop.fit(synthetic_vqa(4, seed=0))
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    assert json.loads((ckpt / "meta.json").read_text())["base_model"] == str(tmp_path / "base"), (
+        "meta.json does not record the local base model as an absolute path"
+    )
+    records = synthetic_vqa(3, seed=11)
+    expected = logits_of(loop.accelerator.unwrap_model(loop.model), processor, records)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    from llava_loop.cli import main
+
+    assert main(["export", "../run/checkpoints/step_000002", "merged"]) == 0, "`llava-loop export` failed"
+    merged = LlavaForConditionalGeneration.from_pretrained(elsewhere / "merged")
+    torch.testing.assert_close(
+        logits_of(merged, processor, records), expected, rtol=1e-4, atol=1e-4, msg="exported logits differ"
+    )
+
+    # A relative base model path (a hand-edited or moved run) is looked for in the run's directory.
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "base_model": "../base"}))
+    export(ckpt, elsewhere / "again")
+    assert (elsewhere / "again" / "config.json").is_file(), "export with a run-relative base model path failed"
+
+
+@pytest.mark.parametrize("base", ["../nowhere/base", "nowhere-base"], ids=["path", "Hub-like name, offline"])
+def test_export_with_a_base_model_that_does_not_exist_names_the_paths_it_tried(tmp_path, three_checkpoints, base):
+    out = copy_run(three_checkpoints, tmp_path)
+    ckpt = out / "checkpoints" / "step_000003"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "base_model": base}))
+    with pytest.raises(OSError) as err:  # FileNotFoundError is an OSError
+        export(ckpt, tmp_path / "merged")
+    message = str(err.value)
+    assert repr(base) in message and str((out / base).resolve()) in message and "--base-model" in message, (
+        f"the error does not name the base model, the folders tried and the fix: {message}"
+    )
+    assert not (tmp_path / "merged").exists(), "export wrote something without a base model"
+
+
+# ---------------------------------------------------------------------- temporary files
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_run_deletes_temporary_files_of_dead_writers_and_keeps_live_ones(tmp_path):
+    dead = dead_pid()
+    leftovers = [
+        tmp_path / f".write-test-{dead}",
+        tmp_path / "checkpoints" / f".best.json.tmp-{dead}",
+        tmp_path / "predictions" / f".step_000002.jsonl.tmp-{dead}",
+        tmp_path / f".config.yaml.tmp-{dead}",
+    ]
+    live = tmp_path / "checkpoints" / f".best.json.tmp-{os.getpid()}"  # a writer still running
+    for path in [*leftovers, live]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("half written")
+    run(tmp_path, max_steps=1)
+    remaining = [p.name for p in leftovers if p.exists()]
+    assert not remaining, f"a new run left temporary files of dead writers: {remaining}"
+    assert live.exists(), "a temporary file of a running writer was deleted"
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from llava_loop import checkpointing
+
+    target = tmp_path / "predictions" / "step_000001.jsonl"
+    target.mkdir(parents=True)  # os.replace onto a folder fails after the temporary file is written
+    with pytest.raises(OSError):
+        checkpointing.write_predictions(target, [{"id": "a"}])
+    assert [p.name for p in target.parent.iterdir()] == [target.name], "the failed write left a temporary file"
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointing, "open", lambda path, mode="r", **kw: FullDisk(open(path, mode)), raising=False)
+    with pytest.raises(OSError, match="not writable"):
+        checkpointing.check_output_dir(str(tmp_path / "out"))
+    assert not list((tmp_path / "out").iterdir()), "check_output_dir's failed probe was left behind"
