@@ -187,10 +187,10 @@ def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None, overw
             )
         return None
     if resume_from == "auto":
-        found = checkpointing.list_checkpoints(output_dir)
-        if not found:
+        if not checkpointing.list_checkpoints(output_dir):
             logger.info("resume_from='auto': no checkpoint in %s, starting fresh", output_dir)
-        return found[-1] if found else None
+            return None
+        resume_from = "latest"  # verified, falling back past damaged ones; never a silent fresh start
     return checkpointing.resolve_checkpoint(output_dir, resume_from)
 
 

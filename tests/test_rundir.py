@@ -98,6 +98,15 @@ def test_resume_from_auto_starts_fresh_then_resumes(tmp_path):
     assert len(second.lrs) == 2 and second.state.step == 4, f"resumed run made {len(second.lrs)} steps"
 
 
+def test_resume_from_auto_never_starts_fresh_over_a_damaged_checkpoint(tmp_path):
+    run(tmp_path, max_steps=2, save_steps=1)
+    adapter = tmp_path / "checkpoints" / "step_000002" / "model" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-1])  # truncated
+    loop = run(tmp_path, max_steps=3, resume_from="auto")
+    assert Path(loop.resumed_from).name == "step_000001", f"auto resumed {loop.resumed_from}, not the intact one"
+    assert len(loop.lrs) == 2, f"resumed run made {len(loop.lrs)} steps from step 1 to 3"
+
+
 # ---------------------------------------------------------------------- lock
 def _lock(out: Path, **owner) -> None:
     out.mkdir(parents=True, exist_ok=True)
