@@ -13,6 +13,7 @@ import time
 import torch
 
 from llava_loop import Loop, LoopConfig
+from llava_loop.checkpointing import load_rng_state, verify_checkpoint
 from llava_loop.testing import synthetic_vqa, tiny_llava
 
 
@@ -34,6 +35,15 @@ def run(precision: str, out: str, steps: int) -> dict:
                                                      "output_dir": f"{out}/{precision}-resumed", "eval_before_training": False}))
     state2 = resumed.fit(synthetic_vqa(2048, seed=0), synthetic_vqa(128, seed=1000))
     result["resumed_after"] = state2.history[-1]["eval/exact_match"]
+    result["resumed_eval_loss_after"] = state2.history[-1]["eval/loss"]
+    # The checkpoint format on a GPU: data only (the grad scaler's state in JSON, CUDA RNG states in
+    # safetensors), every file's hash verified.
+    ckpt = f"{out}/{precision}/checkpoints/step_{steps:06d}"
+    verify_checkpoint(ckpt)
+    trainer_state = json.loads(open(f"{ckpt}/trainer_state.json").read())
+    result["scaler_state_saved"] = trainer_state["scaler"] is not None
+    rng = load_rng_state(f"{ckpt}/rng_state_0.safetensors")
+    result["cuda_rng_states_saved"] = len(rng.get("cuda", []))
     return result
 
 
