@@ -310,6 +310,7 @@ def data_fingerprint(dataset: Any) -> dict:
     records = getattr(dataset, "_records", None)
     if records is None:
         return {"records": len(dataset), "what": "size only", "hash": "-"}
+
     def name(image: Any) -> str:
         return image.rpartition(os.sep)[2] if isinstance(image, str) else "" if image is None else "<in memory>"
 
