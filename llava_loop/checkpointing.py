@@ -713,12 +713,6 @@ def resolve_checkpoint(output_dir: str | Path, resume_from: str | Path) -> Path:
     return path
 
 
-def _config_differences(saved: Any, current: Any) -> list[str]:
-    ignore = {"output_dir", "resume_from", "report_to", "handle_signals"}
-    a, b = saved.to_dict(), current.to_dict()
-    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k in b and k not in ignore and a[k] != b[k]]
-
-
 def read_resume_info(path: str | Path) -> tuple[dict, dict]:
     """The checkpoint's `LoopConfig` and `LoopState`, as dicts, without loading anything else."""
     from .config import LoopConfig
@@ -737,20 +731,18 @@ def load_checkpoint(loop: Any, path: str | Path) -> dict:
     Returns:
         This process's RNG state; the loop applies it right before its first step.
     """
-    from .config import LoopConfig
-
     path = Path(path)
     verify_checkpoint(path, hashes=False)
     acc = loop.accelerator
-    differences = _config_differences(LoopConfig.from_file(path / "config.yaml"), loop.config)
     try:
         load_model_weights(acc.unwrap_model(loop.model), path / "model")
     except (ValueError, RuntimeError) as err:  # RuntimeError: load_state_dict's size mismatches
-        changed = f"; settings changed since the checkpoint: {'; '.join(differences)}" if differences else ""
+        # Changed model settings were refused before (`rundir.resume_plan`); this is another base
+        # model or a configure_optimizers/prepare_model that freezes differently.
         first = " ".join(str(err).split()[:40])  # load_state_dict lists every mismatching tensor
         raise ValueError(
-            f"the weights of {path} do not fit the model: {first} "
-            f"(resume with the checkpoint's model settings{changed})"
+            f"the weights of {path} do not fit the model: {first} (resume with the checkpoint's base "
+            "model and model settings)"
         ) from err
     training = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     try:

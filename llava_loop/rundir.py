@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from . import checkpointing
 
 logger = logging.getLogger(__name__)
@@ -58,29 +60,22 @@ IGNORED_FIELDS += ("handle_signals",)
 
 
 # ---------------------------------------------------------------------- lock
-def _process_start(pid: int) -> int | None:
-    """The start time of ``pid`` in clock ticks since boot (Linux), to tell a reused pid apart."""
+def _process_start(pid: int) -> float | None:
+    """When ``pid`` started (seconds since the epoch), to tell a reused pid apart; None if unknown."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            # Field 22; the command name (field 2) may hold spaces, so count from its closing ")".
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
         return None
 
 
 def _alive(owner: dict) -> bool:
-    """Whether the process that wrote ``owner`` (on this host) still runs."""
+    """Whether the process that wrote ``owner`` (on this host) still runs (and is not a younger
+    process that reuses its pid)."""
     pid = owner.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or pid <= 0 or not psutil.pid_exists(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    started = _process_start(pid)
-    return owner.get("start") is None or started is None or started == owner["start"]
+    started, recorded = _process_start(pid), owner.get("start")
+    return recorded is None or started is None or abs(started - recorded) < 0.01
 
 
 @dataclass
