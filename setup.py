@@ -26,6 +26,7 @@ setup(
         "huggingface_hub>=0.23",
         "psutil>=5.8",
         "pyyaml>=6",
+        "jsonargparse[signatures]>=4.40",
         "numpy",
         "matplotlib>=3.7",
     ],

@@ -1,27 +1,139 @@
-"""``llava-loop`` / ``python -m llava_loop``: ``demo``, ``train`` and ``export``.
+"""The ``llava-loop`` command (also ``python -m llava_loop``): demo, train, plot, export.
 
-Examples::
+``train`` reads one YAML file that can hold the whole run, and flags override it:
 
-    llava-loop demo                                   # tiny offline model, learns on the CPU
-    llava-loop train --model llava-hf/llava-1.5-7b-hf --train data.json --image-folder imgs \\
-        --eval val.json --config run.yaml --learning-rate 1e-4
-    llava-loop export out/checkpoints/step_000500 merged/
+.. code-block:: yaml
+
+    model: {name: llava-hf/llava-1.5-7b-hf, dtype: bfloat16}
+    data: {train: data/train.json, eval: data/val.json, image_folder: data/images}
+    metrics: [exact_match, {name: bertscore, model_type: /models/roberta-large, num_layers: 17}]
+    output_dir: runs/llava-lora          # every LoopConfig field, at the top level
+    learning_rate: 2.0e-4
+
+Every setting (data files and records, metrics and their models, metric_for_best, output_dir, the
+model's folder) is checked before the model is loaded, so a typo costs seconds, not a 7B load. A
+mistake prints one message and exits with status 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
-import argparse
+import difflib
 import json
 import logging
 import os
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger("llava_loop")
 
+USER_ERRORS = (ValueError, OSError, ImportError)
+"""Exceptions that are the user's to fix (bad settings, files, data, a missing package): one message,
+exit status 2. Anything else is a bug and keeps its traceback."""
 
-def _demo_config(args: argparse.Namespace):
+
+@dataclass
+class ModelArgs:
+    """The model to finetune (loaded only after every other setting is checked)."""
+
+    name: str
+    """Hub name (e.g. llava-hf/llava-1.5-7b-hf) or a local folder written by save_pretrained."""
+    dtype: str = "auto"
+    """Weight dtype: auto (the checkpoint's), bfloat16, float16 or float32."""
+    load_in_4bit: bool = False
+    """QLoRA: 4-bit NF4 base weights via bitsandbytes (needs a CUDA GPU and the [gpu] extra)."""
+    device_map: str | None = None
+    """"auto" spreads one model over all visible GPUs (one process); null = one device."""
+    attn_implementation: str | None = None
+    """Attention kernel, e.g. sdpa or flash_attention_2; null = the transformers default."""
+
+
+@dataclass
+class DataArgs:
+    """Training and evaluation data (LLaVA JSON/JSONL or HF messages records)."""
+
+    train: str
+    """Training records: a .json (list) or .jsonl file."""
+    eval: str | None = None
+    """Evaluation records (same formats); null = no evaluation."""
+    image_folder: str | None = None
+    """Folder that relative image paths are relative to; null = the data file's folder."""
+    eval_image_folder: str | None = None
+    """Image folder of the eval records; null = image_folder."""
+
+
+def _metrics_help() -> str:
+    from .metrics import metric_names
+
+    return (
+        f"Metrics scored on generated answers. Each is a built-in name ({', '.join(metric_names())}) or a "
+        "mapping with options, e.g. {name: bertscore, model_type: /models/roberta-large, num_layers: 17}. "
+        "On the command line: --metrics '[exact_match, rouge]' or --metrics+ rouge to add one."
+    )
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def build_parser() -> Any:
+    """The ``llava-loop`` parser (jsonargparse): one subcommand per task."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    from .config import LoopConfig
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings are the help
+
+    def parser(description: str) -> ArgumentParser:
+        p = ArgumentParser(prog="llava-loop", description=description, exit_on_error=False, allow_abbrev=False)
+        p.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
+        return p
+
+    root = parser(
+        "Finetune Hugging Face vision-language models with a plain PyTorch loop. See: llava-loop COMMAND --help"
+    )
+    commands = root.add_subcommands(required=True, dest="command")
+
+    demo_p = parser("Train a tiny offline LLaVA on synthetic visual QA and show that it learned (CPU, ~40 s).")
+    demo_p.add_argument("--output_dir", default="demo_output", help="Where checkpoints, logs and plots go.")
+    demo_p.add_argument("--steps", type=int, default=600, help="Optimizer steps (batch 16).")
+    demo_p.add_argument("--train_samples", type=int, default=4096, help="Synthetic training samples.")
+    demo_p.add_argument("--eval_samples", type=int, default=128, help="Held-out samples (never trained on).")
+    demo_p.add_argument("--seed", type=int, default=0, help="Seed of the model, the data and the run.")
+    commands.add_subcommand("demo", demo_p, help="train a tiny offline LLaVA on synthetic visual QA (CPU)")
+
+    train_p = parser(
+        "Finetune a vision-language model. A YAML --config file can hold the whole run (sections model, data, "
+        "metrics, and every LoopConfig field at the top level); flags override it. Everything is checked "
+        "before the model is loaded. --print_config shows the resulting configuration."
+    )
+    train_p.add_argument("--config", action=ActionConfigFile, help="YAML file with the whole run; flags override it.")
+    train_p.add_class_arguments(ModelArgs, "model")
+    train_p.add_class_arguments(DataArgs, "data")
+    train_p.add_argument("--metrics", type=list[str | dict[str, Any]], default=["exact_match"], help=_metrics_help())
+    train_p.add_class_arguments(LoopConfig, None)
+    commands.add_subcommand("train", train_p, help="finetune a model on your data (LoRA by default)")
+
+    plot_p = parser("Draw loss, learning rate and every eval metric of a run from its metrics.jsonl to a PNG.")
+    plot_p.add_argument("run_dir", help="The run's output_dir (holding metrics.jsonl).")
+    plot_p.add_argument("--out", default=None, help="PNG to write; default RUN_DIR/curves.png.")
+    commands.add_subcommand("plot", plot_p, help="plot a run's curves to PNG")
+
+    export_p = parser("Merge a checkpoint's LoRA adapter into its base model and save a plain HF model.")
+    export_p.add_argument("checkpoint", help="A checkpoint folder, e.g. runs/x/checkpoints/step_000500.")
+    export_p.add_argument("out_dir", help="Folder for the merged model (must be empty unless --overwrite).")
+    export_p.add_argument("--base_model", default=None, help="Base model; default: the one the checkpoint names.")
+    export_p.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT_DIR.")
+    commands.add_subcommand("export", export_p, help="merge a LoRA checkpoint into a plain HF model")
+    root.command_parsers = {"demo": demo_p, "train": train_p, "plot": plot_p, "export": export_p}
+    return root
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def _demo_config(args: Any):
     from .config import LoopConfig
 
     return LoopConfig(
@@ -61,46 +173,12 @@ def _per_kind(path: str) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
-def plot_metrics(metrics_path: str, out_path: str) -> str:
-    """Plot train loss and eval curves from ``metrics.jsonl`` into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .loggers import read_metrics
-
-    train, evals = [], defaultdict(list)
-    for rec in read_metrics(metrics_path):
-        if "train/loss" in rec:
-            train.append((rec["step"], rec["train/loss"]))
-        for key in ("eval/loss", "eval/exact_match"):
-            if key in rec:
-                evals[key].append((rec["step"], rec[key]))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    if train:
-        ax1.plot(*zip(*train), label="train/loss")
-    if evals["eval/loss"]:
-        ax1.plot(*zip(*evals["eval/loss"]), "o-", label="eval/loss")
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("loss")
-    ax1.legend()
-    if evals["eval/exact_match"]:
-        ax2.plot(*zip(*evals["eval/exact_match"]), "o-", color="tab:green")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("held-out exact match")
-    ax2.set_ylim(0, 1.05)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
-
-
-def demo(args: argparse.Namespace) -> dict:
+def demo(args: Any) -> dict:
     """Train the tiny offline LLaVA on a synthetic visual QA task and show it learned."""
     import torch
 
     from .loop import Loop
+    from .plots import plot_run
     from .testing import synthetic_vqa, tiny_llava
 
     # The toy model's matrices are too small for intra-op threads to pay off: extra threads only
@@ -116,7 +194,7 @@ def demo(args: argparse.Namespace) -> dict:
     before_kinds = _per_kind(os.path.join(args.output_dir, "predictions", "step_000000.jsonl"))
     after = loop.state.history[-1]
     after_kinds = _per_kind(os.path.join(args.output_dir, "predictions", f"step_{loop.state.step:06d}.jsonl"))
-    plot = plot_metrics(os.path.join(args.output_dir, "metrics.jsonl"), os.path.join(args.output_dir, "curves.png"))
+    plot = plot_run(args.output_dir)
     elapsed = time.perf_counter() - t0
     lines = [
         "",
@@ -127,79 +205,133 @@ def demo(args: argparse.Namespace) -> dict:
         f"eval loss  {before['eval/loss']:>7.3f} {after['eval/loss']:>7.3f}",
         "",
         (f"{loop.state.step} steps in {elapsed:.0f} s; outputs in {args.output_dir}/ (checkpoints/, "
-         f"metrics.jsonl, predictions/, {os.path.basename(plot)})"),
-    ]
+         f"metrics.jsonl, summary.json, predictions/, {os.path.basename(plot)})"),
+    ]  # fmt: skip
     print("\n".join(lines))
     return {"before": before, "after": after, "seconds": elapsed, "steps": loop.state.step}
 
 
-def train(args: argparse.Namespace) -> None:
+class _SaveRunConfig:
+    """Writes the whole run's configuration (the CLI's YAML) to ``{output_dir}/run.yaml`` once the run owns
+    its output_dir (a refused run must not overwrite another run's file)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def on_fit_start(self, loop: Any) -> None:
+        from .checkpointing import atomic_write_text
+
+        if loop.accelerator.is_main_process:
+            atomic_write_text(os.path.join(loop.config.output_dir, "run.yaml"), self.text)
+
+
+def loop_config(args: Any) -> Any:
+    """The `LoopConfig` of a parsed ``train`` namespace (its top-level keys; validated)."""
     from .config import LoopConfig
+
+    return LoopConfig.from_dict({name: args[name] for name in LoopConfig.field_docs()})
+
+
+def train(args: Any, parser: Any = None) -> None:
+    """Check every setting, then load the model and fit. ``args`` is the parsed ``train`` namespace."""
+    from . import checkpointing, rundir
     from .data import as_dataset
     from .loop import Loop
-    from .modeling import load_model
+    from .metrics import check_metrics, resolve_metrics
+    from .modeling import check_model_args, load_model
 
-    config = LoopConfig.from_args(args, base=LoopConfig.from_file(args.config) if args.config else None)
-    model, processor = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
-                                  device_map=args.device_map)
-    external = config.allow_external_images
-    train_data = as_dataset(args.train, args.image_folder, on_bad_sample=config.on_bad_sample,
-                            allow_external_images=external)
-    eval_data = as_dataset(args.eval, args.eval_image_folder or args.image_folder,
-                           on_bad_sample=config.on_bad_sample, allow_external_images=external) if args.eval else None
-    Loop(model, processor, config, metrics=args.metrics).fit(train_data, eval_data)
+    config = loop_config(args)
+    model, data = args.model, args.data
+    # Cheapest first; nothing here reads weights.
+    check_model_args(model.name, dtype=model.dtype, load_in_4bit=model.load_in_4bit)
+    config.check_eval_data(data.eval is not None)
+    metrics = resolve_metrics(args.metrics)
+    check_metrics(metrics, config.metric_for_best, config.eval_loss)
+    checkpointing.check_output_dir(config.output_dir)
+    rundir.RunLock.acquire(config.output_dir).release()  # another live run in it is an error now
+    rundir.resolve_resume(config.output_dir, config.resume_from, config.overwrite_output_dir)
+    options = {"on_bad_sample": config.on_bad_sample, "allow_external_images": config.allow_external_images}
+    train_data = as_dataset(data.train, data.image_folder, **options)
+    eval_data = None
+    if data.eval is not None:
+        eval_data = as_dataset(data.eval, data.eval_image_folder or data.image_folder, **options)
+    logger.info("settings, data and metrics checked; loading %s", model.name)
+
+    net, processor = load_model(
+        model.name,
+        dtype=model.dtype,
+        load_in_4bit=model.load_in_4bit,
+        device_map=model.device_map,
+        attn_implementation=model.attn_implementation,
+    )
+    callbacks = [_SaveRunConfig(parser.dump(args, skip_none=False))] if parser is not None else []
+    Loop(net, processor, config, metrics=metrics, callbacks=callbacks).fit(train_data, eval_data)
 
 
-def export_cmd(args: argparse.Namespace) -> None:
+def plot(args: Any) -> None:
+    from .plots import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+
+
+def export_cmd(args: Any) -> None:
     from .checkpointing import export
 
     out = export(args.checkpoint, args.out_dir, base_model=args.base_model, overwrite=args.overwrite)
     print(f"merged model written to {out}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .config import LoopConfig
+# ---------------------------------------------------------------------- entry point
 
-    parser = argparse.ArgumentParser(prog="llava-loop", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="train a tiny offline LLaVA on synthetic visual QA (CPU, < 3 min)")
-    p.add_argument("--output-dir", default="demo_output")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps (batch 16)")
-    p.add_argument("--train-samples", type=int, default=4096)
-    p.add_argument("--eval-samples", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=demo)
-
-    p = sub.add_parser("train", help="finetune a model on LLaVA-format data")
-    p.add_argument("--model", required=True, help="Hub name or local folder, e.g. llava-hf/llava-1.5-7b-hf")
-    p.add_argument("--train", required=True, help="LLaVA JSON/JSONL (or HF messages-style) file")
-    p.add_argument("--image-folder", default=None)
-    p.add_argument("--eval", default=None, help="eval JSON/JSONL file")
-    p.add_argument("--eval-image-folder", default=None)
-    p.add_argument("--config", default=None, help="YAML/JSON LoopConfig; flags below override it")
-    p.add_argument("--metrics", nargs="+", default=["exact_match"], help="built-in metric names")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--load-in-4bit", action="store_true", help="QLoRA (needs bitsandbytes and a GPU)")
-    p.add_argument("--device-map", default=None, help='"auto" to spread one model over GPUs')
-    LoopConfig.add_arguments(p)
-    p.set_defaults(func=train)
-
-    p = sub.add_parser("export", help="merge a checkpoint's LoRA into its base model")
-    p.add_argument("checkpoint")
-    p.add_argument("out_dir")
-    p.add_argument("--base-model", default=None, help="default: the base model recorded in the checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-    p.set_defaults(func=export_cmd)
-    return parser
+def _parse_error(parser: Any, argv: list[str], err: Exception) -> str:
+    """jsonargparse's message, plus the flag meant when an unknown one is close to a real one."""
+    message = str(err).strip()
+    command = next((a for a in argv if a in parser.command_parsers), None)
+    sub = parser.command_parsers.get(command)
+    if "unrecognized arguments" in message and sub is not None:
+        known = [s for action in sub._actions for s in action.option_strings]
+        hints = []
+        for arg in argv:
+            flag = arg.split("=", 1)[0]
+            if flag.startswith("--") and flag not in known:
+                close = difflib.get_close_matches(flag.replace("-", "_").replace("__", "--", 1), known, n=1)
+                if close:
+                    hints.append(f"{flag} -> {close[0]}")
+        if hints:
+            message += f" (did you mean: {', '.join(hints)}? Flags are the field names, with underscores)"
+    return message
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``llava-loop``; returns the exit status (2 for a user error, with one message)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "accelerate", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    parser = build_parser()
+    debug = "--debug" in argv
+    try:
+        args = parser.parse_args(argv)
+    except Exception as err:  # jsonargparse reports every parse/type error as an exception here
+        if debug:
+            raise
+        command = next((a for a in argv if a in parser.command_parsers), "")
+        where = f"llava-loop {command}".strip()
+        print(f"{where}: error: {_parse_error(parser, argv, err)}\n(see {where} --help)", file=sys.stderr)
+        return 2
+    sub = args[args.command]
+    commands = {"demo": demo, "train": lambda a: train(a, parser.command_parsers["train"]),
+                "plot": plot, "export": export_cmd}  # fmt: skip
+    try:
+        commands[args.command](sub)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"llava-loop {args.command}: error: {err}\n(run again with --debug for the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

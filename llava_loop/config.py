@@ -1,7 +1,7 @@
 """`LoopConfig`: every setting of a training run in one typed dataclass.
 
-The docstring under each field is its documentation and its CLI help, so keep it
-complete (units, sentinels). `__post_init__` validates and normalizes every field.
+The docstring under each field is its documentation and its CLI help (``llava-loop train
+--help``), so keep it complete (units, sentinels). `__post_init__` validates and normalizes every field.
 
 Example:
     >>> cfg = LoopConfig(learning_rate=1e-4, metric_for_best="rougeL")
@@ -9,7 +9,6 @@ Example:
     'eval/rougeL'
 """
 
-import argparse
 import ast
 import dataclasses
 import difflib
@@ -21,7 +20,7 @@ import math
 import textwrap
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,8 @@ _NON_NEGATIVE += ("log_steps", "num_workers", "max_bad_steps", "seed")
 class LoopConfig:
     """Settings of one finetuning run: schedule, optimizer, LoRA, eval, checkpoints.
 
-    Build it in code, from a YAML/JSON file (`from_file`) or from CLI flags
-    (`from_args`). Invalid values raise `ValueError` naming the field, the value and
+    Build it in code, from a YAML/JSON file (`from_file`) or from the ``llava-loop train``
+    flags (the CLI generates one flag per field from these docstrings). Invalid values raise `ValueError` naming the field, the value and
     what is allowed. A *step* is an optimizer step (`grad_accum_steps` batches).
 
     Example:
@@ -249,11 +248,28 @@ class LoopConfig:
                 'it, no loss scaling needed) or "fp32".'
             )
         if self.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-            raise ValueError(
-                f'precision="bf16" but {device} has no bfloat16 support; use "fp16" '
-                'or "fp32".'
-            )
+            raise ValueError(f'precision="bf16" but {device} has no bfloat16 support; use "fp16" or "fp32".')
         return self.precision
+
+    def check_eval_data(self, given: bool) -> None:
+        """Raise if a setting needs eval data and none is given (`Loop.fit` and the CLI call this first).
+
+        Raises:
+            ValueError: an eval cadence or ``metric_for_best`` is set but there is no eval data.
+        """
+        if given:
+            return
+        if self.eval_steps or self.eval_each_epoch or self.eval_before_training:
+            raise ValueError(
+                "eval_steps/eval_each_epoch/eval_before_training are set but there is no eval data; pass "
+                "eval_data to fit() (CLI: --data.eval), or set eval_steps=0, eval_each_epoch=False, "
+                "eval_before_training=False"
+            )
+        if self.metric_for_best is not None:
+            raise ValueError(
+                f"metric_for_best={self.metric_for_best!r} needs eval data: pass eval_data to fit() "
+                "(CLI: --data.eval), or set metric_for_best=None"
+            )
 
     def resolved_greater_is_better(self) -> bool:
         """Return greater_is_better, or infer it from metric_for_best when None.
@@ -282,16 +298,12 @@ class LoopConfig:
             ValueError: on unknown keys (with close-match suggestions) or bad values.
         """
         if not isinstance(d, Mapping):
-            raise TypeError(
-                f"Expected a mapping of field names, got {type(d).__name__}"
-            )
+            raise TypeError(f"Expected a mapping of field names, got {type(d).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = [key for key in d if key not in names]
         if unknown:
             close = {k: difflib.get_close_matches(str(k), names, n=3) for k in unknown}
-            hints = [
-                f"{k!r} (did you mean {c}?)" if c else repr(k) for k, c in close.items()
-            ]
+            hints = [f"{k!r} (did you mean {c}?)" if c else repr(k) for k, c in close.items()]
             raise ValueError(f"Unknown {cls.__name__} keys: {', '.join(hints)}.")
         return cls(**d)
 
@@ -343,74 +355,6 @@ class LoopConfig:
             rows.append(f"| `{name}` | `{_type_name(annotation)}` | `{defaults[name]!r}` | {doc} |")
         return "\n".join(rows) + "\n"
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        """Add a `--field-name` flag per field to `parser` (help = field docstring).
-
-        Bools get `--flag/--no-flag`; optional fields take "none"/"null" for None;
-        lists take one or more values. Every default is `argparse.SUPPRESS`, so only
-        flags given explicitly appear in the namespace. Returns `parser`.
-        """
-        group = parser.add_argument_group(f"{cls.__name__} options")
-        docs, hints = _field_docs(cls), _type_hints(cls)
-        for name, annotation in hints.items():
-            help_text = " ".join(docs.get(name, "").split()).replace("%", "%%")
-            kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
-            members = [m for m in _members(annotation) if m is not type(None)]
-            if members == [bool]:
-                kwargs["action"] = argparse.BooleanOptionalAction
-            elif any(typing.get_origin(m) is list for m in members):
-                kwargs.update(nargs="+", metavar="STR")
-            else:
-                (scalar,) = members
-                optional = len(members) < len(_members(annotation))
-                kwargs["type"] = _none_or(scalar) if optional else scalar
-                kwargs["metavar"] = scalar.__name__.upper()
-            group.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)
-        return parser
-
-    @classmethod
-    def from_args(
-        cls,
-        namespace_or_argv: argparse.Namespace | Sequence[str] | None = None,
-        base: "LoopConfig | None" = None,
-    ) -> "LoopConfig":
-        """Return `base` (or the defaults) overridden by the flags that were given.
-
-        Args:
-            namespace_or_argv: a namespace from a parser set up with `add_arguments`
-                (non-field keys are ignored), or an argv list (None = sys.argv[1:]),
-                which may also hold `--config PATH`: a file loaded as the base.
-            base: config whose values are kept unless a flag overrides them.
-
-        Raises:
-            ValueError: on bad values, or if both `base` and `--config` are given.
-            TypeError: if given one string instead of a list of arguments.
-            SystemExit: on unknown or malformed flags in an argv list (argparse).
-
-        Example:
-            >>> LoopConfig.from_args(["--no-shuffle"]).shuffle
-            False
-        """
-        args = namespace_or_argv
-        if isinstance(args, str):
-            raise TypeError("from_args takes a list of arguments: use shlex.split(...)")
-        if not isinstance(args, argparse.Namespace):
-            parser = cls.add_arguments(argparse.ArgumentParser())
-            parser.add_argument("--config", help="YAML/JSON file; flags override it.")
-            args = parser.parse_args(args)
-            if args.config is not None and base is not None:
-                raise ValueError("Pass base or --config to from_args, not both.")
-            if args.config is not None:
-                base = cls.from_file(args.config)
-        hints = _type_hints(cls)
-        overrides = {k: v for k, v in vars(args).items() if k in hints}
-        for name, value in overrides.items():
-            nullable = type(None) in _members(hints[name])
-            if nullable and _is_none_word(value):
-                overrides[name] = None  # nargs="+" field given "none"
-        return cls.from_dict({**(base or cls()).to_dict(), **overrides})
-
 
 def _fail(name: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ValueError(f"{name}={value!r} is invalid: expected {allowed}.")
@@ -425,11 +369,7 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 def _is_none_word(value: Any) -> bool:
     """Whether `value` is ["none"] or ["null"] (any case), a list flag meaning None."""
-    return (
-        isinstance(value, list)
-        and len(value) == 1
-        and str(value[0]).lower() in _NONE_STRINGS
-    )
+    return isinstance(value, list) and len(value) == 1 and str(value[0]).lower() in _NONE_STRINGS
 
 
 def _members(annotation: Any) -> tuple[Any, ...]:
@@ -466,16 +406,6 @@ def _type_name(annotation: Any) -> str:
     if annotation is type(None):
         return "None"
     return str(annotation) if typing.get_origin(annotation) else annotation.__name__
-
-
-def _none_or(scalar: type) -> Callable[[str], Any]:
-    """An argparse `type=` mapping "none"/"null" to None and anything else to scalar."""
-
-    def parse(text: str) -> Any:
-        return None if text.lower() in _NONE_STRINGS else scalar(text)
-
-    parse.__name__ = scalar.__name__  # so argparse says "invalid int value"
-    return parse
 
 
 @functools.cache

@@ -31,7 +31,7 @@ from .config import LoopConfig
 from .data import SkippedSample, as_dataset
 from .distributed import gather_in_order, run_on_main, shard_batches
 from .loggers import JSONLLogger, ProgressBar, TrackerLogger
-from .metrics import compute_metrics, resolve_metrics
+from .metrics import check_metrics, compute_metrics, resolve_metrics
 from .modeling import merged_adapters, param_groups, prepare_model
 
 logger = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class Loop:
         # Contradictions found now rather than after set-up (or hours in): fp16 on a CPU, and a
         # metric_for_best that none of the metrics reports.
         self.config.resolved_precision("cuda" if torch.cuda.is_available() else "cpu")
-        _check_metric_reported(self.config.metric_for_best, self.metrics, self.config.eval_loss)
+        check_metrics(self.metrics, self.config.metric_for_best, self.config.eval_loss)
         if self.config.early_stopping_patience:
             self.callbacks.append(EarlyStopping(self.config.early_stopping_patience))
 
@@ -630,14 +630,9 @@ class Loop:
         self.state.skipped_samples = len(getattr(self.train_data, "skipped", ()))
         self.eval_data = as_dataset(eval_data, on_bad_sample=cfg.on_bad_sample,
                                     allow_external_images=cfg.allow_external_images) if eval_data is not None else None
-        if (cfg.eval_steps or cfg.eval_each_epoch or cfg.eval_before_training) and self.eval_data is None:
-            raise ValueError(
-                "eval_steps/eval_each_epoch/eval_before_training are set but no eval_data was given to "
-                "fit(); pass eval_data, or set eval_steps=0, eval_each_epoch=False, eval_before_training=False"
-            )
+        cfg.check_eval_data(self.eval_data is not None)
         if len(self.train_data) == 0:
             raise ValueError("train_data has no records")
-        self._check_metric_for_best()
         resume = self._setup_output_dir()
         self.model = prepare_model(self.model, cfg)
         self.sampler = EpochSampler(len(self.train_data), cfg.seed, cfg.shuffle)
@@ -837,13 +832,6 @@ class Loop:
     def _evaluated_at(self, step: int) -> bool:
         return bool(self.state.history) and self.state.history[-1]["step"] == step
 
-    def _check_metric_for_best(self) -> None:
-        key = self.config.metric_for_best
-        if key is None:
-            return
-        if self.eval_data is None:
-            raise ValueError(f"metric_for_best={key!r} but no eval_data was given to fit()")
-
     def _update_best(self, summary: dict) -> bool:
         """Record ``metric_for_best`` of this evaluation if it beats the best so far; return whether
         it did (the caller then saves the best checkpoint)."""
@@ -1006,45 +994,3 @@ def _prompt_lengths(dataset: Dataset, n: int, tokenizer: Any, image_tokens: int)
         images.append(len(image) if isinstance(image, (list, tuple)) else int(image is not None))
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     return [len(t) + image_tokens * k for t, k in zip(ids, images)]
-
-
-def _check_metric_reported(key: str | None, metrics: dict, eval_loss: bool = True) -> None:
-    """Reject a ``metric_for_best`` that no metric reports, before any training.
-
-    Built-in metrics declare their keys (`Metric.keys`); other metrics are dry-run on two dummy predictions to learn
-    their keys. Metrics whose keys stay unknown (see `_dry_run_keys`) are checked at the first
-    evaluation instead.
-    """
-    if key is None:
-        return
-    reported = {f"eval/{k}" for k in ("samples", "samples_per_s", "gen_tokens_per_s")}
-    if eval_loss:
-        reported.add("eval/loss")
-    unknown = False
-    for name, metric in metrics.items():
-        keys = getattr(metric, "keys", None)  # built-ins declare theirs
-        keys = keys if isinstance(keys, (tuple, list)) else None
-        if keys is None and key not in reported:
-            keys = _dry_run_keys(name, metric)
-        unknown = unknown or keys is None
-        reported.update(f"eval/{k}" for k in keys or ())
-    if key not in reported and not unknown:
-        raise ValueError(f"metric_for_best={key!r} is reported by none of the metrics {list(metrics)}; "
-                         f"choose one of {sorted(reported)}")
-
-
-def _dry_run_keys(name: str, metric: Any) -> list[str] | None:
-    """The keys ``metric`` reports, learned by scoring two dummy predictions; None for a metric
-    that holds a model (it overrides `Metric.offload`: loading the model only to learn key names
-    would be slow) or that fails on the dummies (the first evaluation then shows its error)."""
-    from . import metrics as m
-
-    if isinstance(metric, m.Metric) and type(metric).offload is not m.Metric.offload:
-        return None
-    try:
-        scores = metric(["a", "b"], [["a"], ["c"]])
-    except Exception as err:  # any user metric; its first evaluation raises the error again
-        logger.warning("metric %r failed on a dry run (%s: %s); metric_for_best is checked at the first "
-                       "evaluation instead", name, type(err).__name__, err)
-        return None
-    return [str(k) for k in scores] if isinstance(scores, dict) else None

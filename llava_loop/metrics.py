@@ -34,6 +34,8 @@ Example:
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import logging
 import math
@@ -57,9 +59,11 @@ __all__ = [
     "ExactMatch",
     "Metric",
     "VQAAccuracy",
+    "check_metrics",
     "compute_metrics",
     "get_metric",
     "greater_is_better",
+    "metric_names",
     "resolve_metrics",
 ]
 
@@ -114,6 +118,13 @@ class Metric:
 
     def offload(self) -> None:
         """Moves any model off the GPU until the next call (no-op by default)."""
+
+    def check(self) -> None:
+        """Raises now, cheaply and before any training, if this metric cannot run later.
+
+        No-op by default; metrics that load a model check that it is on disk or reachable
+        (nothing is loaded). `Loop` and the CLI call it before training starts.
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -689,6 +700,15 @@ class BERTScore(_SampleMeanMetric):
         )
         return n
 
+    def check(self) -> None:
+        """Raises if the model cannot be found or its layer is unknown (nothing is loaded)."""
+        from .modeling import check_model_source
+
+        check_model_source(self.model_type, what="BERTScore model (bertscore model_type)")
+        self._resolve_num_layers()
+        if self.baseline_path is not None and not os.path.isfile(self.baseline_path):
+            raise FileNotFoundError(f"BERTScore baseline_path {self.baseline_path!r}: no such file")
+
     def _get_scorer(self) -> Any:
         if self._scorer is None:
             num_layers = self._resolve_num_layers()
@@ -811,6 +831,12 @@ class NLI(_SampleMeanMetric):
 
     def __repr__(self) -> str:
         return f"NLI(model={self.model!r}, premise={self.premise!r})"
+
+    def check(self) -> None:
+        """Raises if the classifier cannot be found (nothing is loaded)."""
+        from .modeling import check_model_source
+
+        check_model_source(self.model, what="NLI model (nli model)")
 
     def _load(self) -> Any:
         if self._model is None:
@@ -952,6 +978,16 @@ _BUILTINS: dict[str, type[Metric]] = {
 }
 
 
+def metric_names() -> list[str]:
+    """The names of the built-in metrics, sorted.
+
+    Example:
+        >>> metric_names()
+        ['bertscore', 'bleu', 'exact_match', 'nli', 'rouge', 'vqa_accuracy']
+    """
+    return sorted(_BUILTINS)
+
+
 def get_metric(name: str, **kwargs: Any) -> Metric:
     """Builds a built-in metric by name.
 
@@ -960,15 +996,24 @@ def get_metric(name: str, **kwargs: Any) -> Metric:
         **kwargs: Constructor arguments of the metric class.
 
     Raises:
-        ValueError: If the name is unknown (the message lists the available names).
+        ValueError: If the name is unknown (the message lists the available names, and the
+            closest one), or an option is not one of the metric's (the message lists them).
 
     Example:
         >>> get_metric("bertscore", model_type="/models/roberta-large", num_layers=17)
         BERTScore(model_type='/models/roberta-large', num_layers=17)
     """
     if name not in _BUILTINS:
-        raise ValueError(f"Unknown metric {name!r}. Available: {', '.join(sorted(_BUILTINS))}")
-    return _BUILTINS[name](**kwargs)
+        close = difflib.get_close_matches(str(name), _BUILTINS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"Unknown metric {name!r}{hint}. Available: {', '.join(sorted(_BUILTINS))}")
+    cls = _BUILTINS[name]
+    options = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = [key for key in kwargs if key not in options]
+    if unknown:
+        allowed = ", ".join(options) if options else "none"
+        raise ValueError(f"metric {name!r} has no option(s) {', '.join(map(repr, unknown))}; its options: {allowed}")
+    return cls(**kwargs)
 
 
 def _is_evaluate_module(obj: Any) -> bool:
@@ -978,9 +1023,19 @@ def _is_evaluate_module(obj: Any) -> bool:
 
 
 def _resolve_one(thing: Any, key: str | None = None) -> tuple[str, MetricFn]:
-    """(key, callable) for a name, evaluate module, Metric or callable."""
+    """(key, callable) for a name, a ``{"name": ..., **options}`` mapping, evaluate module, Metric or
+    callable."""
     if isinstance(thing, str):
         return key or thing, get_metric(thing)
+    if isinstance(thing, Mapping):
+        options = dict(thing)
+        name = options.pop("name", None)
+        if not isinstance(name, str):
+            raise ValueError(
+                f"metric entry {thing!r} has no 'name': write {{name: bertscore, model_type: ...}}, with one of "
+                f"{', '.join(sorted(_BUILTINS))}"
+            )
+        return key or name, get_metric(name, **options)
     if _is_evaluate_module(thing):
         metric = EvaluateMetric(thing)
         return key or metric.name, metric
@@ -998,9 +1053,11 @@ def resolve_metrics(spec: Any = None) -> dict[str, MetricFn]:
     """Turns a metric specification into ``{name: callable}``.
 
     Args:
-        spec: ``None`` (exact match only), a built-in name, a callable, a loaded
-            `evaluate` module (wrapped in `EvaluateMetric`), or a list of those, or a
-            dict mapping names to those. Keys are the built-in name, ``module.name``,
+        spec: ``None`` (exact match only), a built-in name, a built-in with options as a
+            mapping (``{"name": "bertscore", "model_type": "/models/roberta-large"}``, what
+            a YAML config file holds), a callable, a loaded `evaluate` module (wrapped in
+            `EvaluateMetric`), or a list of those, or a dict mapping names to those (a dict
+            with a ``"name"`` key is one metric with options). Keys are the built-in name, ``module.name``,
             `Metric.name`, or a callable's ``__name__`` (else its class name); dict
             keys are used as given.
 
@@ -1018,7 +1075,7 @@ def resolve_metrics(spec: Any = None) -> dict[str, MetricFn]:
     """
     if spec is None:
         return {"exact_match": ExactMatch()}
-    if isinstance(spec, Mapping):
+    if isinstance(spec, Mapping) and not isinstance(spec.get("name"), str):
         items = [_resolve_one(thing, key=str(key)) for key, thing in spec.items()]
     elif isinstance(spec, (list, tuple)):
         items = [_resolve_one(thing) for thing in spec]
@@ -1035,6 +1092,75 @@ def resolve_metrics(spec: Any = None) -> dict[str, MetricFn]:
 
 
 # --------------------------------------------------------------------------- running
+
+
+def check_metrics(metrics: Mapping[str, MetricFn], metric_for_best: str | None = None, eval_loss: bool = True) -> None:
+    """Raises now, before any training, if a metric cannot run or ``metric_for_best`` is reported by none.
+
+    Every metric's `Metric.check` runs (model-based metrics look for their model, loading
+    nothing). Built-in metrics declare their keys (`Metric.keys`); other metrics are dry-run on two
+    dummy predictions to learn their keys. Metrics whose keys stay unknown (see `_dry_run_keys`)
+    are checked at the first evaluation instead.
+
+    Args:
+        metrics: As returned by `resolve_metrics`.
+        metric_for_best: A reported key such as ``"eval/rougeL"``, or None.
+        eval_loss: Whether ``eval/loss`` is reported.
+
+    Raises:
+        ValueError: ``metric_for_best`` is reported by none of the metrics (the message lists
+            the keys that are).
+        FileNotFoundError: A metric's model is neither on disk nor reachable.
+
+    Example:
+        >>> check_metrics(resolve_metrics(["rouge"]), "eval/rougeL")
+        >>> check_metrics(resolve_metrics(["rouge"]), "eval/bleu")
+        Traceback (most recent call last):
+        ...
+        ValueError: metric_for_best='eval/bleu' is reported by none of the metrics ['rouge']; choose one of [...]
+    """
+    for metric in metrics.values():
+        if isinstance(metric, Metric):
+            metric.check()
+    key = metric_for_best
+    if key is None:
+        return
+    reported = {f"eval/{k}" for k in ("samples", "samples_per_s", "gen_tokens_per_s")}
+    if eval_loss:
+        reported.add("eval/loss")
+    unknown = False
+    for name, metric in metrics.items():
+        keys = getattr(metric, "keys", None)  # built-ins declare theirs
+        keys = keys if isinstance(keys, (tuple, list)) else None
+        if keys is None and key not in reported:
+            keys = _dry_run_keys(name, metric)
+        unknown = unknown or keys is None
+        reported.update(f"eval/{k}" for k in keys or ())
+    if key not in reported and not unknown:
+        raise ValueError(
+            f"metric_for_best={key!r} is reported by none of the metrics {list(metrics)}; "
+            f"choose one of {sorted(reported)}"
+        )
+
+
+def _dry_run_keys(name: str, metric: MetricFn) -> list[str] | None:
+    """The keys ``metric`` reports, learned by scoring two dummy predictions; None for a metric
+    that holds a model (it overrides `Metric.offload`: loading the model only to learn key names
+    would be slow) or that fails on the dummies (the first evaluation then shows its error)."""
+    if isinstance(metric, Metric) and type(metric).offload is not Metric.offload:
+        return None
+    try:
+        scores = metric(["a", "b"], [["a"], ["c"]])
+    except Exception as err:  # any user metric; its first evaluation raises the error again
+        logger.warning(
+            "metric %r failed on a dry run (%s: %s); metric_for_best is checked at the first evaluation instead",
+            name,
+            type(err).__name__,
+            err,
+        )
+        return None
+    return [str(k) for k in scores] if isinstance(scores, dict) else None
+
 
 _LOWER_IS_BETTER_TOKENS = {"wer", "cer", "ppl", "error"}
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
+import os
 import re
 from typing import Any
 
@@ -16,6 +18,79 @@ PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "visual.merger", "co
 VISION_NAMES = ("vision_tower", "vision_model", "visual")
 
 
+_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def check_model_source(name_or_path: str, what: str = "model") -> None:
+    """Raise now, loading nothing, if `name_or_path` is neither a saved model folder nor fetchable.
+
+    A local folder must hold a ``config.json``. A Hub name is accepted online (loading reports
+    Hub errors); offline (``HF_HUB_OFFLINE=1``) it must be in the Hugging Face cache.
+
+    Raises:
+        FileNotFoundError: naming the folder or Hub name, why it cannot be used, and what to do.
+
+    Example:
+        >>> check_model_source("/no/such/folder")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: model '/no/such/folder': no such folder, and not a Hub model name ...
+    """
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(
+                f"{what} {name_or_path!r} is a folder without config.json, so not a saved Hugging Face model; "
+                "pass the folder that holds config.json (written by save_pretrained)"
+            )
+        return
+    if os.path.exists(path):
+        raise FileNotFoundError(f"{what} {name_or_path!r} is a file; pass a model folder or a Hub name")
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{what} {name_or_path!r}: no such folder, and not a Hub model name (like 'llava-hf/llava-1.5-7b-hf'); "
+            "check the path"
+        ) from None
+    if is_offline_mode() and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        raise FileNotFoundError(
+            f"{what} {name_or_path!r}: no such folder, and no Hub access: HF_HUB_OFFLINE is set and it is not "
+            f"in the Hugging Face cache. Download it where the Hub is reachable (`hf download {name_or_path}`) "
+            "or pass a local folder"
+        )
+
+
+def check_model_args(
+    name_or_path: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    load_in_4bit: bool = False,
+) -> None:
+    """Raise now, loading nothing, on arguments `load_model` would fail on after a long load.
+
+    Checks the model source (`check_model_source`), the dtype name, and that QLoRA has bitsandbytes
+    and a CUDA GPU.
+
+    Raises:
+        FileNotFoundError: the model cannot be found (see `check_model_source`).
+        ValueError: an unknown dtype, or ``load_in_4bit`` without a CUDA GPU.
+        ImportError: ``load_in_4bit`` without bitsandbytes installed.
+    """
+    if not isinstance(dtype, torch.dtype) and dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid: expected one of {', '.join(map(repr, _DTYPES))}")
+    if load_in_4bit:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ImportError("load_in_4bit (QLoRA) needs bitsandbytes: pip install 'llava_loop[gpu]'")
+        if not torch.cuda.is_available():
+            raise ValueError("load_in_4bit (QLoRA) needs a CUDA GPU, and none is visible")
+    check_model_source(name_or_path)
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -26,18 +101,27 @@ def load_model(
 ) -> tuple[nn.Module, Any]:
     """Load an image-text-to-text model and its processor (Hub name or local folder).
 
+    The arguments are checked first (`check_model_args`), so a wrong path or dtype fails before
+    any weights are read.
+
     Args:
         name_or_path: e.g. ``"llava-hf/llava-1.5-7b-hf"`` or a local checkpoint folder.
-        dtype: Weight dtype (``"auto"``, ``"bfloat16"``, ``torch.float16``, ...).
+        dtype: Weight dtype: ``"auto"`` (the checkpoint's), ``"bfloat16"``, ``"float16"``,
+            ``"float32"`` or a ``torch.dtype``.
         load_in_4bit: QLoRA: NF4 4-bit base weights via bitsandbytes (needs a CUDA GPU).
         device_map: ``"auto"`` spreads one model over all visible GPUs (single process only).
         attn_implementation: e.g. ``"sdpa"`` or ``"flash_attention_2"``.
+
+    Raises:
+        FileNotFoundError, ValueError, ImportError: see `check_model_args`.
+        OSError: the Hub or the files could not be read (the message names the model).
 
     Example:
         >>> model, processor = load_model("llava-hf/llava-1.5-7b-hf", dtype="bfloat16")  # doctest: +SKIP
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    check_model_args(name_or_path, dtype=dtype, load_in_4bit=load_in_4bit)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -54,8 +138,11 @@ def load_model(
             bnb_4bit_compute_dtype=compute,
             llm_int8_skip_modules=[*VISION_NAMES, *PROJECTOR_NAMES, "lm_head"],
         )
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
-    processor = AutoProcessor.from_pretrained(name_or_path)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+        processor = AutoProcessor.from_pretrained(name_or_path)
+    except OSError as err:
+        raise OSError(f"could not load model {name_or_path!r}: {err}") from err
     return model, processor
 
 

@@ -728,3 +728,33 @@ def test_builtin_metric_reports_exactly_its_declared_keys(name):
     assert tuple(sorted(scores)) == tuple(sorted(metric.keys)), (
         f"{name} reports {sorted(scores)} but declares {metric.keys} (metric_for_best checks use the declaration)"
     )
+
+
+def test_a_metric_with_options_is_a_mapping_with_its_name():
+    metrics = M.resolve_metrics(["exact_match", {"name": "bertscore", "model_type": "/m/roberta", "num_layers": 9}])
+    assert list(metrics) == ["exact_match", "bertscore"], f"keys: {list(metrics)}"
+    assert (metrics["bertscore"].model_type, metrics["bertscore"].num_layers) == ("/m/roberta", 9), (
+        f"options not applied: {metrics['bertscore']!r}"
+    )
+    with pytest.raises(ValueError, match=r"has no option\(s\) 'layers'; its options: model_type, num_layers"):
+        M.resolve_metrics([{"name": "bertscore", "layers": 9}])
+    with pytest.raises(ValueError, match="did you mean 'rouge'"):
+        M.resolve_metrics(["rogue"])
+    with pytest.raises(ValueError, match="has no 'name'"):
+        M.resolve_metrics([{"model_type": "x"}])
+
+
+def test_a_missing_metric_model_fails_when_the_loop_is_built_not_after_training(tmp_path):
+    from llava_loop import Loop, LoopConfig
+    from llava_loop.testing import tiny_llava
+
+    model, processor = tiny_llava()
+    config = LoopConfig(output_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="BERTScore model .*'/models/none': no such folder"):
+        Loop(model, processor, config, metrics=[{"name": "bertscore", "model_type": "/models/none"}])
+    with pytest.raises(FileNotFoundError, match="NLI model .*HF_HUB_OFFLINE is set"):
+        Loop(model, processor, config, metrics=[{"name": "nli", "model": "someone/nli-not-cached"}])
+    folder = tmp_path / "no-config"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match="folder without config.json"):
+        Loop(model, processor, config, metrics=[{"name": "nli", "model": str(folder)}])
