@@ -864,7 +864,7 @@ def _load_base_model(name: str, checkpoint: Path, dtype: Any) -> Any:
         if folder.is_dir():
             return AutoModelForImageTextToText.from_pretrained(str(folder), dtype=dtype or "auto")
     where = " nor ".join(str(p) for p in dict.fromkeys(tried))
-    advice = "pass the base model's folder or Hub name as base_model= (CLI: --base-model)"
+    advice = "pass the base model's folder or Hub name as base_model= (CLI: --base_model)"
     try:
         validate_repo_id(name)
     except HFValidationError:

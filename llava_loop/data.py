@@ -766,7 +766,7 @@ def _resolve_image(image: Any, folder: str | None, confine: str | None, bad: Any
             raise bad(
                 f"image path {os.fspath(image)!r} leads outside the image folder {confine!r} "
                 f"(to {real}); move the image into the folder, or, if you trust this dataset, "
-                "pass allow_external_images=True (CLI: --allow-external-images)"
+                "pass allow_external_images=True (CLI: --allow_external_images true)"
             )
     if not os.path.isfile(path):
         where = f" (relative paths are resolved against {folder!r})" if folder else ""

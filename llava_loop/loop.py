@@ -258,7 +258,7 @@ class Loop:
         if self._preempted():
             logger.warning(
                 "stopped by %s at step %d; checkpoint saved in %s. Resume with resume_from='latest' "
-                "(CLI: --resume-from latest) and the same output_dir.",
+                "(CLI: --resume_from latest) and the same output_dir.",
                 self.state.stop_reason, self.state.step, checkpointing.checkpoints_dir(self.config.output_dir),
             )
         return self.state

@@ -177,8 +177,8 @@ def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None, overw
             raise FileExistsError(
                 f"output_dir {str(output_dir)!r} already holds {len(found)} checkpoint(s) of an earlier run "
                 f"(newest: {found[-1].name}); a new run would rotate them away and mix its logs with theirs. "
-                "Resume it with resume_from='latest' (or 'auto'; CLI: --resume-from latest), choose another "
-                "output_dir, or pass overwrite_output_dir=True (CLI: --overwrite-output-dir) to delete them"
+                "Resume it with resume_from='latest' (or 'auto'; CLI: --resume_from latest), choose another "
+                "output_dir, or pass overwrite_output_dir=True (CLI: --overwrite_output_dir true) to delete them"
             )
         return None
     if resume_from == "auto":

@@ -576,7 +576,7 @@ def test_export_merges_lora_into_a_plain_model_with_the_same_logits(tmp_path):
 
     base_dir = tmp_path / "base"
     tiny_llava(seed=0)[0].save_pretrained(base_dir)
-    assert main(["export", str(ckpt), str(tmp_path / "cli"), "--base-model", str(base_dir)]) == 0, "CLI failed"
+    assert main(["export", str(ckpt), str(tmp_path / "cli"), "--base_model", str(base_dir)]) == 0, "CLI failed"
     from_cli = LlavaForConditionalGeneration.from_pretrained(tmp_path / "cli")
     torch.testing.assert_close(
         logits_of(from_cli, processor, records),
@@ -841,7 +841,7 @@ def test_export_with_a_base_model_that_does_not_exist_names_the_paths_it_tried(t
     with pytest.raises(OSError) as err:  # FileNotFoundError is an OSError
         export(ckpt, tmp_path / "merged")
     message = str(err.value)
-    assert repr(base) in message and str((out / base).resolve()) in message and "--base-model" in message, (
+    assert repr(base) in message and str((out / base).resolve()) in message and "--base_model" in message, (
         f"the error does not name the base model, the folders tried and the fix: {message}"
     )
     assert not (tmp_path / "merged").exists(), "export wrote something without a base model"

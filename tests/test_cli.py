@@ -315,3 +315,54 @@ def test_flags_of_every_kind_reach_the_loop_config():
     assert got == (True, False, None, 1e-3, ["q_proj", "v_proj"], ["tensorboard"], "eval/rougeL"), (
         f"bool, null, float, list and normalised values should come through the flags: {got}"
     )
+
+
+def test_the_run_files_in_the_docs_are_valid_configs(tmp_path):
+    """The YAML run files shown in README.md and docs/cli.md parse, and their metrics resolve."""
+    import re
+    from pathlib import Path
+
+    from llava_loop.metrics import resolve_metrics
+
+    root = Path(__file__).resolve().parents[1]
+    checked = 0
+    for page in (root / "README.md", root / "docs" / "cli.md"):
+        for block in re.findall(r"```yaml\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S):
+            if "# run.yaml" not in block:
+                continue
+            path = tmp_path / "run.yaml"
+            path.write_text(block)
+            args = build_parser().parse_args(["train", "--config", str(path)]).train
+            config = loop_config(args)
+            resolve_metrics(args.metrics)
+            assert args.model.name and args.data.train and config.output_dir, f"{page.name}: incomplete run file"
+            checked += 1
+    assert checked >= 2, f"expected the run.yaml examples of README.md and docs/cli.md, found {checked}"
+
+
+def test_every_llava_loop_command_in_the_docs_parses(tmp_path, monkeypatch, capsys):
+    """Each ``llava-loop ...`` line of a bash block in README.md and docs/ uses flags that exist, with valid values
+    (runs of the commands themselves are tested above, on the tiny model)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    run_yaml = re.search(r"```yaml\n(# run\.yaml\n.*?)```", readme, flags=re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text(run_yaml)
+    commands = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S):
+            commands += [(page.name, line) for line in block.splitlines() if line.startswith("llava-loop ")]
+    assert len(commands) >= 5, f"expected the docs' llava-loop commands, found {commands}"
+    for page, line in commands:
+        argv = shlex.split(line, comments=True)[1:]
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as exit:  # --print_config prints and exits 0
+            assert exit.code == 0, f"{page}: `{line}` exited with {exit.code}"
+        except Exception as err:
+            raise AssertionError(f"{page}: `{line}` does not parse: {err}") from err
+    capsys.readouterr()
