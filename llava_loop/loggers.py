@@ -360,6 +360,10 @@ def _steps(n: int) -> str:
     return "1 step" if n == 1 else f"{n:,} steps"
 
 
+def _every(n: int) -> str:
+    return "every step" if n == 1 else f"every {n:,} steps"
+
+
 def _number(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -371,7 +375,7 @@ def _metrics_text(metrics: dict) -> str:
 def _eval_cadence(f: dict) -> str:
     if f["eval_examples"] is None:
         return "no eval"
-    when = [f"every {_steps(f['eval_steps'])}"] if f["eval_steps"] else []
+    when = [_every(f["eval_steps"])] if f["eval_steps"] else []
     when += ["each epoch"] if f["eval_each_epoch"] else []
     when = (["before training"] if f["eval_before_training"] else []) + when + ["at the end"]
     text = "eval " + ", ".join(when)
@@ -379,7 +383,7 @@ def _eval_cadence(f: dict) -> str:
 
 
 def _save_cadence(f: dict) -> str:
-    text = f"save every {_steps(f['save_steps'])} and at the end" if f["save_steps"] else "save at the end"
+    text = f"save {_every(f['save_steps'])} and at the end" if f["save_steps"] else "save at the end"
     if f["save_total_limit"]:
         text += f" (keep {f['save_total_limit']})"
     return text
