@@ -1,7 +1,8 @@
-"""Loggers: ``metrics.jsonl``, the tqdm progress bar and Accelerate trackers, as callbacks.
+"""Loggers: ``metrics.jsonl``, the tqdm progress bar, the start banner and end summary
+(``summary.json``) and Accelerate trackers, as callbacks.
 
-`Loop` adds `JSONLLogger` and `ProgressBar` itself (main process only) and `TrackerLogger` when
-``report_to`` names trackers.
+`Loop` adds `JSONLLogger`, `ProgressBar` and `RunSummary` itself (main process only; a `RunSummary`
+passed in ``callbacks`` replaces the default one) and `TrackerLogger` when ``report_to`` names trackers.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from typing import Any
 
 from .callbacks import Callback
+from .checkpointing import atomic_write_text, best_checkpoint, checkpoints_dir, list_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +105,360 @@ class ProgressBar(Callback):
             self.bar.close()
 
 
+class RunSummary(Callback):
+    """The start banner and the end summary of `Loop.fit`, and ``{output_dir}/summary.json``.
+
+    At fit start (after set-up and any resume, so the numbers are final) it shows what will happen: examples,
+    steps, the effective batch, trainable parameters, precision, LoRA settings, learning rate and schedule,
+    eval/save cadence and where outputs go. At fit end it shows what happened: steps and stop reason, wall
+    time, samples and tokens seen, the best and the final evaluation and the checkpoints, and writes the same
+    facts to ``summary.json`` (atomically). A resumed run's summary covers the whole run: token counts and
+    time are kept in `LoopState` across the resume.
+
+    The text goes through ``tqdm.write`` (visible in a plain script with default logging and in Jupyter,
+    and above a running progress bar). Only the main process shows or writes anything.
+
+    Args:
+        show: Print the banner and summary; False writes only ``summary.json``. Pass
+            ``RunSummary(show=False)`` in ``callbacks`` to silence them (it replaces the default one).
+
+    Example:
+        >>> loop = Loop(model, processor, config, callbacks=[RunSummary(show=False)])  # doctest: +SKIP
+    """
+
+    def __init__(self, show: bool = True) -> None:
+        self.show = show
+        self.start: dict | None = None  # facts of the banner (see `start_facts`), set at fit start
+        self.end: dict | None = None  # facts of the summary (see `end_facts`), set at fit end
+
+    def on_fit_start(self, loop: Any) -> None:
+        if not loop.accelerator.is_main_process:
+            return
+        self.start = start_facts(loop)
+        if self.show:
+            _write(format_banner(self.start))
+
+    def on_fit_end(self, loop: Any) -> None:
+        if not loop.accelerator.is_main_process:
+            return
+        self.end = end_facts(loop, self.start or start_facts(loop))
+        atomic_write_text(self.end["summary_file"], json.dumps(_plain_json(self.end), indent=1) + "\n")
+        if self.show:
+            _write(format_summary(self.end))
+
+
+def _write(text: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(text)
+
+
+def start_facts(loop: Any) -> dict:
+    """What a `Loop` set up for `fit` is about to do, read from its real state (call after set-up).
+
+    Keys: examples (``train_examples``, ``train_skipped`` at loading, ``eval_examples``), steps
+    (``steps_per_epoch``, ``epochs``, ``max_steps``), batch (``batch_size`` per device,
+    ``grad_accum_steps``, ``num_processes``, ``effective_batch_size``: their product), parameters
+    (``trainable_params``, ``all_params``, ``trainable_percent``), ``precision`` (the mixed precision
+    Accelerate applies: fp32/bf16/fp16) and ``weight_dtype``, ``finetune`` (LoRA/QLoRA/full) with
+    ``lora_r``, ``lora_alpha``, ``modules_to_save``, ``learning_rates`` (base rate per optimizer group
+    kind), ``lr_scheduler``, ``warmup_steps``, the eval/save settings, the output paths, and
+    ``resumed_from`` / ``resumed_at_step``.
+    """
+    cfg, state, acc = loop.config, loop.state, loop.accelerator
+    model = acc.unwrap_model(loop.model)
+    trainable, total = _parameter_counts(model)
+    n_eval = len(loop.eval_data) if loop.eval_data is not None else None
+    if n_eval is not None and cfg.eval_max_samples:
+        n_eval = min(n_eval, cfg.eval_max_samples)
+    output_dir = cfg.output_dir
+    return {
+        "train_examples": len(loop.train_data),
+        "train_skipped": len(getattr(loop.train_data, "skipped", ())),
+        "eval_examples": n_eval,
+        "steps_per_epoch": loop.steps_per_epoch,
+        "epochs": state.max_steps / loop.steps_per_epoch,
+        "max_steps": state.max_steps,
+        "batch_size": cfg.batch_size,
+        "grad_accum_steps": cfg.grad_accum_steps,
+        "num_processes": acc.num_processes,
+        "effective_batch_size": cfg.batch_size * cfg.grad_accum_steps * acc.num_processes,
+        "trainable_params": trainable,
+        "all_params": total,
+        "trainable_percent": 100.0 * trainable / max(total, 1),
+        "precision": {"no": "fp32"}.get(str(acc.mixed_precision), str(acc.mixed_precision)),
+        "weight_dtype": _main_dtype(model),
+        **_finetune_facts(model),
+        "learning_rates": _base_learning_rates(loop.optimizer),
+        "lr_scheduler": cfg.lr_scheduler if loop.scheduler is not None else None,
+        "warmup_steps": _warmup_steps(loop.scheduler),
+        "eval_steps": cfg.eval_steps if loop.eval_data is not None else None,
+        "eval_each_epoch": cfg.eval_each_epoch and loop.eval_data is not None,
+        "eval_before_training": cfg.eval_before_training and loop.eval_data is not None,
+        "metric_for_best": cfg.metric_for_best,
+        "save_steps": cfg.save_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "output_dir": output_dir,
+        "metrics_file": os.path.join(output_dir, "metrics.jsonl"),
+        "checkpoints_dir": str(checkpoints_dir(output_dir)),
+        "summary_file": os.path.join(output_dir, "summary.json"),
+        "resumed_from": loop.resumed_from,
+        "resumed_at_step": state.step if loop.resumed_from is not None else None,
+        "wall_seconds_before": state.wall_seconds,
+    }
+
+
+def end_facts(loop: Any, start: dict) -> dict:
+    """What `fit` did, read from the loop's state at fit end; ``start`` are the `start_facts` of the run.
+
+    Keys: ``step``, ``max_steps``, ``stop_reason`` ("completed" when it ran all steps), ``wall_seconds``
+    (the whole run, all sessions), ``session_seconds`` (this `fit` call), ``resumed_from`` /
+    ``resumed_at_step``, ``samples_seen``, ``tokens_seen``, ``label_tokens_seen``, ``skipped_samples``,
+    ``truncated_samples``, ``best`` (``step, metric, value, checkpoint`` and the ``metrics`` of that
+    evaluation; None without ``metric_for_best``), ``final_eval`` (the last evaluation, with its step),
+    ``last_checkpoint``, the output paths, and ``setup`` (the start facts).
+    """
+    cfg, state = loop.config, loop.state
+    stop_reason = state.stop_reason
+    if stop_reason is None:
+        stop_reason = "completed" if state.step >= state.max_steps else "stopped by a callback"
+    best = None
+    record = best_checkpoint(cfg.output_dir) if state.best_checkpoint else None
+    if record is not None:
+        evaluation = next((h for h in reversed(state.history) if h["step"] == record["step"]), {})
+        best = {
+            "step": record["step"],
+            "metric": record["metric"],
+            "value": record["value"],
+            "checkpoint": record["path"],
+            "metrics": {k: v for k, v in evaluation.items() if k != "step"},
+        }
+    checkpoints = list_checkpoints(cfg.output_dir)
+    setup = {k: v for k, v in start.items() if k != "wall_seconds_before"}
+    return {
+        "step": state.step,
+        "max_steps": state.max_steps,
+        "stop_reason": stop_reason,
+        "wall_seconds": state.wall_seconds,
+        "session_seconds": state.wall_seconds - start["wall_seconds_before"],
+        "resumed_from": start["resumed_from"],
+        "resumed_at_step": start["resumed_at_step"],
+        "samples_seen": state.samples_seen,
+        "tokens_seen": state.tokens_seen,
+        "label_tokens_seen": state.label_tokens_seen,
+        "skipped_samples": state.skipped_samples,
+        "truncated_samples": state.truncated_samples,
+        "best": best,
+        "final_eval": dict(state.history[-1]) if state.history else None,
+        "last_checkpoint": str(checkpoints[-1]) if checkpoints else None,
+        "output_dir": cfg.output_dir,
+        "metrics_file": start["metrics_file"],
+        "summary_file": start["summary_file"],
+        "setup": setup,
+    }
+
+
+def format_banner(facts: dict) -> str:
+    """The start banner (about ten aligned lines) for `start_facts`."""
+    f = facts
+    examples = f"{f['train_examples']:,} train"
+    if f["train_skipped"]:
+        examples += f" ({f['train_skipped']:,} bad, skipped)"
+    if f["eval_examples"] is not None:
+        examples += f", {f['eval_examples']:,} eval"
+    if f["finetune"] == "full":
+        method = "full finetune"
+    else:
+        method = f"{f['finetune']} r={f['lora_r']} alpha={f['lora_alpha']}"
+        if f["modules_to_save"]:
+            method += f" (+ {', '.join(f['modules_to_save'])} in full)"
+    rates = sorted(set(f["learning_rates"].values()))
+    lr = f"{rates[0]:g}" if len(rates) == 1 else ", ".join(f"{k} {v:g}" for k, v in f["learning_rates"].items())
+    lr += f", {f['lr_scheduler']}" if f["lr_scheduler"] else ", no scheduler"
+    if f["warmup_steps"]:
+        lr += f", warmup {_steps(f['warmup_steps'])}"
+    process = "process" if f["num_processes"] == 1 else "processes"
+    rows = [
+        ("examples", examples),
+        ("steps", f"{_steps(f['max_steps'])} ({f['epochs']:.3g} epochs of {_steps(f['steps_per_epoch'])})"),
+        (
+            "batch",
+            f"{f['batch_size']} per device x {f['grad_accum_steps']} accumulation x {f['num_processes']} "
+            f"{process} = {f['effective_batch_size']:,}",
+        ),
+        (
+            "parameters",
+            f"{human_count(f['trainable_params'])} trainable of {human_count(f['all_params'])} "
+            f"({f['trainable_percent']:.3g}%)",
+        ),
+        ("model", f"{method}; precision {f['precision']}, weights {f['weight_dtype']}"),
+        ("learning rate", lr),
+        ("eval / save", f"{_eval_cadence(f)}; {_save_cadence(f)}"),
+        ("output", f"{f['output_dir']} (metrics.jsonl, checkpoints/, summary.json)"),
+    ]
+    if f["resumed_from"] is not None:
+        rows.append(("resuming", f"from step {f['resumed_at_step']:,} of checkpoint {f['resumed_from']}"))
+    return _block("Running training", rows)
+
+
+def format_summary(facts: dict) -> str:
+    """The end summary for `end_facts`."""
+    f = facts
+    steps = f"{f['step']:,} of {f['max_steps']:,} ({f['stop_reason']})"
+    time = human_seconds(f["wall_seconds"])
+    if f["resumed_from"] is not None:
+        time = (
+            f"{time} in all sessions; this one {human_seconds(f['session_seconds'])} "
+            f"(resumed at step {f['resumed_at_step']:,})"
+        )
+    seen = (
+        f"{human_count(f['samples_seen'])} samples, {human_count(f['tokens_seen'])} tokens "
+        f"({human_count(f['label_tokens_seen'])} label tokens)"
+    )
+    if f["skipped_samples"] or f["truncated_samples"]:
+        seen += f"; {f['skipped_samples']:,} bad samples skipped, {f['truncated_samples']:,} answers truncated"
+    rows = [("steps", steps), ("wall time", time), ("seen", seen)]
+    best = f["best"]
+    if best is not None:
+        rows.append(
+            ("best", f"{best['metric']}={_number(best['value'])} at step {best['step']:,}: {best['checkpoint']}")
+        )
+        rows.append(("", _metrics_text(best["metrics"])))
+    final = f["final_eval"]
+    if final is not None:
+        rows.append(
+            ("last eval", f"step {final['step']:,}: {_metrics_text({k: v for k, v in final.items() if k != 'step'})}")
+        )
+    rows.append(("last checkpoint", f["last_checkpoint"] or "none"))
+    rows.append(("written", f"{f['metrics_file']}, {f['summary_file']}"))
+    return _block("Training finished", rows)
+
+
+def human_count(n: float) -> str:
+    """``7063427072`` -> ``"7.06B"``, ``1200000`` -> ``"1.2M"``; three significant digits, below 1000 as is."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale * 0.9995:  # 999,500 rounds to 1M, not 1e+03k
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:g}" if isinstance(n, float) else str(n)
+
+
+def human_seconds(seconds: float) -> str:
+    """``3725`` -> ``"1h 02m 05s"``, ``65.2`` -> ``"1m 05s"``, ``4.25`` -> ``"4.2s"``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def _block(title: str, rows: list[tuple[str, str]]) -> str:
+    width = max(len(label) for label, _ in rows)
+    return "\n".join([f"***** {title} *****", *(f"  {label:<{width}}  {text}" for label, text in rows)])
+
+
+def _steps(n: int) -> str:
+    return "1 step" if n == 1 else f"{n:,} steps"
+
+
+def _every(n: int) -> str:
+    return "every step" if n == 1 else f"every {n:,} steps"
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _metrics_text(metrics: dict) -> str:
+    return "  ".join(f"{k}={_number(v)}" for k, v in metrics.items())
+
+
+def _eval_cadence(f: dict) -> str:
+    if f["eval_examples"] is None:
+        return "no eval"
+    when = [_every(f["eval_steps"])] if f["eval_steps"] else []
+    when += ["each epoch"] if f["eval_each_epoch"] else []
+    when = (["before training"] if f["eval_before_training"] else []) + when + ["at the end"]
+    text = "eval " + ", ".join(when)
+    return text + (f", best by {f['metric_for_best']}" if f["metric_for_best"] else "")
+
+
+def _save_cadence(f: dict) -> str:
+    text = f"save {_every(f['save_steps'])} and at the end" if f["save_steps"] else "save at the end"
+    if f["save_total_limit"]:
+        text += f" (keep {f['save_total_limit']})"
+    return text
+
+
+def _parameter_counts(model: Any) -> tuple[int, int]:
+    """(trainable, all) parameters, by peft's or transformers' own count where the model has one
+    (they count 4-bit packed weights right)."""
+    if hasattr(model, "get_nb_trainable_parameters"):  # peft
+        trainable, total = model.get_nb_trainable_parameters()
+    elif hasattr(model, "num_parameters"):  # transformers
+        trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
+    else:
+        params = list(model.parameters())
+        trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return int(trainable), int(total)
+
+
+def _main_dtype(model: Any) -> str:
+    """The dtype holding most of the model's parameters, e.g. ``"bfloat16"``."""
+    counts: Counter = Counter()
+    for param in model.parameters():
+        counts[str(param.dtype).removeprefix("torch.")] += param.numel()
+    return counts.most_common(1)[0][0] if counts else "unknown"
+
+
+def _finetune_facts(model: Any) -> dict:
+    """``finetune`` ("LoRA"; "QLoRA" on a quantized base; another peft method's name; or "full") with the
+    adapter's own settings (a model passed in as a `peft.PeftModel` keeps its own r and alpha)."""
+    peft_config = getattr(model, "peft_config", None)
+    if not isinstance(peft_config, dict) or not peft_config:
+        return {"finetune": "full", "lora_r": None, "lora_alpha": None, "modules_to_save": []}
+    adapter = peft_config.get(getattr(model, "active_adapter", "default")) or next(iter(peft_config.values()))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantized = getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
+    kind = getattr(getattr(adapter, "peft_type", None), "value", "LORA")
+    kind = {"LORA": "LoRA"}.get(kind, kind)
+    return {
+        "finetune": ("Q" if quantized else "") + kind,
+        "lora_r": getattr(adapter, "r", None),
+        "lora_alpha": getattr(adapter, "lora_alpha", None),
+        "modules_to_save": sorted(getattr(adapter, "modules_to_save", None) or []),
+    }
+
+
+def _base_learning_rates(optimizer: Any) -> dict[str, float]:
+    """Base (peak) learning rate per kind of optimizer group: ``{"main": 2e-4, "projector": 1e-4}``.
+
+    Groups named ``main_no_decay`` count as ``main``; unnamed groups as ``group0``, ``group1``, ....
+    """
+    rates: dict[str, float] = {}
+    for i, group in enumerate(getattr(optimizer, "param_groups", [])):
+        kind = str(group.get("name", f"group{i}")).removesuffix("_no_decay")
+        rates.setdefault(kind, float(group.get("initial_lr", group["lr"])))  # initial_lr: set by the scheduler
+    return rates
+
+
+def _warmup_steps(scheduler: Any) -> int | None:
+    """Warmup steps of a `transformers.get_scheduler` schedule (read from its lr lambda), else None."""
+    for lr_lambda in getattr(scheduler, "lr_lambdas", ()):
+        warmup = getattr(lr_lambda, "keywords", {}).get("num_warmup_steps")
+        if warmup is not None:
+            return int(warmup)
+    return None
+
+
+def _plain_json(value: Any) -> Any:
+    """``value`` with non-finite floats as strings (JSON has no NaN) and tensors as numbers."""
+    if isinstance(value, dict):
+        return {str(k): _plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_json(v) for v in value]
+    return _jsonable(value)
+
+
 class TrackerLogger(Callback):
     """Forwards log events to the trackers Accelerate was set up with (``report_to``)."""
 
@@ -119,8 +476,13 @@ class TrackerLogger(Callback):
 
                 columns = ["id", "image", "prompt", "prediction", "references"]
                 rows = [
-                    [s["id"], wandb.Image(s["image"]) if s.get("image") is not None else None, s["prompt"],
-                     s["prediction"], " | ".join(s["references"])]
+                    [
+                        s["id"],
+                        wandb.Image(s["image"]) if s.get("image") is not None else None,
+                        s["prompt"],
+                        s["prediction"],
+                        " | ".join(s["references"]),
+                    ]
                     for s in samples
                 ]
                 tracker.log({"eval/samples": wandb.Table(columns=columns, data=rows)}, step=loop.state.step)

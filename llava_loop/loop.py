@@ -30,7 +30,7 @@ from .collators import IGNORE_INDEX, META_KEYS, EvalCollator, TrainCollator
 from .config import LoopConfig
 from .data import SkippedSample, as_dataset
 from .distributed import gather_in_order, run_on_main, shard_batches
-from .loggers import JSONLLogger, ProgressBar, TrackerLogger
+from .loggers import JSONLLogger, ProgressBar, RunSummary, TrackerLogger
 from .metrics import check_metrics, compute_metrics, resolve_metrics
 from .modeling import merged_adapters, param_groups, prepare_model
 
@@ -61,8 +61,15 @@ class LoopState:
     num_processes: int = 1
     """Processes that trained (informational: a resume may use another number)."""
     samples_seen: int = 0
+    """Training samples of the optimizer steps done, all processes."""
     tokens_seen: int = 0
     """Tokens (attention mask, image tokens included) seen, all processes."""
+    label_tokens_seen: int = 0
+    """Label tokens (the tokens the loss is summed over, `Loop.count_loss_tokens`) seen, all processes."""
+    wall_seconds: float = 0.0
+    """Wall-clock seconds of `Loop.fit` (set-up, training, evaluation, saving) up to this state, summed over
+    the sessions of a resumed run; the time a session spent after the checkpoint that the next one resumed
+    from is not counted (those steps were redone)."""
     skipped_samples: int = 0
     """Bad samples skipped (``on_bad_sample="skip"``), all processes; a sample skipped in several
     epochs counts each time."""
@@ -207,6 +214,7 @@ class Loop:
         self.resumed_from: str | None = None  # the checkpoint this run resumed from, if any
         self._lock: rundir.RunLock | None = None  # the main process's hold on output_dir during fit
         self._signal_received: str | None = None  # name of a SIGTERM/SIGINT received during fit
+        self._clock: float | None = None  # perf_counter() when state.wall_seconds was last advanced
         self.accelerator = None
         self.optimizer = None
         self.scheduler = None
@@ -232,6 +240,7 @@ class Loop:
         Returns:
             The final `LoopState` (``history`` holds every evaluation).
         """
+        self._clock = time.perf_counter()  # wall_seconds counts set-up too
         try:
             self._setup(train_data, eval_data)
             # Signals are handled until the last save: SIGTERM during the final evaluation must not
@@ -247,6 +256,7 @@ class Loop:
                     self.evaluate()
                 self._save()
                 self._stop_on_signal()  # a signal during the final evaluation or save
+            self._advance_clock()
             dispatch(self.callbacks, "on_fit_end", self)
         finally:
             if self._lock is not None:
@@ -265,6 +275,12 @@ class Loop:
 
     def _preempted(self) -> bool:
         return (self.state.stop_reason or "").startswith("signal")
+
+    def _advance_clock(self) -> None:
+        """Add the time since the last call (or since fit started) to ``state.wall_seconds``."""
+        now = time.perf_counter()
+        self.state.wall_seconds += now - self._clock
+        self._clock = now
 
     def _train(self) -> None:
         cfg, acc, state = self.config, self.accelerator, self.state
@@ -356,6 +372,7 @@ class Loop:
         state.step += 1
         state.samples_seen += int(total_samples)
         state.tokens_seen += int(total_tokens)
+        state.label_tokens_seen += int(total_loss_tokens)
         self._window["time"] += time.perf_counter() - self._step_clock
         self._window["tokens"] += total_tokens
         self._window["samples"] += total_samples
@@ -647,7 +664,7 @@ class Loop:
         batches_per_epoch = math.ceil(len(self.train_data) / (cfg.batch_size * acc.num_processes))
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
         self.state.max_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
-        self._steps_per_epoch = steps_per_epoch
+        self.steps_per_epoch = steps_per_epoch  # optimizer steps in one epoch (the last may be short)
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         checkpointing.check_disk_space(cfg.output_dir, checkpointing.estimate_checkpoint_bytes(self.model))
         result = self.configure_optimizers()
@@ -663,8 +680,11 @@ class Loop:
         self._last_save = None
         self._window = {"time": 0.0, "tokens": 0.0, "samples": 0.0, "loss": []}
         if acc.is_main_process:
+            # A RunSummary among the user's callbacks replaces the default one (RunSummary(show=False)
+            # keeps summary.json but prints nothing).
+            summary = [] if any(isinstance(c, RunSummary) for c in self.callbacks) else [RunSummary()]
             self.callbacks = [JSONLLogger(os.path.join(cfg.output_dir, "metrics.jsonl")), ProgressBar(),
-                              *self.callbacks]
+                              *summary, *self.callbacks]
         if cfg.report_to:
             self.callbacks.append(TrackerLogger())
         self.state.data_fingerprint = rundir.data_fingerprint(self.train_data)
@@ -806,7 +826,7 @@ class Loop:
         move the weights) and no step counted; fail if a whole epoch has nothing to train on."""
         self._empty_steps += 1
         logger.warning("all %d samples of step %d were skipped: no update", skipped, self.state.step + 1)
-        if self._empty_steps >= self._steps_per_epoch:
+        if self._empty_steps >= self.steps_per_epoch:
             raise ValueError(
                 f"{self._empty_steps} steps in a row (an epoch) had no trainable sample: every sample "
                 "was skipped as bad; check the data (see the warnings above)"
@@ -878,6 +898,7 @@ class Loop:
             return  # nothing changed since the last checkpoint (e.g. save_steps, then fit's final save)
         # Every process raises if output_dir was removed or replaced (the main process holds the lock).
         run_on_main(self.accelerator, lambda: self._lock.check(state.step) if self._lock is not None else None)
+        self._advance_clock()  # the checkpoint's LoopState holds the run's time up to it
         path = checkpointing.save_checkpoint(self, best=best)
         self._last_save = key
         if self.accelerator.is_main_process:

@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -16,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "visual.merger", "connector")
 VISION_NAMES = ("vision_tower", "vision_model", "visual")
+# transformers 5 deprecation warning that peft triggers on every LoRA model it wraps (see prepare_model).
+_GC_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
 
 
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -197,17 +200,19 @@ def prepare_model(model: nn.Module, config: Any) -> nn.Module:
         vision = _module_prefix(model, VISION_NAMES)
         if vision and not config.freeze_vision_tower:
             modules_to_save.append(vision.split(".")[-1])
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=config.lora_r,
-                lora_alpha=config.lora_alpha,
-                lora_dropout=config.lora_dropout,
-                target_modules=targets,
-                modules_to_save=modules_to_save or None,
-                bias="none",
-            ),
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=targets,
+            modules_to_save=modules_to_save or None,
+            bias="none",
         )
+        with warnings.catch_warnings():
+            # PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecated
+            # (FutureWarning on every run, checkpointing on or off); no peft argument avoids the read.
+            warnings.filterwarnings("ignore", message=_GC_DEPRECATION, category=FutureWarning)
+            model = get_peft_model(model, lora)
     elif quantized:
         raise ValueError("a quantized (4/8-bit) model can only be finetuned with LoRA: set lora_r > 0")
     else:
