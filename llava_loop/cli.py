@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``llava-loop``; returns the exit status (2 for a user error, with one message)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "accelerate", "transformers"):
+    for noisy in ("httpx", "urllib3", "accelerate", "transformers", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = build_parser()
     debug = "--debug" in argv
