@@ -31,7 +31,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.2", "protobuf>=4"],
+        "test": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.2", "protobuf>=4", "pytest-markdown-docs>=0.9"],
         "docs": [],
         "gpu": ["bitsandbytes>=0.43"],
     },

@@ -1,0 +1,151 @@
+"""Test-wide settings (offline, CPU, one thread) and the fixtures behind the docs' code blocks.
+
+This file sits at the repository root, not in ``tests/``, because pytest-markdown-docs collects
+every ```python block of README.md and docs/*.md as a test item of that file, and a conftest's
+fixtures reach only the items below its folder.
+
+Every docs block runs as pasted, each in a fresh empty working directory, with the Hub names it
+uses (``llava-hf/llava-1.5-7b-hf``) answered by the tiny offline LLaVA of `llava_loop.testing`
+(`fake_hub`). Blocks that read files name a fixture in their fence's info string
+(```` ```python fixture:llava_data ````): `llava_data` writes ``data/train.json``,
+``data/val.json`` and ``data/images/``; `finished_run` provides ``out/``, a finished run with
+checkpoints up to ``step_000120``.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402 (after the offline switches)
+
+# One intra-op thread for the whole run: the tiny test models are several times faster on one
+# thread (more only add synchronisation), and the DDP tests fork worker processes, which hang
+# if this process has already started a multi-threaded OpenMP pool.
+torch.set_num_threads(1)
+
+# The Hub names the docs use; each loads the tiny model and processor instead.
+FAKE_HUB_NAMES = ("llava-hf/llava-1.5-7b-hf",)
+
+
+def _is_docs_block(request: pytest.FixtureRequest) -> bool:
+    """Whether the test is a code block collected by pytest-markdown-docs."""
+    return request.node.get_closest_marker("markdown-docs") is not None
+
+
+def _as_if_from_hub(model, name: str) -> None:
+    """Give a model the Hub name it would have after ``from_pretrained(name)`` (peft and meta.json read it)."""
+    model.config._name_or_path = name
+    model.name_or_path = name
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaVA and its processor saved as a Hugging Face model folder, once per session."""
+    from llava_loop.testing import tiny_llava
+
+    folder = tmp_path_factory.mktemp("fake_hub") / "tiny-llava"
+    model, processor = tiny_llava(seed=0)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch, tiny_model_folder: Path) -> Path:
+    """Load the tiny model wherever a `FAKE_HUB_NAMES` name is loaded from the Hub.
+
+    Patches ``from_pretrained`` of the classes the docs and `llava_loop.modeling.load_model` use;
+    every other argument (dtype, local folders) goes to the real ``from_pretrained``. A loaded
+    model keeps the Hub name as its ``name_or_path``, as a real download does (checkpoints
+    record it as their base model).
+    """
+    import transformers
+
+    def redirect(cls: type) -> None:
+        real = cls.from_pretrained  # bound to cls
+
+        def from_pretrained(_cls, name, *args, **kwargs):
+            if str(name) not in FAKE_HUB_NAMES:
+                return real(name, *args, **kwargs)
+            loaded = real(tiny_model_folder, *args, **kwargs)
+            if hasattr(loaded, "config"):  # a model, not a processor
+                _as_if_from_hub(loaded, str(name))
+            return loaded
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(from_pretrained))
+
+    for name in ("AutoModelForImageTextToText", "AutoProcessor", "LlavaForConditionalGeneration"):
+        redirect(getattr(transformers, name))
+    return tiny_model_folder
+
+
+@pytest.fixture(autouse=True)
+def _docs_block_environment(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Run every docs code block in a fresh empty working directory with the fake Hub."""
+    if not _is_docs_block(request):
+        return
+    monkeypatch.chdir(tmp_path)
+    request.getfixturevalue("fake_hub")
+
+
+@pytest.fixture
+def llava_data(tmp_path: Path) -> Path:
+    """``data/train.json`` (8 samples), ``data/val.json`` (4) in LLaVA format, PNGs in ``data/images/``.
+
+    Written into ``tmp_path``, a docs block's working directory.
+    """
+    from llava_loop.testing import synthetic_vqa
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    for split, records in (("train", synthetic_vqa(8, seed=0)), ("val", synthetic_vqa(4, seed=1))):
+        rows = []
+        for i, record in enumerate(records):
+            image = f"{split}-{i}.png"
+            record["image"].save(data / "images" / image)
+            rows.append({"id": record["id"], "image": image, "conversations": record["conversations"]})
+        (data / f"{split}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return data
+
+
+@pytest.fixture(scope="session")
+def _finished_run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished LoRA run of the tiny model: checkpoints every 40 steps up to ``step_000120``.
+
+    Its model is loaded as ``llava-hf/llava-1.5-7b-hf`` through the fake Hub (so meta.json records
+    that base model), with a best checkpoint by ``eval/loss``.
+    """
+    from llava_loop import LoopConfig, fit
+    from llava_loop.testing import synthetic_vqa, tiny_llava
+
+    out = tmp_path_factory.mktemp("finished_run") / "out"
+    model, processor = tiny_llava(seed=0)
+    _as_if_from_hub(model, FAKE_HUB_NAMES[0])
+    config = LoopConfig(
+        output_dir=str(out),
+        max_steps=120,
+        batch_size=1,
+        learning_rate=1e-3,
+        eval_steps=40,
+        save_steps=40,
+        metric_for_best="eval/loss",
+        max_new_tokens=2,
+        log_steps=0,
+        handle_signals=False,
+    )
+    fit(model, processor, synthetic_vqa(8, seed=0), synthetic_vqa(2, seed=1), config=config)
+    return out
+
+
+@pytest.fixture
+def finished_run(tmp_path: Path, _finished_run_folder: Path) -> Path:
+    """Copy the finished run to ``out/`` in ``tmp_path``, a docs block's working directory."""
+    return Path(shutil.copytree(_finished_run_folder, tmp_path / "out"))
