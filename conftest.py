@@ -5,8 +5,8 @@ every ```python block of README.md and docs/*.md as a test item of that file, an
 fixtures reach only the items below its folder.
 
 Every docs block runs as pasted, each in a fresh empty working directory, with the Hub names it
-uses (``llava-hf/llava-1.5-7b-hf``) answered by the tiny offline LLaVA of `llava_loop.testing`
-(`fake_hub`). Blocks that read files name a fixture in their fence's info string
+uses (``llava-hf/llava-1.5-7b-hf``) found in an offline Hugging Face cache that holds the tiny
+LLaVA of `llava_loop.testing` (`fake_hub`). Blocks that read files name a fixture in their fence's info string
 (```` ```python fixture:llava_data ````): `llava_data` writes ``data/train.json``,
 ``data/val.json`` and ``data/images/``; `finished_run` provides ``out/``, a finished run with
 checkpoints up to ``step_000120``.
@@ -58,33 +58,31 @@ def tiny_model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def _fake_hub_cache(tmp_path_factory: pytest.TempPathFactory, tiny_model_folder: Path) -> Path:
+    """A Hugging Face cache folder in which every `FAKE_HUB_NAMES` repo holds the tiny model's files."""
+    cache = tmp_path_factory.mktemp("hf_cache")
+    commit = "0" * 40
+    for name in FAKE_HUB_NAMES:
+        repo = cache / f"models--{name.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        shutil.copytree(tiny_model_folder, repo / "snapshots" / commit)
+    return cache
+
+
 @pytest.fixture
-def fake_hub(monkeypatch: pytest.MonkeyPatch, tiny_model_folder: Path) -> Path:
-    """Load the tiny model wherever a `FAKE_HUB_NAMES` name is loaded from the Hub.
+def fake_hub(monkeypatch: pytest.MonkeyPatch, _fake_hub_cache: Path) -> Path:
+    """An offline Hugging Face cache that holds the tiny model under each `FAKE_HUB_NAMES` name.
 
-    Patches ``from_pretrained`` of the classes the docs and `llava_loop.modeling.load_model` use;
-    every other argument (dtype, local folders) goes to the real ``from_pretrained``. A loaded
-    model keeps the Hub name as its ``name_or_path``, as a real download does (checkpoints
-    record it as their base model).
+    Nothing is patched but the cache location: ``from_pretrained("llava-hf/llava-1.5-7b-hf")``,
+    `llava_loop.modeling.check_model_source` and peft find the tiny model there as they would a real
+    download (with ``HF_HUB_OFFLINE=1``), and the model's ``name_or_path`` is the Hub name.
     """
-    import transformers
+    import huggingface_hub.constants
 
-    def redirect(cls: type) -> None:
-        real = cls.from_pretrained  # bound to cls
-
-        def from_pretrained(_cls, name, *args, **kwargs):
-            if str(name) not in FAKE_HUB_NAMES:
-                return real(name, *args, **kwargs)
-            loaded = real(tiny_model_folder, *args, **kwargs)
-            if hasattr(loaded, "config"):  # a model, not a processor
-                _as_if_from_hub(loaded, str(name))
-            return loaded
-
-        monkeypatch.setattr(cls, "from_pretrained", classmethod(from_pretrained))
-
-    for name in ("AutoModelForImageTextToText", "AutoProcessor", "LlavaForConditionalGeneration"):
-        redirect(getattr(transformers, name))
-    return tiny_model_folder
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(_fake_hub_cache))
+    return _fake_hub_cache
 
 
 @pytest.fixture(autouse=True)
