@@ -15,7 +15,6 @@ setup(
         "transformers>=5.0,<6",
         "peft>=0.17",
         "accelerate>=1.0",
-        "evaluate>=0.4",
         "nltk>=3.8",
         "rouge-score>=0.1.2",
         "bert-score>=0.3.13",
@@ -23,6 +22,7 @@ setup(
         "pillow>=10",
         "tqdm>=4.60",
         "safetensors>=0.4",
+        "tokenizers>=0.23",
         "huggingface_hub>=0.23",
         "psutil>=5.8",
         "pyyaml>=6",
@@ -30,7 +30,9 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.2", "protobuf>=4"],
+        "test": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.2", "protobuf>=4", "evaluate>=0.4", "packaging>=21"],
+        "evaluate": ["evaluate>=0.4", "datasets>=2.0"],  # metrics given as evaluate.load(...) modules
+        "wandb": ["wandb>=0.16"],  # report_to=["wandb"]: prediction tables
         "docs": [],
         "gpu": ["bitsandbytes>=0.43"],
     },
