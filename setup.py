@@ -15,14 +15,13 @@ setup(
         "transformers>=5.0,<6",
         "peft>=0.17",
         "accelerate>=1.0",
-        "evaluate>=0.4",
-        "nltk>=3.8",
         "rouge-score>=0.1.2",
         "bert-score>=0.3.13",
         "sacrebleu>=2.3",
         "pillow>=10",
         "tqdm>=4.60",
         "safetensors>=0.4",
+        "tokenizers>=0.23",
         "huggingface_hub>=0.23",
         "psutil>=5.8",
         "pyyaml>=6",
@@ -31,7 +30,10 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.2", "protobuf>=4", "pytest-markdown-docs>=0.9"],
+        "test": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.2", "protobuf>=4", "pytest-markdown-docs>=0.9",
+                 "packaging>=21", "evaluate>=0.4"],
+        "evaluate": ["evaluate>=0.4", "datasets>=2.0"],  # metrics given as evaluate.load(...) modules
+        "wandb": ["wandb>=0.16"],  # report_to=["wandb"]: prediction tables
         "docs": [],
         "gpu": ["bitsandbytes>=0.43"],
     },

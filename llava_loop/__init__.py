@@ -12,6 +12,7 @@ from .callbacks import EVENTS, Callback, EarlyStopping
 from .collators import EvalCollator, TrainCollator
 from .config import LoopConfig
 from .loop import Loop, LoopState, fit
+from .plots import plot_run
 
 __all__ = [
     "EVENTS",
@@ -23,5 +24,6 @@ __all__ = [
     "LoopState",
     "TrainCollator",
     "fit",
+    "plot_run",
 ]
 __version__ = "0.1.0"

@@ -35,9 +35,7 @@ def record(rid: str, *turns: tuple[str, str], image=None, **extra) -> dict:
     return {"id": rid, "image": image, "conversations": conversations, **extra}
 
 
-def solid_image(
-    color: tuple[int, int, int], size: tuple[int, int] = (40, 30)
-) -> Image.Image:
+def solid_image(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> Image.Image:
     """A one-colour RGB image (distinct colours make image order checkable)."""
     return Image.new("RGB", size, color)
 
@@ -98,8 +96,39 @@ def expected_labels(tokenizer, text: str, continuations: list[str], ignore_index
     return ids, labels
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """``os.environ`` for a child process (subprocess, torchrun) that must compute like this one.
+
+    Losses compared between a parent and a child are only equal at the same thread count (another
+    count sums in another order: differences in the 7th digit), and a child otherwise starts with one
+    thread per core. This gives the child this process's ``torch.get_num_threads()`` as
+    OMP_NUM_THREADS / MKL_NUM_THREADS (torch starts with that many; some builds cap it at the core
+    count, so a child script we write also calls ``torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))``),
+    keeps it offline and turns tqdm bars off. ``extra`` adds or overrides variables.
+    """
+    import torch
+
+    threads = str(torch.get_num_threads())
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        **extra,
+    }
+
+
 def launch_two_processes(function, args=(), timeout: float = 240.0) -> None:
-    """``accelerate.debug_launcher(function, args, num_processes=2)`` on a free port, with a timeout.
+    """Run ``function(*args)`` in 2 gloo processes on the CPU (what ``accelerate.debug_launcher`` does),
+    with this process's thread count, on a free port, with a timeout.
+
+    Each worker starts with this process's ``torch.get_num_threads()`` and no Accelerate state (see
+    `_two_process_worker`). Workers are forked when this process runs one thread; with more they are
+    spawned, because a child forked after a multi-threaded OpenMP pool has run hangs in its first
+    parallel op (spawned workers need ``function`` and ``args`` to be picklable, i.e. module-level).
 
     debug_launcher always uses port 29500, so two test runs at once (CI and a developer, or
     parallel sessions) rendezvous with each other and hang; a free port keeps runs apart. Forked
@@ -107,22 +136,39 @@ def launch_two_processes(function, args=(), timeout: float = 240.0) -> None:
     run): a launch that does not finish within ``timeout`` is killed and tried once more on a new
     port, and a second stall fails the test instead of hanging CI.
     """
+    import functools
     import socket
     import tempfile
 
+    import torch
     from accelerate.utils import PrepareForLaunch, patch_environment
     from torch.multiprocessing import start_processes
 
+    threads = torch.get_num_threads()
+    worker = functools.partial(_two_process_worker, function, threads)
     for attempt in (1, 2):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        with tempfile.NamedTemporaryFile() as rdv, patch_environment(
-            world_size=2, master_addr="127.0.0.1", master_port=str(port), accelerate_mixed_precision="no",
-            accelerate_debug_rdv_file=rdv.name, accelerate_use_cpu="yes", gloo_socket_ifname="lo",
+        with (
+            tempfile.TemporaryDirectory() as rdv_dir,  # gloo's FileStore deletes its file when done
+            patch_environment(
+                world_size=2,
+                master_addr="127.0.0.1",
+                master_port=str(port),
+                accelerate_mixed_precision="no",
+                accelerate_debug_rdv_file=os.path.join(rdv_dir, "rdv"),
+                accelerate_use_cpu="yes",
+                gloo_socket_ifname="lo",
+            ),
         ):
-            context = start_processes(PrepareForLaunch(function, debug=True), args=args, nprocs=2,
-                                      start_method="fork", join=False)
+            context = start_processes(
+                PrepareForLaunch(worker, debug=True),
+                args=args,
+                nprocs=2,
+                start_method="fork" if threads == 1 else "spawn",
+                join=False,
+            )
             deadline = time.monotonic() + timeout
             while not context.join(timeout=1.0):  # raises if a worker failed
                 if time.monotonic() > deadline:
@@ -135,15 +181,17 @@ def launch_two_processes(function, args=(), timeout: float = 240.0) -> None:
             pytest.fail(f"two-process launch stalled twice (> {timeout:.0f} s each)")
 
 
-def fresh_accelerate_process() -> None:
-    """In a process forked by `launch_two_processes`: one torch thread, and no Accelerate state
-    inherited from the single-process parent (it would make every rank think it is alone)."""
+def _two_process_worker(function, threads: int, *args) -> None:
+    """In a worker of `launch_two_processes`: the parent's thread count, no Accelerate state
+    inherited from the single-process parent (it would make every rank think it is alone), then
+    ``function(*args)``."""
     import torch
     from accelerate.state import AcceleratorState, GradientState
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+    function(*args)
 
 
 def small_config(out, **settings):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import small_config
+from helpers import child_env, small_config
 from llava_loop import Loop, LoopConfig, TrainCollator
 from llava_loop.checkpointing import (
     best_checkpoint,
@@ -337,9 +337,9 @@ from llava_loop import Loop, LoopConfig, checkpointing
 from llava_loop.testing import synthetic_vqa, tiny_llava
 
 args = json.loads(sys.argv[1])
-# The parent's thread count: the losses are compared bit for bit, and a different number of threads
-# sums in a different order.
-torch.set_num_threads(args["threads"])
+# The parent's thread count (helpers.child_env): the losses are compared bit for bit, and a different
+# number of threads sums in a different order.
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if args.get("slow_save"):
     fsync_tree = checkpointing._fsync_tree
 
@@ -376,16 +376,14 @@ def start_child(tmp_path: Path, config: LoopConfig, n: int = 10, **args) -> tupl
         "n": n,
         "marker": str(tmp_path / "marker"),
         "result": str(tmp_path / "result.json"),
-        "threads": torch.get_num_threads(),
         **args,
     }
-    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=child_env(PYTHONPATH=str(REPO)),
     )
     return proc, args
 
@@ -484,7 +482,7 @@ import torch
 from llava_loop import Loop, LoopConfig
 from llava_loop.testing import synthetic_vqa, tiny_llava
 
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # the parent's (helpers.child_env)
 args = json.loads(sys.argv[1])
 
 
@@ -507,7 +505,7 @@ def run_two_processes(tmp_path: Path, config: LoopConfig, signal_at: int | None)
     args = {"config": config.to_dict(), "signal_at": signal_at, "out": str(tmp_path)}
     script = tmp_path / "ddp_child.py"
     script.write_text(DDP_CHILD)
-    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = child_env(PYTHONPATH=str(REPO))
     command = [
         sys.executable,
         "-m",

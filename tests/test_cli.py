@@ -4,7 +4,6 @@ model folder from LLaVA JSON + PNG files, ``export`` merges the resulting checkp
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import child_env
 from llava_loop.cli import build_parser, loop_config, main
 from llava_loop.testing import synthetic_vqa, tiny_llava
 
@@ -109,9 +109,7 @@ def test_train_and_export_run_end_to_end_on_a_saved_model_folder(tmp_path):
     )
     cmd = [sys.executable, "-m", "llava_loop", "train", "--config", str(run_yaml), "--max_steps", "2",
            "--metric_for_best", "eval/loss"]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    result = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, check=False, env=child_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"`python -m llava_loop train` failed:\n{result.stderr[-3000:]}"
 
     checkpoint = out / "checkpoints" / "step_000002"

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from helpers import fresh_accelerate_process, launch_two_processes
+from helpers import launch_two_processes
 from llava_loop import Loop, LoopConfig
 from llava_loop.testing import synthetic_vqa, tiny_llava
 
@@ -47,7 +47,6 @@ def _trainable(loop) -> dict:
 
 
 def _train_two_processes(output_dir: str) -> None:
-    fresh_accelerate_process()
     loop = _fit(2, output_dir)
     if loop.accelerator.is_main_process:
         torch.save(_trainable(loop), f"{output_dir}/weights.pt")

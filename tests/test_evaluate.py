@@ -16,7 +16,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from helpers import fresh_accelerate_process, launch_two_processes
+from helpers import launch_two_processes
 from llava_loop import Callback, Loop, LoopConfig
 from llava_loop.checkpointing import best_checkpoint
 from llava_loop.collators import EvalCollator, TrainCollator
@@ -437,7 +437,6 @@ def test_training_continues_bit_identically_after_merged_evaluations(tmp_path):
 
 # --------------------------------------------------------------------------- several processes
 def _evaluate_in_two_processes(model, processor, records, output_dir: str) -> None:
-    fresh_accelerate_process()
     loop = Loop(model, processor, config(output_dir, eval_batch_size=3))
     summary = loop.evaluate(records)
     rank = loop.accelerator.process_index
@@ -484,7 +483,6 @@ def test_two_processes_gather_predictions_in_order_without_duplicates(
 
 
 def _fit_in_two_processes(train, evals, output_dir: str) -> None:
-    fresh_accelerate_process()
     model, processor = tiny_llava(seed=0)
     cfg = config(output_dir, max_steps=3, batch_size=4, eval_steps=1, eval_batch_size=3)
     cfg.metric_for_best = "eval/loss"
