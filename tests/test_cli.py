@@ -35,11 +35,11 @@ def test_demo_learns_the_synthetic_task(tmp_path, restore_threads):
     # 300 of the default 600 steps: the smallest run that reached >= 0.97 on every seed tried.
     argv = [
         "demo",
-        "--output-dir",
+        "--output_dir",
         str(out),
         "--steps",
         "300",
-        "--train-samples",
+        "--train_samples",
         "2048",
     ]
     assert main(argv) == 0, "the demo should exit with status 0"
