@@ -126,13 +126,14 @@ def launch_two_processes(function, args=(), timeout: float = 240.0) -> None:
     with this process's thread count, on a free port, with a timeout.
 
     Each worker starts with this process's ``torch.get_num_threads()`` and no Accelerate state (see
-    `_two_process_worker`). Workers are forked when this process runs one thread; with more they are
-    spawned, because a child forked after a multi-threaded OpenMP pool has run hangs in its first
-    parallel op (spawned workers need ``function`` and ``args`` to be picklable, i.e. module-level).
+    `_two_process_worker`). Workers are spawned, not forked: a child forked after this process ran a
+    multi-threaded OpenMP op hangs in its first parallel op, even if the count is back at 1 by then
+    (seen with the suite pinned at 2 threads and a module fixture setting 1). So ``function`` must be
+    module-level and ``args`` picklable.
 
     debug_launcher always uses port 29500, so two test runs at once (CI and a developer, or
-    parallel sessions) rendezvous with each other and hang; a free port keeps runs apart. Forked
-    gloo workers have also been seen to stall at 0% CPU on a loaded machine (never in a sequential
+    parallel sessions) rendezvous with each other and hang; a free port keeps runs apart.
+    Gloo workers have also been seen to stall at 0% CPU on a loaded machine (never in a sequential
     run): a launch that does not finish within ``timeout`` is killed and tried once more on a new
     port, and a second stall fails the test instead of hanging CI.
     """
@@ -166,7 +167,7 @@ def launch_two_processes(function, args=(), timeout: float = 240.0) -> None:
                 PrepareForLaunch(worker, debug=True),
                 args=args,
                 nprocs=2,
-                start_method="fork" if threads == 1 else "spawn",
+                start_method="spawn",
                 join=False,
             )
             deadline = time.monotonic() + timeout

@@ -436,7 +436,11 @@ def test_training_continues_bit_identically_after_merged_evaluations(tmp_path):
 
 
 # --------------------------------------------------------------------------- several processes
-def _evaluate_in_two_processes(model, processor, records, output_dir: str) -> None:
+def _evaluate_in_two_processes(adapter_dir: str, records, output_dir: str) -> None:
+    from peft import PeftModel
+
+    base, processor = tiny_llava(seed=0)  # the trained model's base; its forward hooks do not pickle
+    model = PeftModel.from_pretrained(base, adapter_dir)
     loop = Loop(model, processor, config(output_dir, eval_batch_size=3))
     summary = loop.evaluate(records)
     rank = loop.accelerator.process_index
@@ -454,7 +458,8 @@ def test_two_processes_gather_predictions_in_order_without_duplicates(
     records = mixed_records(7, seed=3)
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
-    launch_two_processes(_evaluate_in_two_processes, args=(model, processor, records, str(ddp_dir)))
+    model.save_pretrained(tmp_path / "adapter")
+    launch_two_processes(_evaluate_in_two_processes, args=(str(tmp_path / "adapter"), records, str(ddp_dir)))
     _, single, single_rows = evaluate(
         model, processor, records, tmp_path / "single", eval_batch_size=3
     )

@@ -26,10 +26,10 @@ def _write_thread_count(out: str) -> None:
     Path(out, f"threads_{rank}.json").write_text(json.dumps(torch.get_num_threads()))
 
 
-@pytest.mark.parametrize("threads", [1, 2], ids=["forked", "spawned"])
+@pytest.mark.parametrize("threads", [1, 2])
 def test_two_process_workers_run_at_the_parents_thread_count(tmp_path, threads):
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # no op runs at this count here: a later fork stays safe
+    torch.set_num_threads(threads)
     try:
         launch_two_processes(_write_thread_count, args=(str(tmp_path),))
     finally:
