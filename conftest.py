@@ -27,8 +27,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402 (after the offline switches)
 
 # One intra-op thread for the whole run: the tiny test models are several times faster on one
-# thread (more only add synchronisation), and the DDP tests fork worker processes, which hang
-# if this process has already started a multi-threaded OpenMP pool.
+# thread (more only add synchronisation). Child processes run at this count too (helpers.child_env,
+# helpers.launch_two_processes), so results never depend on the machine's core count.
 torch.set_num_threads(1)
 
 # The Hub names the docs use; each loads the tiny model and processor instead.
