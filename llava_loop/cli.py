@@ -30,8 +30,9 @@ from typing import Any
 logger = logging.getLogger("llava_loop")
 
 USER_ERRORS = (ValueError, OSError, ImportError)
-"""Exceptions that are the user's to fix (bad settings, files, data, a missing package): one message,
-exit status 2. Anything else is a bug and keeps its traceback."""
+"""Exceptions that are the user's to fix (bad settings, files, data, a missing package; and
+`llava_loop.rundir.RunDirError`, an output_dir in use): one message, exit status 2. Anything else is a
+bug and keeps its traceback."""
 
 
 @dataclass
@@ -320,12 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         where = f"llava-loop {command}".strip()
         print(f"{where}: error: {_parse_error(parser, argv, err)}\n(see {where} --help)", file=sys.stderr)
         return 2
+    from .rundir import RunDirError
+
     sub = args[args.command]
     commands = {"demo": demo, "train": lambda a: train(a, parser.command_parsers["train"]),
                 "plot": plot, "export": export_cmd}  # fmt: skip
     try:
         commands[args.command](sub)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, RunDirError) as err:
         if debug:
             raise
         print(f"llava-loop {args.command}: error: {err}\n(run again with --debug for the traceback)", file=sys.stderr)

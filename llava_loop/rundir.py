@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".llava_loop.lock"
 
+
+class RunDirError(RuntimeError):
+    """``output_dir`` is in use by another run, or was removed or replaced under this one."""
+
 # Settings whose change makes the checkpoint a different model: its weights would load (lora_alpha)
 # or fail with a shape error, but the run would not be the one that was saved.
 MODEL_FIELDS = ("lora_r", "lora_alpha", "lora_target_modules", "train_projector", "freeze_vision_tower")
@@ -87,7 +91,7 @@ class RunLock:
 
     @classmethod
     def acquire(cls, output_dir: str | os.PathLike) -> RunLock:
-        """Take ``output_dir``'s lock, or raise `RuntimeError` naming the run that holds it."""
+        """Take ``output_dir``'s lock, or raise `RunDirError` naming the run that holds it."""
         path = Path(output_dir) / LOCK_FILE
         me = {
             "pid": os.getpid(),
@@ -106,7 +110,7 @@ class RunLock:
                 f.flush()
                 os.fsync(f.fileno())
             return cls(path, me)
-        raise RuntimeError(f"could not take the lock {path}: other runs keep taking it; is another run starting?")
+        raise RunDirError(f"could not take the lock {path}: other runs keep taking it; is another run starting?")
 
     @staticmethod
     def _take_over_if_stale(path: Path, me: dict) -> None:
@@ -119,13 +123,13 @@ class RunLock:
         where = f"pid {owner.get('pid')} on host {owner.get('host')!r}"
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner["time"])) if "time" in owner else "?"
         if owner and owner.get("host") != me["host"]:
-            raise RuntimeError(
+            raise RunDirError(
                 f"output_dir {str(path.parent)!r} is in use by another run ({where}, since {since}); two runs "
                 "would overwrite each other's checkpoints. Choose another output_dir, or, if that run is "
                 f"certainly dead, delete {path}"
             )
         if owner and owner.get("pid") != me["pid"] and _alive(owner):
-            raise RuntimeError(
+            raise RunDirError(
                 f"output_dir {str(path.parent)!r} is in use by another run ({where}, since {since}); two runs "
                 "would overwrite each other's checkpoints. Wait for it to finish, stop it, or choose another "
                 "output_dir"
@@ -146,7 +150,7 @@ class RunLock:
         except (OSError, ValueError):
             owner = None
         if owner != self.owner:
-            raise RuntimeError(
+            raise RunDirError(
                 f"output_dir {str(self.path.parent)!r} was removed or replaced while this run was writing to it "
                 f"(noticed at step {step}); the checkpoints and metrics.jsonl it held are gone from there. "
                 "Stopping rather than writing into a directory another run or a cleanup owns; restore it "

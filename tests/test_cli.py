@@ -188,6 +188,22 @@ def _earlier_run(files) -> list[str]:
     return files["argv"]
 
 
+def _run_in_progress(files) -> list[str]:
+    """An output_dir locked by a live run (this test's parent process stands in for it)."""
+    import os
+    import socket
+    import time
+
+    from llava_loop.rundir import LOCK_FILE, _process_start
+
+    out = files["tmp"] / "out"
+    out.mkdir()
+    owner = {"pid": os.getppid(), "host": socket.gethostname(), "start": _process_start(os.getppid()),
+             "time": time.time()}  # fmt: skip
+    (out / LOCK_FILE).write_text(json.dumps(owner))
+    return files["argv"]
+
+
 MISTAKES = {
     "missing data file": (lambda f: _set(f["argv"], "--data.train", str(f["tmp"] / "trian.json")),
                           "dataset file not found"),
@@ -207,6 +223,7 @@ MISTAKES = {
         lambda f: [a for a in f["argv"] if a not in ("--data.eval", f["argv"][f["argv"].index("--data.eval") + 1])]
         + ["--metric_for_best", "loss"], "needs eval data"),
     "output_dir of an earlier run": (_earlier_run, "already holds 1 checkpoint"),
+    "output_dir of a live run": (_run_in_progress, "is in use by another run"),
     "model folder missing": (lambda f: _set(f["argv"], "--model.name", str(f["tmp"] / "modle")), "no such folder"),
     "model not cached offline": (lambda f: _set(f["argv"], "--model.name", "llava-hf/llava-1.5-7b-hf"),
                                  "no such folder, and no Hub access: HF_HUB_OFFLINE is set"),
