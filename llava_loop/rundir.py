@@ -47,6 +47,7 @@ LOCK_FILE = ".llava_loop.lock"
 class RunDirError(RuntimeError):
     """``output_dir`` is in use by another run, or was removed or replaced under this one."""
 
+
 # Settings whose change makes the checkpoint a different model: its weights would load (lora_alpha)
 # or fail with a shape error, but the run would not be the one that was saved.
 MODEL_FIELDS = ("lora_r", "lora_alpha", "lora_target_modules", "train_projector", "freeze_vision_tower")
