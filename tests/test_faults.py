@@ -452,16 +452,22 @@ def uniform_loss_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if "uniform-distribution" in r.getMessage()]
 
 
+class StepLosses:
+    """Records the loss of every optimizer step."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_step_end(self, loop, logs):
+        self.losses.append(logs["train/loss"])
+
+
 def test_loss_stuck_at_ln_vocab_warns_that_the_model_may_have_diverged(tmp_path, caplog):
     model, processor = tiny_llava(seed=0)
-    losses = []
-
-    class Losses:
-        def on_step_end(self, loop, logs):
-            losses.append(logs["train/loss"])
-
+    recorder = StepLosses()
+    losses = recorder.losses
     config = make_config(tmp_path, max_steps=26, learning_rate=1000.0, max_length=None, log_steps=0)
-    loop = Loop(model, processor, config, callbacks=[Losses()])
+    loop = Loop(model, processor, config, callbacks=[recorder])
     with caplog.at_level(logging.WARNING):
         loop.fit(synthetic_vqa(16))
     ln_v = math.log(model.get_output_embeddings().weight.shape[0])
@@ -477,14 +483,10 @@ def test_loss_stuck_at_ln_vocab_warns_that_the_model_may_have_diverged(tmp_path,
 
 def test_a_run_that_learns_from_random_init_does_not_warn_about_uniform_loss(tmp_path, caplog):
     model, processor = tiny_llava(seed=0)
-    losses = []
-
-    class Losses:
-        def on_step_end(self, loop, logs):
-            losses.append(logs["train/loss"])
-
+    recorder = StepLosses()
+    losses = recorder.losses
     loop = Loop(
-        model, processor, make_config(tmp_path, max_steps=30, max_length=None, log_steps=0), callbacks=[Losses()]
+        model, processor, make_config(tmp_path, max_steps=30, max_length=None, log_steps=0), callbacks=[recorder]
     )
     with caplog.at_level(logging.WARNING):
         loop.fit(synthetic_vqa(16))
