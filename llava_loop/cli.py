@@ -296,7 +296,7 @@ def _parse_error(parser: Any, argv: list[str], err: Exception) -> str:
         for arg in argv:
             flag = arg.split("=", 1)[0]
             if flag.startswith("--") and flag not in known:
-                close = difflib.get_close_matches(flag.replace("-", "_").replace("__", "--", 1), known, n=1)
+                close = difflib.get_close_matches("--" + flag[2:].replace("-", "_"), known, n=1)
                 if close:
                     hints.append(f"{flag} -> {close[0]}")
         if hints:
