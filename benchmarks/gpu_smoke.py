@@ -19,20 +19,47 @@ from llava_loop.testing import synthetic_vqa, tiny_llava
 
 def run(precision: str, out: str, steps: int) -> dict:
     model, processor = tiny_llava(seed=0)
-    config = LoopConfig(output_dir=f"{out}/{precision}", max_steps=steps, batch_size=16, eval_batch_size=64,
-                        learning_rate=5e-3, lora_dropout=0.0, precision=precision, eval_steps=steps // 2,
-                        eval_before_training=True, max_new_tokens=4, log_steps=25, save_steps=steps // 2)
+    config = LoopConfig(
+        output_dir=f"{out}/{precision}",
+        max_steps=steps,
+        batch_size=16,
+        eval_batch_size=64,
+        learning_rate=5e-3,
+        lora_dropout=0.0,
+        precision=precision,
+        eval_steps=steps // 2,
+        eval_before_training=True,
+        max_new_tokens=4,
+        log_steps=25,
+        save_steps=steps // 2,
+    )
     t0 = time.perf_counter()
     loop = Loop(model, processor, config)
     state = loop.fit(synthetic_vqa(2048, seed=0), synthetic_vqa(128, seed=1000))
-    result = {"precision": precision, "seconds": time.perf_counter() - t0,
-              "device": str(loop.accelerator.device), "scaler": loop.accelerator.scaler is not None,
-              "before": state.history[0]["eval/exact_match"], "after": state.history[-1]["eval/exact_match"],
-              "eval_loss_after": state.history[-1]["eval/loss"], "step": state.step}
+    result = {
+        "precision": precision,
+        "seconds": time.perf_counter() - t0,
+        "device": str(loop.accelerator.device),
+        "scaler": loop.accelerator.scaler is not None,
+        "before": state.history[0]["eval/exact_match"],
+        "after": state.history[-1]["eval/exact_match"],
+        "eval_loss_after": state.history[-1]["eval/loss"],
+        "step": state.step,
+    }
     # Resume from the mid-run checkpoint and finish again: same final step, finite loss.
     model2, processor2 = tiny_llava(seed=0)
-    resumed = Loop(model2, processor2, LoopConfig(**{**config.to_dict(), "resume_from": f"{out}/{precision}/checkpoints/step_{steps // 2:06d}",
-                                                     "output_dir": f"{out}/{precision}-resumed", "eval_before_training": False}))
+    resumed = Loop(
+        model2,
+        processor2,
+        LoopConfig(
+            **{
+                **config.to_dict(),
+                "resume_from": f"{out}/{precision}/checkpoints/step_{steps // 2:06d}",
+                "output_dir": f"{out}/{precision}-resumed",
+                "eval_before_training": False,
+            }
+        ),
+    )
     state2 = resumed.fit(synthetic_vqa(2048, seed=0), synthetic_vqa(128, seed=1000))
     result["resumed_after"] = state2.history[-1]["eval/exact_match"]
     result["resumed_eval_loss_after"] = state2.history[-1]["eval/loss"]

@@ -105,7 +105,9 @@ class EarlyStopping(Callback):
             return
         self.bad_evals += 1
         if self.bad_evals >= self.patience:
-            logger.info("early stopping: %s has not improved for %d evaluations (best %s)", key, self.patience, self.best)
+            logger.info(
+                "early stopping: %s has not improved for %d evaluations (best %s)", key, self.patience, self.best
+            )
             loop.state.should_stop = True
             loop.state.stop_reason = f"early stopping: {key} did not improve for {self.patience} evaluations"
 

@@ -98,9 +98,7 @@ class ChatRenderer:
         return messages
 
     def _apply(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def render(self, record: dict, *, for_generation: bool = False) -> RenderedSample:
         """Render a record; with ``for_generation``, up to the generation prompt of the final answer."""
@@ -129,9 +127,7 @@ class ChatRenderer:
             add_special_tokens=not (bos and text.startswith(bos)),
         )
 
-    def _mark_answers(
-        self, record_id: str, messages: list[dict], rendered: str
-    ) -> tuple[str, list[tuple[int, int]]]:
+    def _mark_answers(self, record_id: str, messages: list[dict], rendered: str) -> tuple[str, list[tuple[int, int]]]:
         """Find each assistant answer in ``rendered``; extend it over, or insert, its end-of-turn token.
 
         A span starts right after the generation prompt when only whitespace separates the two
@@ -209,9 +205,7 @@ class _Collator:
 
     def _token_mask(self, sample: RenderedSample, input_ids: torch.Tensor) -> torch.Tensor:
         """True for tokens of ``input_ids`` (processor output) overlapping a loss span."""
-        enc = self.tokenizer(
-            sample.text, add_special_tokens=sample.add_special_tokens, return_offsets_mapping=True
-        )
+        enc = self.tokenizer(sample.text, add_special_tokens=sample.add_special_tokens, return_offsets_mapping=True)
         flags = [any(s < b and e > a for s, e in sample.spans) and b > a for a, b in enc["offset_mapping"]]
         # The processor repeats each image token N times; walk both sequences with runs collapsed.
         out = torch.zeros(len(input_ids), dtype=torch.bool)
@@ -321,12 +315,20 @@ class TrainCollator(_Collator):
             if self.max_length is not None and len(input_ids) > self.max_length:
                 cut = self.max_length
                 if self.image_token_id is not None and (input_ids[cut:] == self.image_token_id).any():
-                    self._bad(sample.id, record.get("source", MEMORY_SOURCE),
-                              f"{len(input_ids)} tokens with image tokens beyond max_length={cut}", skipped)
+                    self._bad(
+                        sample.id,
+                        record.get("source", MEMORY_SOURCE),
+                        f"{len(input_ids)} tokens with image tokens beyond max_length={cut}",
+                        skipped,
+                    )
                     continue
                 if not mask[:cut].any():
-                    self._bad(sample.id, record.get("source", MEMORY_SOURCE),
-                              f"answer entirely truncated: {len(input_ids)} tokens > max_length={cut}", skipped)
+                    self._bad(
+                        sample.id,
+                        record.get("source", MEMORY_SOURCE),
+                        f"answer entirely truncated: {len(input_ids)} tokens > max_length={cut}",
+                        skipped,
+                    )
                     continue
                 enc = {k: (v[:, :cut] if v.dim() == 2 and v.shape[-1] == len(input_ids) else v) for k, v in enc.items()}
                 labels = labels[:cut]
@@ -337,7 +339,10 @@ class TrainCollator(_Collator):
                         "sample %r (%s) has %d tokens > max_length=%d: the end of its answer is cut off "
                         "and not trained on. Further partly truncated samples are not warned about, only "
                         "counted (train/truncated_samples); raise max_length to keep them whole.",
-                        sample.id, record.get("source", MEMORY_SOURCE), len(input_ids), cut,
+                        sample.id,
+                        record.get("source", MEMORY_SOURCE),
+                        len(input_ids),
+                        cut,
                     )
             enc["labels"] = labels[None]
             encoded.append(enc)

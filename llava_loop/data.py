@@ -84,8 +84,7 @@ class BadSampleError(ValueError):
         self.source = source
         self.reason = reason
         super().__init__(
-            f"bad sample {sample_id!r} ({source}): {reason}. "
-            "Fix or remove the sample, or pass on_bad_sample='skip'."
+            f"bad sample {sample_id!r} ({source}): {reason}. Fix or remove the sample, or pass on_bad_sample='skip'."
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -174,9 +173,7 @@ class VLDataset(torch.utils.data.Dataset):
             except BadSampleError as err:
                 if on_bad_sample == "raise":
                     raise
-                self.skipped.append(
-                    SkippedSample(err.sample_id, err.source, err.reason)
-                )
+                self.skipped.append(SkippedSample(err.sample_id, err.source, err.reason))
                 logger.warning(
                     "skipping bad sample %r (%s): %s",
                     err.sample_id,
@@ -206,22 +203,15 @@ class VLDataset(torch.utils.data.Dataset):
         sample_id = record["id"]
         try:
             if isinstance(record["image"], list):
-                image: Any = [
-                    load_image(x, sample_id=sample_id, source=self.source)
-                    for x in record["image"]
-                ]
+                image: Any = [load_image(x, sample_id=sample_id, source=self.source) for x in record["image"]]
             elif record["image"] is not None:
-                image = load_image(
-                    record["image"], sample_id=sample_id, source=self.source
-                )
+                image = load_image(record["image"], sample_id=sample_id, source=self.source)
             else:
                 image = None
         except BadSampleError as err:
             if self.on_bad_sample == "raise":
                 raise
-            logger.warning(
-                "skipping bad sample %r (%s): %s", err.sample_id, err.source, err.reason
-            )
+            logger.warning("skipping bad sample %r (%s): %s", err.sample_id, err.source, err.reason)
             return SkippedSample(err.sample_id, err.source, err.reason)
         # A fresh dict (and fresh turn dicts) every time: collators may mutate what they get.
         out: dict[str, Any] = {
@@ -234,10 +224,7 @@ class VLDataset(torch.utils.data.Dataset):
         return out
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(source={self.source!r}, records={len(self)}, "
-            f"skipped={len(self.skipped)})"
-        )
+        return f"{type(self).__name__}(source={self.source!r}, records={len(self)}, skipped={len(self.skipped)})"
 
 
 def load_llava_json(
@@ -280,18 +267,12 @@ def load_llava_json(
         raise FileNotFoundError(f"dataset file not found: {path}")
     suffix = Path(path).suffix.lower()
     if suffix not in (".json", ".jsonl"):
-        raise ValueError(
-            f"{path}: unsupported dataset file type {suffix!r}; use .json or .jsonl."
-        )
+        raise ValueError(f"{path}: unsupported dataset file type {suffix!r}; use .json or .jsonl.")
     try:
         with open(path, encoding="utf-8-sig") as f:
-            records = (
-                _read_jsonl(f, path) if suffix == ".jsonl" else _read_json(f, path)
-            )
+            records = _read_jsonl(f, path) if suffix == ".jsonl" else _read_json(f, path)
     except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{path}: not UTF-8 text ({err}); save the file as UTF-8."
-        ) from err
+        raise ValueError(f"{path}: not UTF-8 text ({err}); save the file as UTF-8.") from err
     return VLDataset(
         records,
         image_folder=image_folder,
@@ -413,9 +394,7 @@ def normalize_record(
     if turns is None:
         raise bad("no 'conversations' (LLaVA) or 'messages' (HF) list")
     if not isinstance(turns, list):
-        raise bad(
-            f"'conversations'/'messages' must be a list, got {type(turns).__name__}"
-        )
+        raise bad(f"'conversations'/'messages' must be a list, got {type(turns).__name__}")
     if raw.get("image") is not None and raw.get("images") is not None:
         raise bad("has both 'image' and 'images'; keep one")
     images = raw.get("image", raw.get("images"))
@@ -437,21 +416,15 @@ def normalize_record(
         text = turn.get("value", turn.get("content"))
         norm_role = _ROLES.get(role.strip().lower()) if isinstance(role, str) else None
         if norm_role is None:
-            raise bad(
-                f"turn {t} has unknown role {role!r}; expected one of {sorted(_ROLES)}"
-            )
+            raise bad(f"turn {t} has unknown role {role!r}; expected one of {sorted(_ROLES)}")
         if isinstance(text, list):
             text = _content_to_text(text, inline_images, bad, t)
         elif not isinstance(text, str):
-            raise bad(
-                f"turn {t} ({role}) value must be a string, got {type(text).__name__}"
-            )
+            raise bad(f"turn {t} ({role}) value must be a string, got {type(text).__name__}")
         conversations.append({"from": norm_role, "value": text})
     if inline_images:
         if images:
-            raise bad(
-                "images are given both in 'images' and inside the message content; use one"
-            )
+            raise bad("images are given both in 'images' and inside the message content; use one")
         images = inline_images
 
     check_conversation(conversations, sample_id=sample_id, source=source)
@@ -459,13 +432,9 @@ def normalize_record(
 
     n_markers = sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations)
     if not images and n_markers:
-        raise bad(
-            f"text has {n_markers} {IMAGE_TOKEN} marker(s) but the record has no image"
-        )
+        raise bad(f"text has {n_markers} {IMAGE_TOKEN} marker(s) but the record has no image")
     if n_markers > len(images):
-        raise bad(
-            f"more {IMAGE_TOKEN} markers ({n_markers}) than images ({len(images)})"
-        )
+        raise bad(f"more {IMAGE_TOKEN} markers ({n_markers}) than images ({len(images)})")
     if 0 < n_markers < len(images):
         raise bad(
             f"fewer {IMAGE_TOKEN} markers ({n_markers}) than images ({len(images)}); "
@@ -473,9 +442,7 @@ def normalize_record(
         )
     if images and not n_markers:
         first = roles.index("human")
-        conversations[first]["value"] = (
-            f"{IMAGE_TOKEN}\n" * len(images) + conversations[first]["value"]
-        )
+        conversations[first]["value"] = f"{IMAGE_TOKEN}\n" * len(images) + conversations[first]["value"]
 
     if image_folder is not None:
         folder: str | None = os.path.expanduser(os.fspath(image_folder))
@@ -488,20 +455,14 @@ def normalize_record(
 
     record: dict[str, Any] = {
         "id": sample_id,
-        "image": None
-        if not resolved
-        else resolved[0]
-        if len(resolved) == 1
-        else resolved,
+        "image": None if not resolved else resolved[0] if len(resolved) == 1 else resolved,
         "conversations": conversations,
     }
     answers = raw.get("answers")
     if answers is not None:
         if isinstance(answers, str):
             answers = [answers]
-        if not isinstance(answers, list) or not all(
-            isinstance(a, str) for a in answers
-        ):
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
             raise bad("'answers' must be a list of strings")
         if not answers:
             raise bad("'answers' is empty; give at least one reference, or drop the key to score the final answer")
@@ -509,9 +470,7 @@ def normalize_record(
     return record
 
 
-def check_conversation(
-    conversations: list[dict[str, str]], *, sample_id: str, source: str = MEMORY_SOURCE
-) -> None:
+def check_conversation(conversations: list[dict[str, str]], *, sample_id: str, source: str = MEMORY_SOURCE) -> None:
     """Check the turns of a normalised conversation; the one home of the turn rules.
 
     `normalize_record` (every dataset) and the collators (records built in memory) both call
@@ -563,9 +522,7 @@ def check_conversation(
             raise bad(f"turn {t} ({turn['from']}) has an {IMAGE_TOKEN} marker; only human turns may")
 
 
-def load_image(
-    path_or_image: str | os.PathLike[str] | Image.Image, *, sample_id: str, source: str
-) -> Image.Image:
+def load_image(path_or_image: str | os.PathLike[str] | Image.Image, *, sample_id: str, source: str) -> Image.Image:
     """Decode an image fully and return it as a new RGB image, upright as a viewer shows it.
 
     * The EXIF orientation is applied (``PIL.ImageOps.exif_transpose``, as
@@ -612,9 +569,7 @@ def load_image(
             # Convert inside the `with`: closing the file discards the decoded pixels.
             return _decode(img, what)
     except FileNotFoundError as err:
-        raise BadSampleError(
-            sample_id, source, f"image file not found: {path}"
-        ) from err
+        raise BadSampleError(sample_id, source, f"image file not found: {path}") from err
     except Image.DecompressionBombError as err:
         raise BadSampleError(
             sample_id,
@@ -624,17 +579,14 @@ def load_image(
             "before loading, or downscale the image",
         ) from err
     except _ZeroSizeImage as err:
-        raise BadSampleError(
-            sample_id, source, f"{what} has zero size {err.args[0]}"
-        ) from err
+        raise BadSampleError(sample_id, source, f"{what} has zero size {err.args[0]}") from err
     except _UnknownRange as err:
         raise BadSampleError(sample_id, source, f"{what}: {err.args[0]}") from err
     except _DECODE_ERRORS as err:
         raise BadSampleError(
             sample_id,
             source,
-            f"cannot read {what}: corrupt, truncated or not an image "
-            f"({type(err).__name__}: {err})",
+            f"cannot read {what}: corrupt, truncated or not an image ({type(err).__name__}: {err})",
         ) from err
 
 
@@ -655,13 +607,9 @@ def record_images(record: dict[str, Any]) -> list[Image.Image]:
         ([], 1)
     """
     if isinstance(record, SkippedSample):
-        raise TypeError(
-            f"got a SkippedSample ({record.id!r}); drop those before this call."
-        )
+        raise TypeError(f"got a SkippedSample ({record.id!r}); drop those before this call.")
     image = record.get("image")
-    images = (
-        [] if image is None else list(image) if isinstance(image, list) else [image]
-    )
+    images = [] if image is None else list(image) if isinstance(image, list) else [image]
     for img in images:
         if not isinstance(img, Image.Image):
             raise TypeError(
@@ -674,9 +622,7 @@ def record_images(record: dict[str, Any]) -> list[Image.Image]:
 def _check_on_bad_sample(on_bad_sample: str) -> None:
     """Reject anything but "raise" / "skip"."""
     if on_bad_sample not in ("raise", "skip"):
-        raise ValueError(
-            f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}."
-        )
+        raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}.")
 
 
 def _read_json(f: Any, path: str) -> list[Any]:
@@ -687,9 +633,7 @@ def _read_json(f: Any, path: str) -> list[Any]:
         hint = ""
         if err.msg == "Extra data":
             hint = " If it holds one record per line, rename it to .jsonl."
-        raise ValueError(
-            f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}.{hint}"
-        ) from err
+        raise ValueError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}.{hint}") from err
     if not isinstance(data, list):
         # Bad file content, not a programming error: ValueError like the decode errors.
         raise ValueError(  # noqa: TRY004
@@ -708,15 +652,11 @@ def _read_jsonl(f: Any, path: str) -> list[Any]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{path}: invalid JSON at line {lineno}, column {err.colno}: {err.msg}."
-            ) from err
+            raise ValueError(f"{path}: invalid JSON at line {lineno}, column {err.colno}: {err.msg}.") from err
     return records
 
 
-def _content_to_text(
-    items: list[Any], inline_images: list[Any], bad: Any, t: int
-) -> str:
+def _content_to_text(items: list[Any], inline_images: list[Any], bad: Any, t: int) -> str:
     """Flatten HF content items to text; each image item becomes "<image>\\n" in place."""
     parts = []
     for item in items:
@@ -732,19 +672,13 @@ def _content_to_text(
         elif kind == "image":
             parts.append(f"{IMAGE_TOKEN}\n")
             # transformers chat-template style: the image may sit in the item itself.
-            inline = next(
-                (item[k] for k in ("image", "path", "url") if item.get(k)), None
-            )
+            inline = next((item[k] for k in ("image", "path", "url") if item.get(k)), None)
             if isinstance(inline, str) and inline.startswith(("http://", "https://")):
-                raise bad(
-                    f"turn {t} has a remote image URL {inline}; download it first"
-                )
+                raise bad(f"turn {t} has a remote image URL {inline}; download it first")
             if inline is not None:
                 inline_images.append(inline)
         else:
-            raise bad(
-                f"turn {t} has a content item of type {kind!r}; expected 'text' or 'image'"
-            )
+            raise bad(f"turn {t} has a content item of type {kind!r}; expected 'text' or 'image'")
     return "".join(parts)
 
 
@@ -850,8 +784,7 @@ def _warn_duplicate_ids(records: list[dict[str, Any]], source: str) -> None:
     duplicates = [sample_id for sample_id, n in counts.items() if n > 1]
     if duplicates:
         logger.warning(
-            "%d ids appear more than once in %s (e.g. %s); eval outputs keyed by id "
-            "will be ambiguous",
+            "%d ids appear more than once in %s (e.g. %s); eval outputs keyed by id will be ambiguous",
             len(duplicates),
             source,
             ", ".join(repr(d) for d in duplicates[:5]),

@@ -18,9 +18,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def shard_batches(
-    order: list[int], batch_size: int, process_index: int, num_processes: int
-) -> list[list[int]]:
+def shard_batches(order: list[int], batch_size: int, process_index: int, num_processes: int) -> list[list[int]]:
     """Cut ``order`` into batches and give this process every ``num_processes``-th one.
 
     Unlike accelerate's even sharding, nothing is padded or repeated: with 7 samples, batch size 2

@@ -280,8 +280,11 @@ def format_banner(facts: dict) -> str:
     process = "process" if f["num_processes"] == 1 else "processes"
     rows = [
         ("examples", examples),
-        ("steps", f"{_steps(f['max_steps'])} ({f['epochs']:.3g} epoch{'' if f['epochs'] == 1 else 's'} of "
-                  f"{_steps(f['steps_per_epoch'])})"),
+        (
+            "steps",
+            f"{_steps(f['max_steps'])} ({f['epochs']:.3g} epoch{'' if f['epochs'] == 1 else 's'} of "
+            f"{_steps(f['steps_per_epoch'])})",
+        ),
         (
             "batch",
             f"{f['batch_size']} per device x {f['grad_accum_steps']} accumulation x {f['num_processes']} "

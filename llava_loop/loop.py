@@ -218,9 +218,7 @@ class Loop:
         self.accelerator = None
         self.optimizer = None
         self.scheduler = None
-        self.train_collator = TrainCollator(
-            processor, self.config.max_length, on_bad_sample=self.config.on_bad_sample
-        )
+        self.train_collator = TrainCollator(processor, self.config.max_length, on_bad_sample=self.config.on_bad_sample)
         self.eval_collator = EvalCollator(processor, on_bad_sample=self.config.on_bad_sample)
         # Contradictions found now rather than after set-up (or hours in): fp16 on a CPU, and a
         # metric_for_best that none of the metrics reports.
@@ -263,13 +261,16 @@ class Loop:
                 self._lock.release()
                 self._lock = None
         if self.state.skipped_samples:
-            logger.warning("%d bad samples were skipped (on_bad_sample='skip'); see the warnings above",
-                           self.state.skipped_samples)
+            logger.warning(
+                "%d bad samples were skipped (on_bad_sample='skip'); see the warnings above", self.state.skipped_samples
+            )
         if self._preempted():
             logger.warning(
                 "stopped by %s at step %d; checkpoint saved in %s. Resume with resume_from='latest' "
                 "(CLI: --resume_from latest) and the same output_dir.",
-                self.state.stop_reason, self.state.step, checkpointing.checkpoints_dir(self.config.output_dir),
+                self.state.stop_reason,
+                self.state.step,
+                checkpointing.checkpoints_dir(self.config.output_dir),
             )
         return self.state
 
@@ -322,15 +323,19 @@ class Loop:
         cfg, acc, state = self.config, self.accelerator, self.state
         self.model.train()
         counts = torch.tensor(
-            [sum(self.count_loss_tokens(b) for b in micro_batches),
-             sum(int(b["attention_mask"].sum()) if "attention_mask" in b else 0 for b in micro_batches),
-             sum(len(b["ids"]) for b in micro_batches),
-             sum(len(b.get("skipped") or ()) for b in micro_batches),
-             sum(b.get("num_truncated", 0) for b in micro_batches)],
-            device=acc.device, dtype=torch.float64,
+            [
+                sum(self.count_loss_tokens(b) for b in micro_batches),
+                sum(int(b["attention_mask"].sum()) if "attention_mask" in b else 0 for b in micro_batches),
+                sum(len(b["ids"]) for b in micro_batches),
+                sum(len(b.get("skipped") or ()) for b in micro_batches),
+                sum(b.get("num_truncated", 0) for b in micro_batches),
+            ],
+            device=acc.device,
+            dtype=torch.float64,
         )
         total_loss_tokens, total_tokens, total_samples, skipped, truncated = acc.reduce(
-            counts, reduction="sum").tolist()
+            counts, reduction="sum"
+        ).tolist()
         state.skipped_samples += int(skipped)  # all processes; the collator/dataset warned per sample
         state.truncated_samples += int(truncated)  # the collator warned about the first one
         if total_loss_tokens == 0:
@@ -445,11 +450,20 @@ class Loop:
         gen = deepcopy(self.accelerator.unwrap_model(self.model).generation_config)
         # Greedy/beam decoding: clear sampling settings the model's config may carry (they would
         # only produce warnings).
-        sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {
-            "temperature": None, "top_p": None, "top_k": None}
+        sampling = (
+            {"temperature": cfg.temperature, "top_p": cfg.top_p}
+            if cfg.do_sample
+            else {"temperature": None, "top_p": None, "top_k": None}
+        )
         # use_cache: gradient checkpointing turns the model config's cache off; generation needs it.
-        gen.update(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
-                   pad_token_id=tok.pad_token_id, use_cache=True, **sampling)
+        gen.update(
+            max_new_tokens=cfg.max_new_tokens,
+            num_beams=cfg.num_beams,
+            do_sample=cfg.do_sample,
+            pad_token_id=tok.pad_token_id,
+            use_cache=True,
+            **sampling,
+        )
         if gen.eos_token_id is None:
             gen.eos_token_id = tok.eos_token_id
         return gen
@@ -534,8 +548,9 @@ class Loop:
 
         cfg = self.config
         if eval_data is not None:
-            dataset = as_dataset(eval_data, on_bad_sample=cfg.on_bad_sample,
-                                 allow_external_images=cfg.allow_external_images)
+            dataset = as_dataset(
+                eval_data, on_bad_sample=cfg.on_bad_sample, allow_external_images=cfg.allow_external_images
+            )
         else:
             dataset = getattr(self, "eval_data", None)
         if dataset is None:
@@ -546,8 +561,9 @@ class Loop:
             set_seed(cfg.seed)  # every evaluation samples (do_sample) the same way, whatever the step
             rows, loss_sum, loss_tokens, gen_tokens, seconds = self._eval_pass(dataset)
         except _EvalInterrupted:
-            logger.warning("%s received: evaluation at step %d abandoned (not recorded)", self._signal_received,
-                           self.state.step)
+            logger.warning(
+                "%s received: evaluation at step %d abandoned (not recorded)", self._signal_received, self.state.step
+            )
             self._stop_on_signal()
             return {}
         finally:
@@ -574,8 +590,14 @@ class Loop:
                 [{k: v for k, v in r.items() if k != "index"} | {"scores": s} for r, s in zip(rows, per_sample)],
             )
         samples = [
-            {"id": r["id"], "image": _record_image(dataset, r["index"]), "prompt": r["prompt"],
-             "prediction": r["prediction"], "references": r["references"], "scores": s}
+            {
+                "id": r["id"],
+                "image": _record_image(dataset, r["index"]),
+                "prompt": r["prompt"],
+                "prediction": r["prediction"],
+                "references": r["references"],
+                "scores": s,
+            }
             for r, s in zip(rows[: self.callback_samples], per_sample)
         ]
         self.state.history.append({"step": self.state.step, **summary})
@@ -613,21 +635,23 @@ class Loop:
                         out = self.evaluation_step(batch)
                     gen = batch["gen"]
                     if len(out["predictions"]) != len(gen["ids"]):
-                        raise ValueError(f"evaluation_step returned {len(out['predictions'])} predictions "
-                                         f"for a batch of {len(gen['ids'])} samples {gen['ids']}")
+                        raise ValueError(
+                            f"evaluation_step returned {len(out['predictions'])} predictions "
+                            f"for a batch of {len(gen['ids'])} samples {gen['ids']}"
+                        )
                     loss_sum += float(out["loss_sum"])
                     loss_tokens += int(out["loss_tokens"])
                     for index, sample_id, prompt, refs, pred in zip(
                         batch["indices"], gen["ids"], gen["prompts"], gen["references"], out["predictions"]
                     ):
-                        rows.append({"index": index, "id": sample_id, "prompt": prompt, "prediction": pred,
-                                     "references": refs})
+                        rows.append(
+                            {"index": index, "id": sample_id, "prompt": prompt, "prediction": pred, "references": refs}
+                        )
         finally:
             self.model.train(was_training)
         seconds = torch.tensor([time.perf_counter() - t0], device=acc.device, dtype=torch.float64)
         seconds = float(acc.gather(seconds).max())
-        totals = torch.tensor([loss_sum, loss_tokens, self._generated_tokens], device=acc.device,
-                              dtype=torch.float64)
+        totals = torch.tensor([loss_sum, loss_tokens, self._generated_tokens], device=acc.device, dtype=torch.float64)
         return rows, *acc.reduce(totals, reduction="sum").tolist(), seconds
 
     def _score(self, rows: list[dict]) -> tuple[dict, list[dict]]:
@@ -641,12 +665,16 @@ class Loop:
         cfg = self.config
         self._setup_accelerator()
         acc = self.accelerator
-        self.train_data = as_dataset(train_data, on_bad_sample=cfg.on_bad_sample,
-                                     allow_external_images=cfg.allow_external_images)
+        self.train_data = as_dataset(
+            train_data, on_bad_sample=cfg.on_bad_sample, allow_external_images=cfg.allow_external_images
+        )
         # Records rejected while loading (skip mode); a resumed run restores the count instead.
         self.state.skipped_samples = len(getattr(self.train_data, "skipped", ()))
-        self.eval_data = as_dataset(eval_data, on_bad_sample=cfg.on_bad_sample,
-                                    allow_external_images=cfg.allow_external_images) if eval_data is not None else None
+        self.eval_data = (
+            as_dataset(eval_data, on_bad_sample=cfg.on_bad_sample, allow_external_images=cfg.allow_external_images)
+            if eval_data is not None
+            else None
+        )
         cfg.check_eval_data(self.eval_data is not None)
         if len(self.train_data) == 0:
             raise ValueError("train_data has no records")
@@ -657,9 +685,14 @@ class Loop:
         # A private generator for the workers' base seed, so iterating the loader never draws from
         # the global torch RNG (which LoRA dropout uses and a resumed run restores).
         self._data_generator = torch.Generator().manual_seed(cfg.seed)
-        loader = DataLoader(_WithSource(self.train_data), batch_size=cfg.batch_size, sampler=self.sampler,
-                            collate_fn=self.train_collator, num_workers=cfg.num_workers,
-                            generator=self._data_generator)
+        loader = DataLoader(
+            _WithSource(self.train_data),
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            collate_fn=self.train_collator,
+            num_workers=cfg.num_workers,
+            generator=self._data_generator,
+        )
         # Micro-batches per process per epoch (accelerate gives every process as many).
         batches_per_epoch = math.ceil(len(self.train_data) / (cfg.batch_size * acc.num_processes))
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
@@ -683,8 +716,12 @@ class Loop:
             # A RunSummary among the user's callbacks replaces the default one (RunSummary(show=False)
             # keeps summary.json but prints nothing).
             summary = [] if any(isinstance(c, RunSummary) for c in self.callbacks) else [RunSummary()]
-            self.callbacks = [JSONLLogger(os.path.join(cfg.output_dir, "metrics.jsonl")), ProgressBar(),
-                              *summary, *self.callbacks]
+            self.callbacks = [
+                JSONLLogger(os.path.join(cfg.output_dir, "metrics.jsonl")),
+                ProgressBar(),
+                *summary,
+                *self.callbacks,
+            ]
         if cfg.report_to:
             self.callbacks.append(TrackerLogger())
         self.state.data_fingerprint = rundir.data_fingerprint(self.train_data)
@@ -717,8 +754,11 @@ class Loop:
         """Continue from the checkpoint ``path``: refuse what cannot continue exactly, apply the rest."""
         state = self.state
         saved_config, saved_state = checkpointing.read_resume_info(path)
-        here = {"max_steps": state.max_steps, "data_fingerprint": state.data_fingerprint,
-                "num_processes": state.num_processes}
+        here = {
+            "max_steps": state.max_steps,
+            "data_fingerprint": state.data_fingerprint,
+            "num_processes": state.num_processes,
+        }
         plan = rundir.resume_plan(saved_config, self.config.to_dict(), saved_state, here, path)
         # This run's optimizer settings and schedule, before the checkpoint's overwrite them.
         fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
@@ -788,9 +828,12 @@ class Loop:
             self._eval_order = (dataset, sorted(range(n), key=lambda i: (-lengths[i], i)))
         order = self._eval_order[1]
         batches = shard_batches(list(range(n)), cfg.eval_batch_size, acc.process_index, acc.num_processes)
-        return DataLoader(_Indexed(dataset, order), batch_sampler=batches,
-                          collate_fn=_EvalBatches(self.eval_collator, self.train_collator if cfg.eval_loss else None),
-                          num_workers=cfg.num_workers)
+        return DataLoader(
+            _Indexed(dataset, order),
+            batch_sampler=batches,
+            collate_fn=_EvalBatches(self.eval_collator, self.train_collator if cfg.eval_loss else None),
+            num_workers=cfg.num_workers,
+        )
 
     # ------------------------------------------------------------------ helpers
     def _model_inputs(self, batch: dict, drop: tuple = ()) -> dict:
@@ -811,9 +854,14 @@ class Loop:
         self.optimizer.zero_grad(set_to_none=True)
         state.bad_steps_in_a_row += 1
         ids = [i for b in micro_batches for i in b["ids"]]
-        logger.warning("%s at step %d (samples %s): step skipped, weights unchanged (%d in a row, "
-                       "max_bad_steps=%d)", reason, state.step + 1, ids, state.bad_steps_in_a_row,
-                       self.config.max_bad_steps)
+        logger.warning(
+            "%s at step %d (samples %s): step skipped, weights unchanged (%d in a row, max_bad_steps=%d)",
+            reason,
+            state.step + 1,
+            ids,
+            state.bad_steps_in_a_row,
+            self.config.max_bad_steps,
+        )
         if state.bad_steps_in_a_row > self.config.max_bad_steps:
             raise FloatingPointError(
                 f"{reason} in {state.bad_steps_in_a_row} consecutive steps (last at step {state.step + 1}, "
@@ -846,7 +894,11 @@ class Loop:
             logger.warning(
                 "loss is at the uniform-distribution value ln(V)=%.3f (V=%d) for %d steps in a row (step %d, "
                 "loss %.4f); the model may have diverged (learning rate too high?)",
-                ln_v, round(math.exp(ln_v)), self._uniform_steps, self.state.step + 1, loss,
+                ln_v,
+                round(math.exp(ln_v)),
+                self._uniform_steps,
+                self.state.step + 1,
+                loss,
             )
 
     def _evaluated_at(self, step: int) -> bool:
@@ -869,8 +921,7 @@ class Loop:
 
     def _log_train(self, logs: dict) -> None:
         w, state = self._window, self.state
-        record = {"step": state.step, "epoch": state.epoch + state.samples_in_epoch / len(self.train_data),
-                  **logs}
+        record = {"step": state.step, "epoch": state.epoch + state.samples_in_epoch / len(self.train_data), **logs}
         record["train/loss"] = sum(w["loss"]) / max(len(w["loss"]), 1)  # mean over the logging window
         record["train/tokens_per_s"] = w["tokens"] / max(w["time"], 1e-9)
         record["train/samples_per_s"] = w["samples"] / max(w["time"], 1e-9)
@@ -934,8 +985,9 @@ class Loop:
                     signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
                     raise KeyboardInterrupt
                 loop._signal_received = signal.Signals(signum).name
-                logger.warning("%s received: finishing the current step, then saving a checkpoint",
-                               loop._signal_received)
+                logger.warning(
+                    "%s received: finishing the current step, then saving a checkpoint", loop._signal_received
+                )
 
             def __exit__(self, *exc):
                 for sig, handler in self.previous.items():

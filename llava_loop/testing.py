@@ -38,9 +38,7 @@ LLAVA_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-LLAVA_TEMPLATE_NO_MARKERS = LLAVA_TEMPLATE.replace("{% generation %}", "").replace(
-    "{% endgeneration %}", ""
-)
+LLAVA_TEMPLATE_NO_MARKERS = LLAVA_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 
 COLORS = {
     "red": (220, 30, 30),
@@ -102,9 +100,7 @@ def tiny_tokenizer(vocab_size: int = 400):
     )
 
 
-def tiny_processor(
-    *, image_size: int = 32, patch_size: int = 8, generation_markers: bool = True
-):
+def tiny_processor(*, image_size: int = 32, patch_size: int = 8, generation_markers: bool = True):
     """A `LlavaProcessor` mirroring llava-1.5's, at toy size (``(image_size/patch_size)**2`` image tokens).
 
     Args:
@@ -158,9 +154,7 @@ def tiny_llava(
     """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    processor = tiny_processor(
-        image_size=image_size, patch_size=patch_size, generation_markers=generation_markers
-    )
+    processor = tiny_processor(image_size=image_size, patch_size=patch_size, generation_markers=generation_markers)
     tok = processor.tokenizer
     vision = CLIPVisionConfig(
         hidden_size=hidden_size // 2,
@@ -285,9 +279,7 @@ def llava15_processor(tokenizer_dir, generation_markers: bool = True):
     tokenizer = LlamaTokenizer.from_pretrained(str(tokenizer_dir))
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
-    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -44,9 +44,7 @@ def llava15(markers: bool = True):
 
 
 def train(processor, records, **kwargs) -> dict:
-    return TrainCollator(processor, pad_token_id=PAD, ignore_index=IGNORE, **kwargs)(
-        records
-    )
+    return TrainCollator(processor, pad_token_id=PAD, ignore_index=IGNORE, **kwargs)(records)
 
 
 def evaluate(processor, records, **kwargs) -> dict:
@@ -120,19 +118,14 @@ def check_train_row(processor, batch, row, text, continuations, n_images, image_
     want_ids, want_labels = expected_labels(tok, text, continuations, IGNORE)
     name = batch["ids"][row]
     assert runs == [image_tokens] * n_images, f"{name}: image token runs {runs}"
-    assert ids == want_ids, (
-        f"{name}: input_ids render as {tok.decode(ids)!r}, expected {text!r}"
-    )
+    assert ids == want_ids, f"{name}: input_ids render as {tok.decode(ids)!r}, expected {text!r}"
     assert labels == want_labels, (
-        f"{name}: labelled {[tok.decode(r) for r in labelled_runs(labels, IGNORE)]}, "
-        f"expected {continuations}"
+        f"{name}: labelled {[tok.decode(r) for r in labelled_runs(labels, IGNORE)]}, expected {continuations}"
     )
     return [tok.decode(r) for r in labelled_runs(labels, IGNORE)]
 
 
-@pytest.mark.parametrize(
-    "markers", [True, False], ids=["generation-markers", "no-markers"]
-)
+@pytest.mark.parametrize("markers", [True, False], ids=["generation-markers", "no-markers"])
 def test_train_labels_exactly_every_answer_plus_eos(markers):
     processor = tiny(markers)
     cases = tiny_cases()
@@ -140,12 +133,8 @@ def test_train_labels_exactly_every_answer_plus_eos(markers):
     assert batch["ids"] == [r["id"] for r, _, _ in cases], f"ids {batch['ids']}"
     for row, (rec, text, continuations) in enumerate(cases):
         n_images = text.count("<image>")
-        decoded = check_train_row(
-            processor, batch, row, text, continuations, n_images, TINY_IMAGE_TOKENS
-        )
-        assert decoded == continuations, (
-            f"{rec['id']}: labelled tokens decode to {decoded}"
-        )
+        decoded = check_train_row(processor, batch, row, text, continuations, n_images, TINY_IMAGE_TOKENS)
+        assert decoded == continuations, f"{rec['id']}: labelled tokens decode to {decoded}"
     image_labels = batch["labels"][batch["input_ids"] == processor.image_token_id]
     assert (image_labels == IGNORE).all(), "image tokens carry labels"
 
@@ -185,9 +174,7 @@ def test_train_labels_identical_with_and_without_generation_markers():
     records = [r for r, _, _ in tiny_cases()]
     with_markers, without = train(tiny(True), records), train(tiny(False), records)
     for key in ("input_ids", "attention_mask", "labels", "pixel_values"):
-        assert torch.equal(with_markers[key], without[key]), (
-            f"{key} differs between template variants"
-        )
+        assert torch.equal(with_markers[key], without[key]), f"{key} differs between template variants"
 
 
 def test_train_masks_system_prompt_and_image_tokens():
@@ -200,12 +187,8 @@ def test_train_masks_system_prompt_and_image_tokens():
     assert prompt.startswith("<s>Be brief. USER:") and prompt.endswith("ASSISTANT:"), (
         f"the first labelled token does not follow the first prompt: {prompt!r}"
     )
-    assert (labels[ids == processor.image_token_id] == IGNORE).all(), (
-        "image tokens carry labels"
-    )
-    assert int((ids == processor.image_token_id).sum()) == TINY_IMAGE_TOKENS, (
-        "image tokens not expanded"
-    )
+    assert (labels[ids == processor.image_token_id] == IGNORE).all(), "image tokens carry labels"
+    assert int((ids == processor.image_token_id).sum()) == TINY_IMAGE_TOKENS, "image tokens not expanded"
 
 
 def test_train_collator_right_pads_with_sentinels():
@@ -223,19 +206,11 @@ def test_train_collator_right_pads_with_sentinels():
         mask = batch["attention_mask"]
         n = int(mask[0].sum())
         assert n < mask.shape[1], "test setup: the short sample should be padded"
-        assert mask[0, :n].all() and not mask[0, n:].any(), (
-            f"not right-padded: {mask[0].tolist()}"
-        )
+        assert mask[0, :n].all() and not mask[0, n:].any(), f"not right-padded: {mask[0].tolist()}"
         assert mask[:, 0].all(), "first column has padding: left-padded"
-        assert (batch["input_ids"][0, n:] == PAD).all(), (
-            "input_ids padding is not pad_token_id"
-        )
-        assert (batch["labels"][0, n:] == IGNORE).all(), (
-            "labels padding is not ignore_index"
-        )
-        assert not (batch["labels"] == -100).any(), (
-            "-100 in labels although ignore_index=-9"
-        )
+        assert (batch["input_ids"][0, n:] == PAD).all(), "input_ids padding is not pad_token_id"
+        assert (batch["labels"][0, n:] == IGNORE).all(), "labels padding is not ignore_index"
+        assert not (batch["labels"] == -100).any(), "-100 in labels although ignore_index=-9"
         assert mask[1].all(), "the longest sample is padded"
         assert "labels" in batch and set(batch) - set(META_KEYS) >= {
             "input_ids",
@@ -251,19 +226,13 @@ def test_eval_collator_left_pads_prompts_only():
     assert mask[:, -1].all(), f"last column has padding: not left-padded\n{mask}"
     for row in range(len(cases)):
         pads = int((mask[row] == 0).sum())
-        assert not mask[row, :pads].any() and mask[row, pads:].all(), (
-            f"row {row} mask {mask[row].tolist()}"
-        )
-        assert (batch["input_ids"][row, :pads] == PAD).all(), (
-            f"row {row}: padding is not pad_token_id"
-        )
+        assert not mask[row, :pads].any() and mask[row, pads:].all(), f"row {row} mask {mask[row].tolist()}"
+        assert (batch["input_ids"][row, :pads] == PAD).all(), f"row {row}: padding is not pad_token_id"
     assert (mask == 0).any(), "test setup: some prompt should be padded"
     assert "labels" not in batch, "the eval batch has labels; it must not be trainable"
 
 
-@pytest.mark.parametrize(
-    "markers", [True, False], ids=["generation-markers", "no-markers"]
-)
+@pytest.mark.parametrize("markers", [True, False], ids=["generation-markers", "no-markers"])
 def test_eval_prompt_is_the_training_history_plus_generation_prompt(markers):
     processor = tiny(markers)
     tok, image_id = processor.tokenizer, processor.image_token_id
@@ -273,15 +242,9 @@ def test_eval_prompt_is_the_training_history_plus_generation_prompt(markers):
     for row, (rec, text, continuations) in enumerate(cases):
         prompt_text = text[: text.rindex(continuations[-1])]
         assert prompt_text.endswith("ASSISTANT:"), "test setup"
-        assert gen["prompts"][row] == prompt_text, (
-            f"{rec['id']}: prompt {gen['prompts'][row]!r}"
-        )
-        ids, _ = collapse_images(
-            unpadded(gen["input_ids"][row], gen["attention_mask"][row]), image_id
-        )
-        assert ids == tok(prompt_text)["input_ids"], (
-            f"{rec['id']}: eval prompt is {tok.decode(ids)!r}"
-        )
+        assert gen["prompts"][row] == prompt_text, f"{rec['id']}: prompt {gen['prompts'][row]!r}"
+        ids, _ = collapse_images(unpadded(gen["input_ids"][row], gen["attention_mask"][row]), image_id)
+        assert ids == tok(prompt_text)["input_ids"], f"{rec['id']}: eval prompt is {tok.decode(ids)!r}"
         # Exactly the training tokens in front of the final answer (earlier EOS included).
         train_ids = unpadded(tr["input_ids"][row], tr["attention_mask"][row])
         train_labels = unpadded(tr["labels"][row], tr["attention_mask"][row])
@@ -295,9 +258,7 @@ def test_eval_prompt_is_the_training_history_plus_generation_prompt(markers):
 
 def test_eval_references_are_the_answers_as_given_else_the_final_answer():
     votes = ["2"] * 9 + ["3"]  # VQA v2: ten annotator answers, duplicates are votes
-    vqa = record(
-        "vqa", ("human", "<image>\nHow many?"), ("gpt", "2"), image=solid_image(GREEN), answers=list(votes)
-    )
+    vqa = record("vqa", ("human", "<image>\nHow many?"), ("gpt", "2"), image=solid_image(GREEN), answers=list(votes))
     multi_turn = record(
         "r",
         ("human", "<image>\nWhat color?"),
@@ -331,29 +292,16 @@ def test_pixel_values_have_one_row_per_image_in_text_only_and_mixed_batches(coll
     text_only = [r for r, _, _ in tiny_cases() if r["image"] is None]
     batch = collate(processor, text_only)
     assert "pixel_values" not in batch, "a text-only batch has pixel_values"
-    assert not (batch["input_ids"] == processor.image_token_id).any(), (
-        "image tokens in a text-only batch"
-    )
+    assert not (batch["input_ids"] == processor.image_token_id).any(), "image tokens in a text-only batch"
 
     records = [r for r, _, _ in tiny_cases()]
-    images = [
-        img
-        for r in records
-        for img in (r["image"] if isinstance(r["image"], list) else [r["image"]])
-        if img
-    ]
+    images = [img for r in records for img in (r["image"] if isinstance(r["image"], list) else [r["image"]]) if img]
     batch = collate(processor, records)
     want = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    assert batch["pixel_values"].shape[0] == len(images) == 5, (
-        f"pixel_values {tuple(batch['pixel_values'].shape)}"
-    )
-    assert torch.allclose(batch["pixel_values"], want), (
-        "pixel_values not in record / marker order"
-    )
+    assert batch["pixel_values"].shape[0] == len(images) == 5, f"pixel_values {tuple(batch['pixel_values'].shape)}"
+    assert torch.allclose(batch["pixel_values"], want), "pixel_values not in record / marker order"
     per_row = (batch["input_ids"] == processor.image_token_id).sum(1).tolist()
-    assert per_row == [TINY_IMAGE_TOKENS * n for n in (1, 1, 0, 3)], (
-        f"image tokens per row {per_row}"
-    )
+    assert per_row == [TINY_IMAGE_TOKENS * n for n in (1, 1, 0, 3)], f"image tokens per row {per_row}"
 
 
 def test_end_of_turn_token_from_template_is_labelled_and_no_eos_added():
@@ -376,19 +324,13 @@ def test_end_of_turn_token_from_template_is_labelled_and_no_eos_added():
     )
     continuations = ["It is red.<|im_end|>", "circle<|im_end|>"]
     batch = train(processor, [rec])
-    decoded = check_train_row(
-        processor, batch, 0, text, continuations, 1, TINY_IMAGE_TOKENS
-    )
+    decoded = check_train_row(processor, batch, 0, text, continuations, 1, TINY_IMAGE_TOKENS)
     assert decoded == continuations, f"labelled tokens decode to {decoded}"
     eos = processor.tokenizer.eos_token_id
-    assert not (batch["input_ids"] == eos).any(), (
-        "EOS inserted although the template ends turns"
-    )
+    assert not (batch["input_ids"] == eos).any(), "EOS inserted although the template ends turns"
 
     gen = evaluate(processor, [rec])
-    assert gen["prompts"][0] == text[: text.rindex("circle")], (
-        f"eval prompt {gen['prompts'][0]!r}"
-    )
+    assert gen["prompts"][0] == text[: text.rindex("circle")], f"eval prompt {gen['prompts'][0]!r}"
 
 
 # ---------------------------------------------------------------------------- truncation
@@ -416,27 +358,15 @@ def test_truncation_keeps_the_remaining_answer_labels():
     start = first_label(full)
     short = record("short", ("human", "Hi"), ("gpt", "yes"))
     batch = train(processor, [long_record(), short], max_length=start + 3)
-    assert batch["input_ids"].shape[1] == start + 3, (
-        f"length {batch['input_ids'].shape[1]} != max_length"
-    )
-    assert torch.equal(batch["input_ids"][0], full["input_ids"][0, : start + 3]), (
-        "kept tokens changed"
-    )
-    assert torch.equal(batch["labels"][0], full["labels"][0, : start + 3]), (
-        "kept labels changed"
-    )
-    assert int((batch["labels"][0] != IGNORE).sum()) == 3, (
-        "the answer's first 3 tokens lost labels"
-    )
+    assert batch["input_ids"].shape[1] == start + 3, f"length {batch['input_ids'].shape[1]} != max_length"
+    assert torch.equal(batch["input_ids"][0], full["input_ids"][0, : start + 3]), "kept tokens changed"
+    assert torch.equal(batch["labels"][0], full["labels"][0, : start + 3]), "kept labels changed"
+    assert int((batch["labels"][0] != IGNORE).sum()) == 3, "the answer's first 3 tokens lost labels"
     assert batch["num_truncated"] == 1, f"num_truncated {batch['num_truncated']}"
-    assert batch["ids"] == ["long", "short"] and batch["skipped"] == [], (
-        "a sample was dropped"
-    )
+    assert batch["ids"] == ["long", "short"] and batch["skipped"] == [], "a sample was dropped"
 
     exact = train(processor, [long_record()], max_length=full["input_ids"].shape[1])
-    assert exact["num_truncated"] == 0, (
-        "a sample of exactly max_length counted as truncated"
-    )
+    assert exact["num_truncated"] == 0, "a sample of exactly max_length counted as truncated"
 
 
 def test_truncation_of_a_later_turn_keeps_the_earlier_answers():
@@ -447,9 +377,7 @@ def test_truncation_of_a_later_turn_keeps_the_earlier_answers():
     cut = full["input_ids"].shape[1] - len(runs[-1])  # drop the whole final answer
     batch = train(processor, [rec], max_length=cut)
     kept = labelled_runs(batch["labels"][0].tolist(), IGNORE)
-    assert kept == runs[:1], (
-        f"labels after truncation {kept}, expected the first answer {runs[:1]}"
-    )
+    assert kept == runs[:1], f"labels after truncation {kept}, expected the first answer {runs[:1]}"
     assert batch["num_truncated"] == 1, f"num_truncated {batch['num_truncated']}"
 
 
@@ -458,40 +386,28 @@ def test_answer_truncated_away_entirely_is_a_bad_sample_naming_the_id():
     start = first_label(train(processor, [long_record()]))
     with pytest.raises(BadSampleError, match="'long'") as err:
         train(processor, [long_record()], max_length=start)
-    assert err.value.sample_id == "long" and "truncated" in err.value.reason, str(
-        err.value
-    )
+    assert err.value.sample_id == "long" and "truncated" in err.value.reason, str(err.value)
 
     short = record("short", ("human", "Hi"), ("gpt", "yes"))
-    batch = train(
-        processor, [short, long_record()], max_length=start, on_bad_sample="skip"
-    )
+    batch = train(processor, [short, long_record()], max_length=start, on_bad_sample="skip")
     assert [s.id for s in batch["skipped"]] == ["long"], f"skipped {batch['skipped']}"
-    assert batch["ids"] == ["short"] and batch["input_ids"].shape[0] == 1, (
-        "the bad sample was trained"
-    )
+    assert batch["ids"] == ["short"] and batch["input_ids"].shape[0] == 1, "the bad sample was trained"
     assert (batch["labels"] != IGNORE).any(), "the good sample lost its labels"
 
 
 def test_truncation_never_cuts_image_tokens():
     processor = tiny()
     full = train(processor, [long_record()])
-    image_positions = (
-        (full["input_ids"][0] == processor.image_token_id).nonzero().flatten()
-    )
+    image_positions = (full["input_ids"][0] == processor.image_token_id).nonzero().flatten()
     for cut in (
         int(image_positions[0]),
         int(image_positions[-1]),
     ):  # before / inside the image run
         with pytest.raises(BadSampleError, match="'long'") as err:
             train(processor, [long_record()], max_length=cut)
-        assert "image" in err.value.reason, (
-            f"reason does not mention the image: {err.value.reason}"
-        )
+        assert "image" in err.value.reason, f"reason does not mention the image: {err.value.reason}"
         batch = train(processor, [long_record()], max_length=cut, on_bad_sample="skip")
-        assert [s.id for s in batch["skipped"]] == ["long"] and batch["ids"] == [], (
-            f"max_length={cut}: {batch}"
-        )
+        assert [s.id for s in batch["skipped"]] == ["long"] and batch["ids"] == [], f"max_length={cut}: {batch}"
 
 
 # ---------------------------------------------------------------------------- bad samples
@@ -502,9 +418,7 @@ def test_skipped_samples_passed_in_are_reported(collate):
     gone = SkippedSample("gone", "train.json", "corrupt image")
     batch = collate(tiny(), [gone, record("kept", ("human", "Hi"), ("gpt", "yes"))])
     assert batch["skipped"] == [gone], f"skipped {batch['skipped']}"
-    assert batch["ids"] == ["kept"] and batch["input_ids"].shape[0] == 1, (
-        f"ids {batch['ids']}"
-    )
+    assert batch["ids"] == ["kept"] and batch["input_ids"].shape[0] == 1, f"ids {batch['ids']}"
 
 
 BAD_RECORDS = {
@@ -515,12 +429,8 @@ BAD_RECORDS = {
         ("gpt", "See <image> here"),
         image=solid_image(RED),
     ),
-    "marker-without-image": record(
-        "marker-without-image", ("human", "<image>\nHi"), ("gpt", "yes")
-    ),
-    "image-without-marker": record(
-        "image-without-marker", ("human", "Hi"), ("gpt", "yes"), image=solid_image(RED)
-    ),
+    "marker-without-image": record("marker-without-image", ("human", "<image>\nHi"), ("gpt", "yes")),
+    "image-without-marker": record("image-without-marker", ("human", "Hi"), ("gpt", "yes"), image=solid_image(RED)),
     "empty-answer": record("empty-answer", ("human", "Hi"), ("gpt", "  ")),
     # Turn order: [system], human, gpt, ..., ending with gpt (llava_loop.data.check_conversation).
     "starts-with-gpt": record("starts-with-gpt", ("gpt", "Hello."), ("human", "Hi"), ("gpt", "yes")),
@@ -607,25 +517,17 @@ def llava15_cases() -> list[tuple[dict, str, list[str]]]:
     ]
 
 
-@pytest.mark.parametrize(
-    "markers", [True, False], ids=["generation-markers", "no-markers"]
-)
+@pytest.mark.parametrize("markers", [True, False], ids=["generation-markers", "no-markers"])
 def test_llava15_sentencepiece_labels_are_the_answers_in_context(markers):
     processor = llava15(markers)
     cases = llava15_cases()
     batch = train(processor, [r for r, _, _ in cases])
     for row, (rec, text, continuations) in enumerate(cases):
         n_images = text.count("<image>")
-        decoded = check_train_row(
-            processor, batch, row, text, continuations, n_images, LLAVA15_IMAGE_TOKENS
-        )
+        decoded = check_train_row(processor, batch, row, text, continuations, n_images, LLAVA15_IMAGE_TOKENS)
         # SentencePiece drops the leading "▁" when decoding; the token check above includes it.
-        assert decoded == [c.lstrip(" ") for c in continuations], (
-            f"{rec['id']}: labels decode to {decoded}"
-        )
-    assert batch["pixel_values"].shape == (2, 3, 336, 336), (
-        f"pixel_values {tuple(batch['pixel_values'].shape)}"
-    )
+        assert decoded == [c.lstrip(" ") for c in continuations], f"{rec['id']}: labels decode to {decoded}"
+    assert batch["pixel_values"].shape == (2, 3, 336, 336), f"pixel_values {tuple(batch['pixel_values'].shape)}"
 
 
 def test_llava15_labels_identical_with_and_without_generation_markers():
@@ -635,9 +537,7 @@ def test_llava15_labels_identical_with_and_without_generation_markers():
         train(llava15(False), records),
     )
     for key in ("input_ids", "attention_mask", "labels"):
-        assert torch.equal(with_markers[key], without[key]), (
-            f"{key} differs between template variants"
-        )
+        assert torch.equal(with_markers[key], without[key]), f"{key} differs between template variants"
 
 
 def test_llava15_eval_prompt_ends_with_assistant_tokens():
@@ -646,9 +546,7 @@ def test_llava15_eval_prompt_ends_with_assistant_tokens():
     cases = llava15_cases()
     batch = evaluate(processor, [r for r, _, _ in cases])
     assistant = tok.encode("ASSISTANT:", add_special_tokens=False)
-    assert tok.convert_ids_to_tokens(assistant) == ["▁A", "SS", "IST", "ANT", ":"], (
-        "tokenizer changed"
-    )
+    assert tok.convert_ids_to_tokens(assistant) == ["▁A", "SS", "IST", "ANT", ":"], "tokenizer changed"
     assert batch["attention_mask"][:, -1].all(), "eval batch is not left-padded"
     for row, (rec, text, continuations) in enumerate(cases):
         assert batch["input_ids"][row, -len(assistant) :].tolist() == assistant, (
@@ -659,12 +557,8 @@ def test_llava15_eval_prompt_ends_with_assistant_tokens():
             processor.image_token_id,
         )
         prompt_text = text[: text.rindex(continuations[-1])]
-        assert ids == tok(prompt_text)["input_ids"], (
-            f"{rec['id']}: eval prompt {tok.decode(ids)!r}"
-        )
-        assert runs == [LLAVA15_IMAGE_TOKENS] * text.count("<image>"), (
-            f"{rec['id']}: image runs {runs}"
-        )
+        assert ids == tok(prompt_text)["input_ids"], f"{rec['id']}: eval prompt {tok.decode(ids)!r}"
+        assert runs == [LLAVA15_IMAGE_TOKENS] * text.count("<image>"), f"{rec['id']}: image runs {runs}"
 
 
 @pytest.mark.parametrize("collate", [train, evaluate], ids=["train", "eval"])

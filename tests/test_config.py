@@ -156,10 +156,9 @@ def test_unknown_key_error_suggests_close_match():
     with pytest.raises(ValueError) as info:
         LoopConfig.from_dict({"learing_rate": 1e-4, "zzz": 1})
     message = str(info.value)
-    assert (
-        "'learing_rate'" in message
-        and "learning_rate" in message.split("did you mean")[1]
-    ), f"no suggestion for learing_rate: {message}"
+    assert "'learing_rate'" in message and "learning_rate" in message.split("did you mean")[1], (
+        f"no suggestion for learing_rate: {message}"
+    )
     assert "'zzz'" in message, f"every unknown key should be listed: {message}"
 
 

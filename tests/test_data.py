@@ -164,9 +164,7 @@ def test_messages_content_items_place_image_markers_in_position(tmp_path, red_pn
     assert record["conversations"][0]["value"] == "Compare <image>\nand <image>\n", (
         f"image items not turned into markers in place: {record['conversations'][0]}"
     )
-    assert record["image"] == [str(red_png), str(red_png)], (
-        "two images should stay a list"
-    )
+    assert record["image"] == [str(red_png), str(red_png)], "two images should stay a list"
 
 
 def test_messages_inline_image_paths_are_collected(red_png):
@@ -202,18 +200,14 @@ def test_missing_ids_default_to_file_name_and_index_and_ids_become_strings(tmp_p
     del records[0]["id"]
     records[1]["id"] = 7
     ds = load_llava_json(_write_json(tmp_path / "train.json", records))
-    assert [ds[0]["id"], ds[1]["id"]] == ["train.json:0", "7"], (
-        "ids not defaulted/stringified"
-    )
+    assert [ds[0]["id"], ds[1]["id"]] == ["train.json:0", "7"], "ids not defaulted/stringified"
 
 
 def test_relative_paths_resolve_against_image_folder(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     _save(folder / "red.png")
-    ds = load_llava_json(
-        _write_json(tmp_path / "t.json", [_llava()]), image_folder=folder
-    )
+    ds = load_llava_json(_write_json(tmp_path / "t.json", [_llava()]), image_folder=folder)
     assert ds[0]["image"].size == (4, 3), "image from image_folder not loaded"
 
 
@@ -227,9 +221,7 @@ def test_absolute_image_paths_are_kept(tmp_path):
         image_folder=tmp_path / "imgs",
         allow_external_images=True,
     )
-    assert record["image"] == abs_path, (
-        f"absolute path was rewritten to {record['image']}"
-    )
+    assert record["image"] == abs_path, f"absolute path was rewritten to {record['image']}"
     inside = str(_save(tmp_path / "imgs" / "red.png"))
     record = normalize_record(_llava(image=inside), image_folder=tmp_path / "imgs")
     assert record["image"] == inside, "an absolute path inside image_folder was refused"
@@ -259,13 +251,9 @@ def outside(tmp_path, monkeypatch):
     }
 
 
-@pytest.mark.parametrize(
-    "how", ["dotdot", "dotdot-inside-first", "absolute", "home", "symlink-out"]
-)
+@pytest.mark.parametrize("how", ["dotdot", "dotdot-inside-first", "absolute", "home", "symlink-out"])
 @pytest.mark.parametrize("entry", ["load_llava_json", "as_dataset-records"])
-def test_image_path_outside_image_folder_is_refused_unless_allowed(
-    tmp_path, outside, how, entry
-):
+def test_image_path_outside_image_folder_is_refused_unless_allowed(tmp_path, outside, how, entry):
     folder, paths = outside
     raw = _llava("escape", image=paths[how])
     json_path = _write_json(tmp_path / "data" / "train.json", [raw])
@@ -294,9 +282,7 @@ def test_image_folder_defaults_to_the_json_folder_for_the_outside_check(tmp_path
     path = _write_json(tmp_path / "data" / "t.json", [_llava("up", image="../red.png")])
     with pytest.raises(BadSampleError, match="outside the image folder"):
         load_llava_json(path)
-    assert load_llava_json(path, allow_external_images=True)[0]["image"].size == (4, 3), (
-        "allowed path did not load"
-    )
+    assert load_llava_json(path, allow_external_images=True)[0]["image"].size == (4, 3), "allowed path did not load"
 
 
 def test_records_without_an_image_folder_accept_any_path(tmp_path):
@@ -319,9 +305,7 @@ def test_symlink_inside_the_image_folder_to_a_file_inside_is_fine(tmp_path):
 def test_construction_does_not_decode_images(tmp_path, red_png, monkeypatch):
     opened = []
     real_open = Image.open
-    monkeypatch.setattr(
-        Image, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k)
-    )
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
     ds = load_llava_json(_write_json(tmp_path / "t.json", [_llava("a"), _llava("b")]))
     assert opened == [], "images were opened at construction; decoding must be lazy"
     ds[1]
@@ -368,9 +352,7 @@ def test_images_are_converted_to_rgb(tmp_path, mode, color, fmt, expected):
 def test_transparent_palette_image_is_composited_on_white(tmp_path):
     path = _save(tmp_path / "p.png", "P", color=0, transparency=0)
     pixel = load_image(path, sample_id="x", source="t.json").getpixel((0, 0))
-    assert pixel == (255, 255, 255), (
-        f"transparent palette pixel became {pixel}, not white"
-    )
+    assert pixel == (255, 255, 255), f"transparent palette pixel became {pixel}, not white"
 
 
 def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
@@ -381,9 +363,7 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
 
 def test_one_pixel_image_is_fine(tmp_path):
     path = _save(tmp_path / "tiny.png", size=(1, 1))
-    assert load_image(path, sample_id="x", source="t").size == (1, 1), (
-        "1x1 image failed"
-    )
+    assert load_image(path, sample_id="x", source="t").size == (1, 1), "1x1 image failed"
 
 
 def test_in_memory_image_is_copied_not_modified():
@@ -427,17 +407,13 @@ def test_missing_marker_is_inserted_at_start_of_first_human_turn(red_png):
         ],
     }
     values = [t["value"] for t in normalize_record(raw)["conversations"]]
-    assert values == ["Sys.", "<image>\nQ1", "A1", "Q2", "A2"], (
-        f"marker misplaced: {values}"
-    )
+    assert values == ["Sys.", "<image>\nQ1", "A1", "Q2", "A2"], f"marker misplaced: {values}"
 
 
 def test_one_marker_per_image_is_inserted_when_there_are_none(red_png):
     record = normalize_record(_llava(image=[str(red_png)] * 2))
     value = record["conversations"][0]["value"]
-    assert value == "<image>\n<image>\nWhat colour?", (
-        f"expected two markers, got {value!r}"
-    )
+    assert value == "<image>\n<image>\nWhat colour?", f"expected two markers, got {value!r}"
 
 
 def test_text_only_record_has_no_image_and_no_marker(tmp_path):
@@ -445,9 +421,7 @@ def test_text_only_record_has_no_image_and_no_marker(tmp_path):
     record = ds[0]
     assert record["image"] is None, "text-only record should have image None"
     assert record_images(record) == [], "text-only record should have no images"
-    assert "<image>" not in record["conversations"][0]["value"], (
-        "marker added to text-only"
-    )
+    assert "<image>" not in record["conversations"][0]["value"], "marker added to text-only"
 
 
 # --- structural errors (raise mode) -----------------------------------------------------
@@ -528,20 +502,14 @@ def test_structural_errors_name_sample_file_and_reason(tmp_path, red_png, raw, r
     assert "'bad'" in message, f"message does not name the sample id: {message}"
     assert str(path) in message, f"message does not name the file: {message}"
     assert reason in message, f"message does not say {reason!r}: {message}"
-    assert "on_bad_sample='skip'" in message, (
-        f"message does not say what to do: {message}"
-    )
-    assert (info.value.sample_id, info.value.source) == ("bad", str(path)), (
-        "BadSampleError attributes wrong"
-    )
+    assert "on_bad_sample='skip'" in message, f"message does not say what to do: {message}"
+    assert (info.value.sample_id, info.value.source) == ("bad", str(path)), "BadSampleError attributes wrong"
 
 
 def test_invalid_json_error_names_file_line_and_column(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[\n  {"id": "a",\n   "conversations": [}\n]')
-    with pytest.raises(
-        ValueError, match=r"broken\.json: invalid JSON at line 3, column 22"
-    ):
+    with pytest.raises(ValueError, match=r"broken\.json: invalid JSON at line 3, column 22"):
         load_llava_json(path)
 
 
@@ -549,9 +517,7 @@ def test_invalid_jsonl_error_names_the_bad_line(tmp_path):
     good = json.dumps(_llava(image=None))
     path = tmp_path / "broken.jsonl"
     path.write_text(f"{good}\n\n{good}\n{{oops\n")
-    with pytest.raises(
-        ValueError, match=r"broken\.jsonl: invalid JSON at line 4, column 2"
-    ):
+    with pytest.raises(ValueError, match=r"broken\.jsonl: invalid JSON at line 4, column 2"):
         load_llava_json(path)
 
 
@@ -595,9 +561,7 @@ def _not_an_image(tmp_path):
     [(_truncated_jpeg, "OSError"), (_not_an_image, "UnidentifiedImageError")],
     ids=["truncated-jpeg", "not-an-image"],
 )
-def test_unreadable_image_raises_at_getitem_naming_sample_and_file(
-    tmp_path, make, reason
-):
+def test_unreadable_image_raises_at_getitem_naming_sample_and_file(tmp_path, make, reason):
     image = make(tmp_path)
     path = _write_json(tmp_path / "train.json", [_llava("bad", image=image.name)])
     ds = load_llava_json(path)  # construction only checks the file exists
@@ -624,9 +588,7 @@ def test_zero_size_image_is_rejected():
 # --- skip mode -------------------------------------------------------------------------
 
 
-def test_skip_mode_excludes_bad_records_at_construction_and_logs(
-    tmp_path, red_png, caplog
-):
+def test_skip_mode_excludes_bad_records_at_construction_and_logs(tmp_path, red_png, caplog):
     records = [
         _llava("ok1"),
         _llava("no-answer", answer=""),
@@ -637,29 +599,17 @@ def test_skip_mode_excludes_bad_records_at_construction_and_logs(
     with caplog.at_level(logging.WARNING, logger=data.__name__):
         ds = load_llava_json(path, on_bad_sample="skip")
     assert [ds[i]["id"] for i in range(len(ds))] == ["ok1", "ok2"], "wrong records kept"
-    assert [s.id for s in ds.skipped] == ["no-answer", "missing"], (
-        "skipped not recorded"
-    )
+    assert [s.id for s in ds.skipped] == ["no-answer", "missing"], "skipped not recorded"
     assert all(s.source == str(path) for s in ds.skipped), "skipped source not the file"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("'no-answer'" in w for w in warnings), (
-        f"no warning for no-answer: {warnings}"
-    )
-    assert any("'missing'" in w for w in warnings), (
-        f"no warning for missing: {warnings}"
-    )
-    assert any("skipped 2 of 4" in w for w in warnings), (
-        f"no summary warning: {warnings}"
-    )
+    assert any("'no-answer'" in w for w in warnings), f"no warning for no-answer: {warnings}"
+    assert any("'missing'" in w for w in warnings), f"no warning for missing: {warnings}"
+    assert any("skipped 2 of 4" in w for w in warnings), f"no summary warning: {warnings}"
 
 
-def test_skip_mode_returns_skipped_sample_for_unreadable_image(
-    tmp_path, red_png, caplog
-):
+def test_skip_mode_returns_skipped_sample_for_unreadable_image(tmp_path, red_png, caplog):
     fake = _not_an_image(tmp_path)
-    path = _write_json(
-        tmp_path / "t.json", [_llava("ok"), _llava("bad", image=fake.name)]
-    )
+    path = _write_json(tmp_path / "t.json", [_llava("ok"), _llava("bad", image=fake.name)])
     ds = load_llava_json(path, on_bad_sample="skip")
     assert len(ds) == 2, "image problems must not be detected (decoded) at construction"
     with caplog.at_level(logging.WARNING, logger=data.__name__):
@@ -720,9 +670,7 @@ def test_turn_order_is_checked_at_load_time_for_every_format(tmp_path, name, fmt
     assert "turn order" in info.value.reason and reason in info.value.reason, (
         f"reason does not say {reason!r}: {info.value.reason}"
     )
-    assert "[system], human, gpt" in info.value.reason, (
-        f"reason does not state the accepted order: {info.value.reason}"
-    )
+    assert "[system], human, gpt" in info.value.reason, f"reason does not state the accepted order: {info.value.reason}"
     ds = load("skip")
     assert [ds[i]["id"] for i in range(len(ds))] == ["good"], f"{name} was not skipped"
     assert [s.id for s in ds.skipped] == [name], f"skipped {ds.skipped}"
@@ -734,9 +682,7 @@ def test_accepted_turn_orders_load():
         [("system", "s"), ("human", "q"), ("gpt", "a"), ("human", "q2"), ("gpt", "a2")],
     ):
         record = normalize_record({"conversations": _turns(*pairs)})
-        assert [t["from"] for t in record["conversations"]] == [r for r, _ in pairs], (
-            f"{pairs} changed when normalised"
-        )
+        assert [t["from"] for t in record["conversations"]] == [r for r, _ in pairs], f"{pairs} changed when normalised"
 
 
 # --- image decoding: orientation, bit depth, frames ----------------------------------------
@@ -805,8 +751,7 @@ def test_high_bit_depth_gradient_keeps_its_gradient(tmp_path, mode, top, fmt):
     assert out.mode == "RGB", f"{mode} loaded as {out.mode}"
     assert (got[..., 0] == got[..., 2]).all(), f"{mode}: grey became coloured"
     assert (np.abs(got[0, :, 0].astype(int) - expected) <= 1).all(), (
-        f"{mode} {fmt}: gradient 0..{top} became {got[0, ::32, 0].tolist()}, "
-        f"expected {expected[::32].tolist()}"
+        f"{mode} {fmt}: gradient 0..{top} became {got[0, ::32, 0].tolist()}, expected {expected[::32].tolist()}"
     )
 
 

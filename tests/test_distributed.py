@@ -8,8 +8,16 @@ from helpers import launch_two_processes
 from llava_loop import Loop, LoopConfig
 from llava_loop.testing import synthetic_vqa, tiny_llava
 
-ANSWERS = ["red", "a big blue circle", "left", "it is a small green square on the right side", "no",
-           "yellow triangle", "three shapes", "square"]
+ANSWERS = [
+    "red",
+    "a big blue circle",
+    "left",
+    "it is a small green square on the right side",
+    "no",
+    "yellow triangle",
+    "three shapes",
+    "square",
+]
 
 
 def _records():
@@ -35,10 +43,20 @@ def _fit(batch_size: int, output_dir: str) -> Loop:
 
 
 def _config(output_dir: str, batch_size: int) -> LoopConfig:
-    return LoopConfig(output_dir=output_dir, max_steps=2, batch_size=batch_size, shuffle=False,
-                      lora_dropout=0.0, precision="fp32", log_steps=1, learning_rate=1e-2,
-                      warmup_ratio=0.0, lr_scheduler="constant", handle_signals=False,
-                      max_grad_norm=0.0)  # clipping would hide a wrong loss scale
+    return LoopConfig(
+        output_dir=output_dir,
+        max_steps=2,
+        batch_size=batch_size,
+        shuffle=False,
+        lora_dropout=0.0,
+        precision="fp32",
+        log_steps=1,
+        learning_rate=1e-2,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        handle_signals=False,
+        max_grad_norm=0.0,
+    )  # clipping would hide a wrong loss scale
 
 
 def _trainable(loop) -> dict:

@@ -98,9 +98,7 @@ def one_thread():
 def trained(tmp_path_factory):
     """A tiny LLaVA LoRA-trained for 40 steps on mixed records: ``(peft_model, processor)``."""
     model, processor = tiny_llava(seed=0)
-    loop = Loop(
-        model, processor, config(tmp_path_factory.mktemp("train"), max_steps=40)
-    )
+    loop = Loop(model, processor, config(tmp_path_factory.mktemp("train"), max_steps=40))
     loop.fit(mixed_records(256, seed=0))
     return loop.accelerator.unwrap_model(loop.model), processor
 
@@ -116,12 +114,8 @@ def predictions_file(output_dir, step: int = 0) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def evaluate(
-    model, processor, records, output_dir, metrics=None, loop_class=Loop, **overrides
-):
-    loop = loop_class(
-        model, processor, config(output_dir, **overrides), metrics=metrics
-    )
+def evaluate(model, processor, records, output_dir, metrics=None, loop_class=Loop, **overrides):
+    loop = loop_class(model, processor, config(output_dir, **overrides), metrics=metrics)
     summary = loop.evaluate(records)
     return loop, summary, predictions_file(output_dir)
 
@@ -129,25 +123,15 @@ def evaluate(
 # --------------------------------------------------------------------------- batching and order
 def test_batched_greedy_predictions_equal_unbatched(trained, eval_records, tmp_path):
     model, processor = trained
-    _, one, single = evaluate(
-        model, processor, eval_records, tmp_path / "bs1", eval_batch_size=1
-    )
-    _, eight, batched = evaluate(
-        model, processor, eval_records, tmp_path / "bs8", eval_batch_size=8
-    )
+    _, one, single = evaluate(model, processor, eval_records, tmp_path / "bs1", eval_batch_size=1)
+    _, eight, batched = evaluate(model, processor, eval_records, tmp_path / "bs8", eval_batch_size=8)
 
     singles = [r["prediction"] for r in single]
     assert len(set(singles)) >= 4 and one["eval/exact_match"] >= 0.3, (
         f"the trained model's predictions look like noise ({singles}); the comparison would prove nothing"
     )
-    mismatched = [
-        (r["id"], a, b)
-        for r, a, b in zip(single, singles, [r["prediction"] for r in batched])
-        if a != b
-    ]
-    assert not mismatched, (
-        f"left-padded batches of 8 change greedy predictions (id, bs1, bs8): {mismatched}"
-    )
+    mismatched = [(r["id"], a, b) for r, a, b in zip(single, singles, [r["prediction"] for r in batched]) if a != b]
+    assert not mismatched, f"left-padded batches of 8 change greedy predictions (id, bs1, bs8): {mismatched}"
     assert one["eval/loss"] == pytest.approx(eight["eval/loss"], rel=1e-5), (
         f"eval/loss depends on the batch size: {one['eval/loss']} (bs1) vs {eight['eval/loss']} (bs8)"
     )
@@ -169,22 +153,16 @@ def test_left_padded_generation_scores_match_unpadded(trained, eval_records):
     records = eval_records[:8]
     with torch.no_grad():
         batch = collator(records)
-        assert (batch["attention_mask"] == 0).any(), (
-            "the batch has no left padding; pick records of different lengths"
-        )
+        assert (batch["attention_mask"] == 0).any(), "the batch has no left padding; pick records of different lengths"
         together = model.generate(**tensors(batch), **kwargs)
         for row, record in enumerate(records):
             alone = model.generate(**tensors(collator([record])), **kwargs)
             for step, scores in enumerate(alone.scores):
                 diff = (together.scores[step][row] - scores[0]).abs().max().item()
-                assert diff < 1e-4, (
-                    f"{record['id']}: logits of step {step} differ by {diff:.2e} when left padded"
-                )
+                assert diff < 1e-4, f"{record['id']}: logits of step {step} differ by {diff:.2e} when left padded"
 
 
-def test_predictions_come_back_in_dataset_order_though_longest_prompts_go_first(
-    trained, eval_records, tmp_path
-):
+def test_predictions_come_back_in_dataset_order_though_longest_prompts_go_first(trained, eval_records, tmp_path):
     class Recording(Loop):
         def generate(self, batch):
             self.seen.append((batch["input_ids"].shape[1], list(batch["ids"])))
@@ -198,25 +176,20 @@ def test_predictions_come_back_in_dataset_order_though_longest_prompts_go_first(
     dataset_ids = [r["id"] for r in eval_records]
     processed = [i for _, ids in loop.seen for i in ids]
     widths = [w for w, _ in loop.seen]
-    assert sorted(processed) == sorted(dataset_ids) and len(processed) == len(
-        set(processed)
-    ), f"every sample must be generated exactly once, got {processed}"
+    assert sorted(processed) == sorted(dataset_ids) and len(processed) == len(set(processed)), (
+        f"every sample must be generated exactly once, got {processed}"
+    )
     assert processed != dataset_ids, "batches were not reordered by prompt length"
-    assert widths == sorted(widths, reverse=True), (
-        f"batches are not longest-prompt first: widths {widths}"
-    )
+    assert widths == sorted(widths, reverse=True), f"batches are not longest-prompt first: widths {widths}"
     rows = predictions_file(tmp_path)
-    assert [r["id"] for r in rows] == dataset_ids, (
-        "the predictions file is not in dataset order"
+    assert [r["id"] for r in rows] == dataset_ids, "the predictions file is not in dataset order"
+    assert all(set(r) == {"id", "prompt", "prediction", "references", "scores"} for r in rows), (
+        f"unexpected predictions file fields: {sorted(rows[0])}"
     )
-    assert all(
-        set(r) == {"id", "prompt", "prediction", "references", "scores"} for r in rows
-    ), f"unexpected predictions file fields: {sorted(rows[0])}"
     first = rows[0]
-    assert (
-        first["references"] == eval_records[0]["answers"]
-        and "ASSISTANT:" in first["prompt"]
-    ), f"row 0 does not describe record 0: {first}"
+    assert first["references"] == eval_records[0]["answers"] and "ASSISTANT:" in first["prompt"], (
+        f"row 0 does not describe record 0: {first}"
+    )
 
 
 def test_eval_loss_is_token_weighted_over_the_whole_set(trained, tmp_path):
@@ -233,11 +206,7 @@ def test_eval_loss_is_token_weighted_over_the_whole_set(trained, tmp_path):
             outputs = model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
-                **(
-                    {"pixel_values": batch["pixel_values"]}
-                    if "pixel_values" in batch
-                    else {}
-                ),
+                **({"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}),
             )
             total += float(loop.compute_loss(outputs, batch))
             tokens += loop.count_loss_tokens(batch)
@@ -252,12 +221,8 @@ def test_generation_config_follows_loop_config(trained, tmp_path):
     loop._setup_accelerator()
     greedy = loop.generation_config()
     got = (greedy.do_sample, greedy.num_beams, greedy.max_new_tokens, greedy.use_cache)
-    assert got == (False, 1, 2, True), (
-        f"default generation must be greedy, cached, 2 tokens: {got}"
-    )
-    assert greedy.temperature is None and greedy.top_p is None, (
-        "greedy keeps sampling settings"
-    )
+    assert got == (False, 1, 2, True), f"default generation must be greedy, cached, 2 tokens: {got}"
+    assert greedy.temperature is None and greedy.top_p is None, "greedy keeps sampling settings"
 
     cfg = config(tmp_path, do_sample=True, temperature=0.7, top_p=0.9, num_beams=3)
     sampled = Loop(model, processor, cfg)
@@ -275,26 +240,16 @@ def test_generation_respects_max_new_tokens(trained, eval_records, tmp_path):
             return predictions
 
     model, processor = trained
-    loop = Counting(
-        model, processor, config(tmp_path, max_new_tokens=2, eval_batch_size=1)
-    )
+    loop = Counting(model, processor, config(tmp_path, max_new_tokens=2, eval_batch_size=1))
     loop.counts = []
     summary = loop.evaluate(eval_records[:6])
     per_sample = [b - a for a, b in zip([0, *loop.counts], loop.counts)]
-    assert all(1 <= n <= 2 for n in per_sample), (
-        f"max_new_tokens=2 but samples got {per_sample} tokens"
-    )
-    assert summary["eval/gen_tokens_per_s"] > 0, (
-        "eval/gen_tokens_per_s is missing or zero"
-    )
+    assert all(1 <= n <= 2 for n in per_sample), f"max_new_tokens=2 but samples got {per_sample} tokens"
+    assert summary["eval/gen_tokens_per_s"] > 0, "eval/gen_tokens_per_s is missing or zero"
 
 
-@pytest.mark.parametrize(
-    "settings", [{"num_beams": 3}, {"do_sample": True, "temperature": 2.0}]
-)
-def test_beam_search_and_sampling_run_and_leave_the_rng_alone(
-    trained, eval_records, settings, tmp_path
-):
+@pytest.mark.parametrize("settings", [{"num_beams": 3}, {"do_sample": True, "temperature": 2.0}])
+def test_beam_search_and_sampling_run_and_leave_the_rng_alone(trained, eval_records, settings, tmp_path):
     model, processor = trained
     loop = Loop(model, processor, config(tmp_path, max_new_tokens=3, **settings))
     runs = []
@@ -304,15 +259,9 @@ def test_beam_search_and_sampling_run_and_leave_the_rng_alone(
         runs.append([r["prediction"] for r in predictions_file(tmp_path)])
         after = torch.rand(3)
         torch.manual_seed(123)
-        assert torch.equal(after, torch.rand(3)), (
-            f"evaluate with {settings} moved the global torch RNG"
-        )
-    assert summary["eval/samples"] == 8, (
-        f"{settings}: evaluated {summary['eval/samples']} of 8 samples"
-    )
-    assert runs[0] == runs[1], (
-        f"two evaluations with {settings} gave different predictions: {runs}"
-    )
+        assert torch.equal(after, torch.rand(3)), f"evaluate with {settings} moved the global torch RNG"
+    assert summary["eval/samples"] == 8, f"{settings}: evaluated {summary['eval/samples']} of 8 samples"
+    assert runs[0] == runs[1], f"two evaluations with {settings} gave different predictions: {runs}"
 
 
 # --------------------------------------------------------------------------- merged LoRA
@@ -333,41 +282,27 @@ def test_merged_adapters_restore_base_weights_bit_exactly(dtype):
     with torch.no_grad():
         unmerged = model(**inputs).logits.float()
         with merged_adapters(model):
-            assert all(layer.merged for layer in lora_layers(model)), (
-                "adapters are not merged inside the context"
-            )
+            assert all(layer.merged for layer in lora_layers(model)), "adapters are not merged inside the context"
             merged = model(**inputs).logits.float()
     # bf16 rounds W + BA to 8 bits of mantissa.
     tolerance = 1e-4 if dtype == torch.float32 else 0.15
     assert torch.allclose(merged, unmerged, atol=tolerance), (
         f"merged logits differ from unmerged by {(merged - unmerged).abs().max():.2e}"
     )
-    assert not any(layer.merged for layer in lora_layers(model)), (
-        "adapters are still merged after the context"
-    )
-    changed = [
-        k for k, v in model.state_dict().items() if not torch.equal(v, before[k])
-    ]
-    assert not changed, (
-        f"merge + restore changed {len(changed)} tensors in {dtype}, e.g. {changed[:3]}"
-    )
+    assert not any(layer.merged for layer in lora_layers(model)), "adapters are still merged after the context"
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert not changed, f"merge + restore changed {len(changed)} tensors in {dtype}, e.g. {changed[:3]}"
 
     model.merge_adapter()  # what the backup is for: unmerge alone is not exact
     model.unmerge_adapter()
     drift = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-    assert drift, (
-        f"plain merge/unmerge was exact in {dtype}; this test no longer shows the backup matters"
-    )
+    assert drift, f"plain merge/unmerge was exact in {dtype}; this test no longer shows the backup matters"
 
 
 def test_merging_for_eval_gives_the_same_predictions(trained, eval_records, tmp_path):
     model, processor = trained
-    _, on, merged = evaluate(
-        model, processor, eval_records, tmp_path / "on", merge_lora_for_eval=True
-    )
-    _, off, unmerged = evaluate(
-        model, processor, eval_records, tmp_path / "off", merge_lora_for_eval=False
-    )
+    _, on, merged = evaluate(model, processor, eval_records, tmp_path / "on", merge_lora_for_eval=True)
+    _, off, unmerged = evaluate(model, processor, eval_records, tmp_path / "off", merge_lora_for_eval=False)
     assert [r["prediction"] for r in merged] == [r["prediction"] for r in unmerged], (
         "greedy predictions differ between merged and unmerged adapters"
     )
@@ -398,30 +333,17 @@ def _train_with_evals(tmp_path, eval_steps: int, merge: bool):
         max_new_tokens=3,
     )
     loop = Loop(model, processor, cfg, callbacks=[losses])
-    loop.fit(
-        mixed_records(48, seed=0), mixed_records(6, seed=1) if eval_steps else None
-    )
-    weights = {
-        n: p.detach().clone()
-        for n, p in loop.accelerator.unwrap_model(loop.model).named_parameters()
-    }
+    loop.fit(mixed_records(48, seed=0), mixed_records(6, seed=1) if eval_steps else None)
+    weights = {n: p.detach().clone() for n, p in loop.accelerator.unwrap_model(loop.model).named_parameters()}
     return loop, weights, losses.losses
 
 
 def test_training_continues_bit_identically_after_merged_evaluations(tmp_path):
-    merged_loop, merged, merged_losses = _train_with_evals(
-        tmp_path / "merged", eval_steps=2, merge=True
-    )
-    _, unmerged, unmerged_losses = _train_with_evals(
-        tmp_path / "unmerged", eval_steps=2, merge=False
-    )
-    _, no_eval, no_eval_losses = _train_with_evals(
-        tmp_path / "none", eval_steps=0, merge=True
-    )
+    merged_loop, merged, merged_losses = _train_with_evals(tmp_path / "merged", eval_steps=2, merge=True)
+    _, unmerged, unmerged_losses = _train_with_evals(tmp_path / "unmerged", eval_steps=2, merge=False)
+    _, no_eval, no_eval_losses = _train_with_evals(tmp_path / "none", eval_steps=0, merge=True)
 
-    assert [h["step"] for h in merged_loop.state.history] == [2, 4, 6], (
-        "expected evaluations at steps 2, 4, 6"
-    )
+    assert [h["step"] for h in merged_loop.state.history] == [2, 4, 6], "expected evaluations at steps 2, 4, 6"
     for name, other, other_losses in (
         ("merge off", unmerged, unmerged_losses),
         ("no evals", no_eval, no_eval_losses),
@@ -430,9 +352,7 @@ def test_training_continues_bit_identically_after_merged_evaluations(tmp_path):
             f"losses after merged evals differ from {name}: {merged_losses} vs {other_losses}"
         )
         differ = [n for n, w in merged.items() if not torch.equal(w, other[n])]
-        assert not differ, (
-            f"weights after merged evals differ from {name} (not bit-identical): {differ[:3]}"
-        )
+        assert not differ, f"weights after merged evals differ from {name} (not bit-identical): {differ[:3]}"
 
 
 # --------------------------------------------------------------------------- several processes
@@ -444,15 +364,11 @@ def _evaluate_in_two_processes(adapter_dir: str, records, output_dir: str) -> No
     loop = Loop(model, processor, config(output_dir, eval_batch_size=3))
     summary = loop.evaluate(records)
     rank = loop.accelerator.process_index
-    assert loop.accelerator.num_processes == 2, (
-        "launch_two_processes did not start 2 processes"
-    )
+    assert loop.accelerator.num_processes == 2, "launch_two_processes did not start 2 processes"
     Path(output_dir, f"summary_{rank}.json").write_text(json.dumps(summary))
 
 
-def test_two_processes_gather_predictions_in_order_without_duplicates(
-    trained, tmp_path
-):
+def test_two_processes_gather_predictions_in_order_without_duplicates(trained, tmp_path):
     model, processor = trained
     # 7 records in batches of 3: process 0 gets 2 batches (3 + 1 samples), process 1 one (3).
     records = mixed_records(7, seed=3)
@@ -460,16 +376,10 @@ def test_two_processes_gather_predictions_in_order_without_duplicates(
     ddp_dir.mkdir()
     model.save_pretrained(tmp_path / "adapter")
     launch_two_processes(_evaluate_in_two_processes, args=(str(tmp_path / "adapter"), records, str(ddp_dir)))
-    _, single, single_rows = evaluate(
-        model, processor, records, tmp_path / "single", eval_batch_size=3
-    )
+    _, single, single_rows = evaluate(model, processor, records, tmp_path / "single", eval_batch_size=3)
 
-    summaries = [
-        json.loads((ddp_dir / f"summary_{rank}.json").read_text()) for rank in (0, 1)
-    ]
-    assert summaries[0] == summaries[1], (
-        f"processes disagree on the summary: {summaries}"
-    )
+    summaries = [json.loads((ddp_dir / f"summary_{rank}.json").read_text()) for rank in (0, 1)]
+    assert summaries[0] == summaries[1], f"processes disagree on the summary: {summaries}"
     rows = predictions_file(ddp_dir)
     assert [r["id"] for r in rows] == [r["id"] for r in records], (
         f"DDP predictions are not each id once in dataset order: {[r['id'] for r in rows]}"
@@ -478,13 +388,10 @@ def test_two_processes_gather_predictions_in_order_without_duplicates(
         "2-process predictions differ from single-process ones"
     )
     ddp = summaries[0]
-    assert (
-        ddp["eval/samples"] == 7
-        and ddp["eval/exact_match"] == single["eval/exact_match"]
-    ), f"DDP summary {ddp} does not match the single-process one {single}"
-    assert ddp["eval/loss"] == pytest.approx(single["eval/loss"], rel=1e-5), (
-        "DDP eval/loss differs"
+    assert ddp["eval/samples"] == 7 and ddp["eval/exact_match"] == single["eval/exact_match"], (
+        f"DDP summary {ddp} does not match the single-process one {single}"
     )
+    assert ddp["eval/loss"] == pytest.approx(single["eval/loss"], rel=1e-5), "DDP eval/loss differs"
 
 
 def _fit_in_two_processes(train, evals, output_dir: str) -> None:
@@ -503,25 +410,15 @@ def test_evaluations_during_two_process_training_agree_and_keep_the_best(tmp_pat
     train, evals = mixed_records(16, seed=0), mixed_records(7, seed=3)
     launch_two_processes(_fit_in_two_processes, args=(train, evals, str(tmp_path)))
 
-    histories = [
-        json.loads((tmp_path / f"history_{rank}.json").read_text()) for rank in (0, 1)
-    ]
-    assert histories[0] == histories[1], (
-        f"processes disagree on the eval history: {histories}"
-    )
-    assert [h["step"] for h in histories[0]] == [1, 2, 3], (
-        f"expected evals at steps 1-3: {histories[0]}"
-    )
+    histories = [json.loads((tmp_path / f"history_{rank}.json").read_text()) for rank in (0, 1)]
+    assert histories[0] == histories[1], f"processes disagree on the eval history: {histories}"
+    assert [h["step"] for h in histories[0]] == [1, 2, 3], f"expected evals at steps 1-3: {histories[0]}"
     for step in (1, 2, 3):
         ids = [r["id"] for r in predictions_file(tmp_path, step)]
-        assert ids == [r["id"] for r in evals], (
-            f"step {step}: predictions not once each in order: {ids}"
-        )
+        assert ids == [r["id"] for r in evals], f"step {step}: predictions not once each in order: {ids}"
     best_step = min(histories[0], key=lambda h: h["eval/loss"])["step"]
     best = best_checkpoint(str(tmp_path))
-    assert best and Path(best["path"]).name == f"step_{best_step:06d}", (
-        f"best.json {best} should name step {best_step}"
-    )
+    assert best and Path(best["path"]).name == f"step_{best_step:06d}", f"best.json {best} should name step {best_step}"
 
 
 # --------------------------------------------------------------------------- outputs
@@ -547,17 +444,10 @@ def test_each_evaluation_writes_predictions_metrics_and_hands_samples_to_callbac
     )
     loop.fit(mixed_records(16, seed=0), records)
 
-    assert [step for step, _, _ in recorder.evaluations] == [2, 4], (
-        "on_evaluate should fire at steps 2 and 4"
-    )
-    logged = [
-        json.loads(line)
-        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-    ]
+    assert [step for step, _, _ in recorder.evaluations] == [2, 4], "on_evaluate should fire at steps 2 and 4"
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in logged if "eval/exact_match" in r]
-    assert [r["step"] for r in evals] == [2, 4], (
-        f"metrics.jsonl eval records at the wrong steps: {evals}"
-    )
+    assert [r["step"] for r in evals] == [2, 4], f"metrics.jsonl eval records at the wrong steps: {evals}"
     for record in evals:
         expected = {
             "eval/exact_match",
@@ -566,44 +456,29 @@ def test_each_evaluation_writes_predictions_metrics_and_hands_samples_to_callbac
             "eval/samples_per_s",
             "eval/gen_tokens_per_s",
         }
-        assert expected <= set(record), (
-            f"eval record lacks keys {expected - set(record)}"
-        )
+        assert expected <= set(record), f"eval record lacks keys {expected - set(record)}"
     for step, metrics, samples in recorder.evaluations:
-        assert [r["id"] for r in predictions_file(tmp_path, step)] == [
-            r["id"] for r in records
-        ], f"predictions/step_{step:06d}.jsonl is missing or out of order"
-        assert metrics == {
-            k: v for k, v in evals[[2, 4].index(step)].items() if k != "step"
-        }, "on_evaluate got a different summary from the one logged"
-        assert [s["id"] for s in samples] == [
-            r["id"] for r in records[: Loop.callback_samples]
-        ], (
+        assert [r["id"] for r in predictions_file(tmp_path, step)] == [r["id"] for r in records], (
+            f"predictions/step_{step:06d}.jsonl is missing or out of order"
+        )
+        assert metrics == {k: v for k, v in evals[[2, 4].index(step)].items() if k != "step"}, (
+            "on_evaluate got a different summary from the one logged"
+        )
+        assert [s["id"] for s in samples] == [r["id"] for r in records[: Loop.callback_samples]], (
             f"samples should be the first {Loop.callback_samples} in dataset order, got {[s['id'] for s in samples]}"
         )
         for sample, record in zip(samples, records):
-            assert set(sample) == SAMPLE_KEYS, (
-                f"sample keys {sorted(sample)} != {sorted(SAMPLE_KEYS)}"
-            )
+            assert set(sample) == SAMPLE_KEYS, f"sample keys {sorted(sample)} != {sorted(SAMPLE_KEYS)}"
             image, expected = sample["image"], record["image"]
-            same = (
-                image is None
-                if expected is None
-                else image.tobytes() == expected.tobytes()
-            )
+            same = image is None if expected is None else image.tobytes() == expected.tobytes()
             assert same, f"sample {sample['id']} carries the wrong image"
-            assert (
-                isinstance(sample["prediction"], str)
-                and sample["references"] == record["answers"]
-            ), f"bad sample {sample}"
-            assert set(sample["scores"]) == {"exact_match"}, (
-                f"sample scores {sample['scores']}"
+            assert isinstance(sample["prediction"], str) and sample["references"] == record["answers"], (
+                f"bad sample {sample}"
             )
+            assert set(sample["scores"]) == {"exact_match"}, f"sample scores {sample['scores']}"
 
     loop.evaluate(mixed_records(2, seed=5))
-    assert len(loop.eval_data) == len(records), (
-        "evaluate(other_data) replaced fit's eval set"
-    )
+    assert len(loop.eval_data) == len(records), "evaluate(other_data) replaced fit's eval set"
 
 
 # --------------------------------------------------------------------------- best model and early stopping
@@ -630,9 +505,7 @@ def scripted_loop(model, processor, cfg, values) -> Loop:
     ("metric_for_best", "greater_is_better", "best_step"),
     [("eval/score", None, 2), ("score", False, 4), ("eval/loss", None, None)],
 )
-def test_best_checkpoint_follows_metric_for_best(
-    tmp_path, metric_for_best, greater_is_better, best_step
-):
+def test_best_checkpoint_follows_metric_for_best(tmp_path, metric_for_best, greater_is_better, best_step):
     model, processor = tiny_llava(seed=0)
     cfg = config(
         tmp_path,
@@ -653,17 +526,11 @@ def test_best_checkpoint_follows_metric_for_best(
     expected = next(h[key] for h in history if h["step"] == best_step)
     best = best_checkpoint(str(tmp_path))
     assert best is not None, "no checkpoints/best.json was written"
-    assert (
-        Path(best["path"]).name == f"step_{best_step:06d}" and best["value"] == expected
-    ), (
+    assert Path(best["path"]).name == f"step_{best_step:06d}" and best["value"] == expected, (
         f"best.json names {best} but {key} was best at step {best_step} ({[h[key] for h in history]})"
     )
-    assert Path(best["path"], "meta.json").is_file(), (
-        f"best checkpoint {best['path']} is incomplete"
-    )
-    assert loop.state.best_metric == expected, (
-        f"state.best_metric={loop.state.best_metric}, expected {expected}"
-    )
+    assert Path(best["path"], "meta.json").is_file(), f"best checkpoint {best['path']} is incomplete"
+    assert loop.state.best_metric == expected, f"state.best_metric={loop.state.best_metric}, expected {expected}"
 
 
 @pytest.mark.parametrize(
@@ -736,9 +603,7 @@ class HitRate(evaluate.Metric):
 """
 
 
-def test_metrics_given_as_names_callables_and_evaluate_modules_all_reach_the_summary(
-    trained, eval_records, tmp_path
-):
+def test_metrics_given_as_names_callables_and_evaluate_modules_all_reach_the_summary(trained, eval_records, tmp_path):
     import evaluate as hf_evaluate
 
     script = tmp_path / "hit_rate.py"
@@ -750,9 +615,7 @@ def test_metrics_given_as_names_callables_and_evaluate_modules_all_reach_the_sum
 
     model, processor = trained
     metrics = ["exact_match", WordCount(), mean_chars, module]
-    _, summary, rows = evaluate(
-        model, processor, eval_records, tmp_path / "out", metrics=metrics
-    )
+    _, summary, rows = evaluate(model, processor, eval_records, tmp_path / "out", metrics=metrics)
 
     predictions = [r["prediction"] for r in rows]
     hits = [float(r["prediction"] in r["references"]) for r in rows]
@@ -762,22 +625,15 @@ def test_metrics_given_as_names_callables_and_evaluate_modules_all_reach_the_sum
         "eval/hit_rate": sum(hits) / len(hits),
     }
     for key, value in expected.items():
-        assert summary.get(key) == pytest.approx(value), (
-            f"{key}: got {summary.get(key)}, expected {value}"
-        )
-    assert "eval/exact_match" in summary, (
-        f"the built-in metric is missing from {sorted(summary)}"
-    )
+        assert summary.get(key) == pytest.approx(value), f"{key}: got {summary.get(key)}, expected {value}"
+    assert "eval/exact_match" in summary, f"the built-in metric is missing from {sorted(summary)}"
     for row in rows:
-        assert (
-            row["scores"]["words"] == len(row["prediction"].split())
-            and "exact_match" in row["scores"]
-        ), f"per-sample scores missing or wrong in {row}"
+        assert row["scores"]["words"] == len(row["prediction"].split()) and "exact_match" in row["scores"], (
+            f"per-sample scores missing or wrong in {row}"
+        )
 
 
-def test_metric_models_are_offloaded_after_each_evaluation(
-    trained, eval_records, tmp_path
-):
+def test_metric_models_are_offloaded_after_each_evaluation(trained, eval_records, tmp_path):
     events = []
 
     class HeavyMetric(Metric):
@@ -794,9 +650,7 @@ def test_metric_models_are_offloaded_after_each_evaluation(
     loop = Loop(model, processor, config(tmp_path), metrics=HeavyMetric())
     loop.evaluate(eval_records[:4])
     loop.evaluate(eval_records[:4])
-    assert events == ["score", "offload", "score", "offload"], (
-        f"offload must follow each evaluation, got {events}"
-    )
+    assert events == ["score", "offload", "score", "offload"], f"offload must follow each evaluation, got {events}"
 
 
 # --------------------------------------------------------------------------- docs
@@ -810,16 +664,12 @@ def test_evaluation_docs_examples_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, "docs/evaluation.md", "exec"), namespace)  # noqa: S102
     summary = namespace["summary"]
-    assert {"eval/exact_match", "eval/vqa_accuracy", "eval/answer_words"} <= set(
-        summary
-    ), f"the custom-metric example reports {sorted(summary)}"
+    assert {"eval/exact_match", "eval/vqa_accuracy", "eval/answer_words"} <= set(summary), (
+        f"the custom-metric example reports {sorted(summary)}"
+    )
     choices = namespace["choice_summary"]
-    assert choices["eval/exact_match"] >= 0.5, (
-        f"the constrained-answer example scores {choices}"
-    )
-    rows = predictions_file(
-        tmp_path / "choice_run", namespace["choice_loop"].state.step
-    )
+    assert choices["eval/exact_match"] >= 0.5, f"the constrained-answer example scores {choices}"
+    rows = predictions_file(tmp_path / "choice_run", namespace["choice_loop"].state.step)
     assert {r["prediction"] for r in rows} <= set(namespace["ChoiceLoop"].candidates), (
         "the constrained-answer example answered outside its candidate set"
     )

@@ -347,10 +347,12 @@ def test_resume_with_a_different_model_or_data_order_setting_fails_clearly(tmp_p
     # lora_alpha has no tensor of its own: its weights load fine, into a differently scaled model.
     model, processor = tiny_llava(seed=0)
     Loop(model, processor, make_config(tmp_path, max_steps=1, shuffle=True)).fit(synthetic_vqa(4))
-    (key, new), = change.items()
+    ((key, new),) = change.items()
     old = make_config(tmp_path, shuffle=True).to_dict()[key]
     model, processor = tiny_llava(seed=0)
-    loop = Loop(model, processor, make_config(tmp_path, max_steps=2, resume_from="latest", **{"shuffle": True, **change}))
+    loop = Loop(
+        model, processor, make_config(tmp_path, max_steps=2, resume_from="latest", **{"shuffle": True, **change})
+    )
     with pytest.raises(ValueError, match="cannot resume step_000001 exactly") as err:
         loop.fit(synthetic_vqa(4))
     assert f"{key}: {old!r} -> {new!r}" in str(err.value), f"the error does not say what changed: {err.value}"
