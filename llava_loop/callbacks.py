@@ -60,6 +60,40 @@ def dispatch(callbacks: list, event: str, loop: Any, **payload: Any) -> None:
             method(loop, **payload)
 
 
+def _keyed_callbacks(callbacks: list) -> list[tuple[str, Any]]:
+    """``("ClassName:k", callback)``, k-th of its class: stable across processes, unlike list
+    positions (only the main process has the logging callbacks)."""
+    seen: dict[str, int] = {}
+    out = []
+    for cb in callbacks:
+        name = type(cb).__name__
+        out.append((f"{name}:{seen.get(name, 0)}", cb))
+        seen[name] = seen.get(name, 0) + 1
+    return out
+
+
+def callback_states(callbacks: list) -> dict[str, Any]:
+    """``{key: state_dict()}`` of the callbacks that have one (saved in checkpoints)."""
+    return {key: cb.state_dict() for key, cb in _keyed_callbacks(callbacks) if hasattr(cb, "state_dict")}
+
+
+def load_callback_states(callbacks: list, saved: dict) -> None:
+    """Give each callback its saved state (matched by class name and rank among its class)."""
+    for key, cb in _keyed_callbacks(callbacks):
+        if key in saved and hasattr(cb, "load_state_dict"):
+            cb.load_state_dict(saved[key])
+
+
+def is_improvement(value: float, best: float | None, greater_is_better: bool, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` beats ``best`` (None: nothing yet) by more than ``min_delta``; a NaN or
+    infinite value never does. The one rule behind best-checkpoint tracking and early stopping."""
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best + min_delta if greater_is_better else value < best - min_delta
+
+
 class EarlyStopping(Callback):
     """Stop when ``metric`` has not improved for ``patience`` evaluations.
 
@@ -97,10 +131,7 @@ class EarlyStopping(Callback):
         higher = self.greater_is_better
         if higher is None:  # the loop's metric follows the loop's direction (config.greater_is_better)
             higher = loop.config.resolved_greater_is_better() if self.metric is None else greater_is_better(key)
-        improved = self.best is None or (
-            value > self.best + self.min_delta if higher else value < self.best - self.min_delta
-        )
-        if improved and not math.isnan(value):
+        if is_improvement(value, self.best, higher, self.min_delta):
             self.best, self.bad_evals = value, 0
             return
         self.bad_evals += 1
@@ -116,3 +147,42 @@ class EarlyStopping(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.bad_evals = state["best"], state["bad_evals"]
+
+
+class DivergenceWarning(Callback):
+    """Warn when the training loss stays at ln(V), the loss of a uniform prediction over the model's
+    output vocabulary V: the model then predicts every token as likely as any other, which a model
+    that learns never does for long (typically it diverged). Added to every `Loop` by default; pass
+    your own instance to tune it.
+
+    Args:
+        steps: Consecutive steps with the loss at ln(V) before the warning (once per such stretch).
+        tolerance: Relative distance to ln(V) that counts as "at" it (0.01: 0.1 nats for a 32k vocabulary).
+    """
+
+    def __init__(self, steps: int = 20, tolerance: float = 0.01) -> None:
+        self.steps, self.tolerance = steps, tolerance
+        self.ln_v: float | None = None  # ln(V), known at fit start; None when V is unknown
+        self.in_a_row = 0  # consecutive steps with the loss at ln(V)
+
+    def on_fit_start(self, loop: Any) -> None:
+        from .modeling import output_vocab_size
+
+        vocab = output_vocab_size(loop.accelerator.unwrap_model(loop.model))
+        self.ln_v = math.log(vocab) if vocab and vocab > 1 else None
+        self.in_a_row = 0
+
+    def on_step_end(self, loop: Any, logs: dict) -> None:
+        loss, ln_v = logs["train/loss"], self.ln_v
+        if ln_v is None:
+            return
+        if abs(loss - ln_v) > self.tolerance * ln_v:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        if self.in_a_row == self.steps:
+            logger.warning(
+                "loss is at the uniform-distribution value ln(V)=%.3f (V=%d) for %d steps in a row (step %d, "
+                "loss %.4f); the model may have diverged (learning rate too high?)",
+                *(ln_v, round(math.exp(ln_v)), self.in_a_row, loop.state.step, loss),
+            )

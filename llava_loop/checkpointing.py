@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 import time
@@ -105,11 +104,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def write_predictions(path: str | Path, rows: list[dict]) -> None:
-    """One JSON object per line: ``id, prompt, prediction, references, scores``."""
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def check_output_dir(output_dir: str) -> None:
     """Fail before training if ``output_dir`` cannot be created or written."""
     probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
@@ -167,30 +161,6 @@ def check_disk_space(output_dir: str, needed_bytes: int) -> None:
 
 
 # ---------------------------------------------------------------------- RNG
-def get_rng_state() -> dict:
-    """Python, NumPy, torch CPU and (if present) all CUDA RNG states of this process."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what `get_rng_state` returned."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        if len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        else:
-            logger.warning(
-                "checkpoint holds CUDA RNG states of %d devices, this process sees %d: CUDA RNG not restored",
-                len(state["cuda"]),
-                torch.cuda.device_count(),
-            )
-
-
 def save_rng_state(state: dict, file: Path) -> None:
     """Write what `get_rng_state` returned as safetensors: the state arrays as tensors, the few
     scalars as JSON metadata, so that reading it back needs no pickle."""
@@ -432,10 +402,20 @@ def _find_problem(path: Path, hashes: bool = True) -> str | None:
     if extra:
         return f"{extra[0]} is not part of the checkpoint (meta.json does not list it; delete the file)"
     if hashes:
+        # The same files (names, sizes, modification times) verified earlier in this process are not
+        # hashed again: the CLI's pre-flight check and the run it starts both verify the checkpoint.
+        stamp = (str(path.resolve()), tuple(sorted((n, (path / n).stat().st_mtime_ns) for n in files)), str(meta))
+        if stamp in _VERIFIED:
+            return None
         for name, record in files.items():
             if _sha256(path / name) != record["sha256"]:
                 return f"{name} is corrupt (sha256 mismatch)"
+        _VERIFIED.add(stamp)
     return None
+
+
+_VERIFIED: set[tuple] = set()
+"""Checkpoints whose hashes matched in this process, with their files' modification times."""
 
 
 def _advice(path: Path) -> str:
@@ -495,52 +475,43 @@ def _clean_leftovers(root: Path) -> None:
 
 
 # ---------------------------------------------------------------------- save / rotate
-def _keyed_callbacks(callbacks: list) -> list[tuple[str, Any]]:
-    """``("ClassName:k", callback)``, k-th of its class: stable across processes, unlike list
-    positions (only the main process has the logging callbacks)."""
-    seen: dict[str, int] = {}
-    out = []
-    for cb in callbacks:
-        name = type(cb).__name__
-        out.append((f"{name}:{seen.get(name, 0)}", cb))
-        seen[name] = seen.get(name, 0) + 1
-    return out
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of optimizer step ``step`` goes: ``{output_dir}/checkpoints/step_000120``."""
+    return checkpoints_dir(output_dir) / f"step_{step:06d}"
 
 
-def _callback_states(callbacks: list) -> dict[str, Any]:
-    return {key: cb.state_dict() for key, cb in _keyed_callbacks(callbacks) if hasattr(cb, "state_dict")}
+def save_checkpoint(accelerator: Any, config: Any, state: dict, model: Any, processor: Any) -> str:
+    """Write the checkpoint of ``state`` atomically, record the best one, rotate; return its path.
 
+    Every process calls it (each writes its own RNG state; the main process writes the rest).
 
-def _load_callback_states(callbacks: list, saved: dict) -> None:
-    for key, cb in _keyed_callbacks(callbacks):
-        if key in saved and hasattr(cb, "load_state_dict"):
-            cb.load_state_dict(saved[key])
-
-
-def save_checkpoint(loop: Any, best: bool = False) -> str:
-    """Write a checkpoint of ``loop`` at its current step atomically; return its path.
+    Args:
+        accelerator: The run's `accelerate.Accelerator`.
+        config: The run's `LoopConfig` (``output_dir``, ``save_total_limit``, ``metric_for_best``;
+            saved as ``config.yaml``).
+        state: Plain state dicts: ``loop_state`` (`LoopState.state_dict()`; its ``step`` names the
+            folder, its ``best_checkpoint`` and ``best_metric`` go to ``best.json``), ``callbacks``,
+            ``optimizer``, ``scheduler`` and ``scaler`` (None when absent), ``rng`` (this process's).
+        model: The unwrapped model (weights saved with ``save_pretrained``: adapters only for peft).
+        processor: Saved next to the weights.
 
     Raises:
         OSError: The disk is full or the folder unwritable; earlier checkpoints are intact and the
             temporary folder is removed.
     """
-    acc, state, cfg = loop.accelerator, loop.state, loop.config
-    root = checkpoints_dir(cfg.output_dir)
-    final = root / f"step_{state.step:06d}"
-    tmp = root / f"{_TMP}{final.name}"
+    acc, loop_state = accelerator, state["loop_state"]
+    final = checkpoint_path(config.output_dir, loop_state["step"])
+    root, tmp = final.parent, final.parent / f"{_TMP}{final.name}"
     acc.wait_for_everyone()
     if acc.is_main_process:
         _clean_leftovers(root)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    previous_best = state.best_checkpoint
-    if best:  # before writing, so that the LoopState saved in the best checkpoint names itself
-        state.best_checkpoint = str(final)
     try:
-        save_rng_state(get_rng_state(), tmp / f"rng_state_{acc.process_index}.safetensors")
+        save_rng_state(state["rng"], tmp / f"rng_state_{acc.process_index}.safetensors")
         acc.wait_for_everyone()
         if acc.is_main_process:
-            _write_main(loop, tmp)
+            _write_main(tmp, config, state, model, processor, acc.num_processes)
             if final.exists():  # the same step saved again (e.g. after the final evaluation)
                 old = root / f"{_OLD}{final.name}"
                 os.replace(final, old)
@@ -552,7 +523,6 @@ def save_checkpoint(loop: Any, best: bool = False) -> str:
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
         if acc.is_main_process:  # the folder is shared: only its owner removes it
             shutil.rmtree(tmp, ignore_errors=True)
-        state.best_checkpoint = previous_best
         raise OSError(
             getattr(err, "errno", None) or errno.EIO,
             f"could not write checkpoint {final}: {err}. Earlier checkpoints are intact; if the "
@@ -562,59 +532,63 @@ def save_checkpoint(loop: Any, best: bool = False) -> str:
     except BaseException:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        state.best_checkpoint = previous_best
         raise
     if acc.is_main_process:
-        recorded = best_checkpoint(cfg.output_dir)
-        if state.best_checkpoint and (
-            best
-            or recorded is None  # or stale: killed before writing it
-            or recorded["checkpoint"] != Path(state.best_checkpoint).name
-        ):
-            name = Path(state.best_checkpoint).name
-            record = {
-                "checkpoint": name,
-                "path": str((root / name).resolve()),
-                "step": int(STEP_DIR.match(name).group(1)),
-                "metric": cfg.metric_for_best,
-                "value": state.best_metric,
-            }
-            atomic_write_text(root / "best.json", json.dumps(record, indent=1))
-        rotate_checkpoints(cfg.output_dir, cfg.save_total_limit, keep=state.best_checkpoint)
+        _record_best(config, loop_state)
+        rotate_checkpoints(config.output_dir, config.save_total_limit, keep=loop_state["best_checkpoint"])
     acc.wait_for_everyone()
     return str(final)
 
 
-def _write_main(loop: Any, tmp: Path) -> None:
+def _record_best(config: Any, loop_state: dict) -> None:
+    """Write ``best.json`` when the best checkpoint changed (or its record is missing or stale)."""
+    best = loop_state["best_checkpoint"]
+    if not best:
+        return
+    name = Path(best).name
+    record = {
+        "checkpoint": name,
+        "path": str((checkpoints_dir(config.output_dir) / name).resolve()),
+        "step": int(STEP_DIR.match(name).group(1)),
+        "metric": config.metric_for_best,
+        "value": loop_state["best_metric"],
+    }
+    recorded = best_checkpoint(config.output_dir)
+    if recorded is None or {k: v for k, v in recorded.items() if k != "path"} != {
+        k: v for k, v in record.items() if k != "path"
+    }:
+        atomic_write_text(checkpoints_dir(config.output_dir) / "best.json", json.dumps(record, indent=1))
+
+
+def _write_main(tmp: Path, config: Any, state: dict, model: Any, processor: Any, num_processes: int) -> None:
     """Everything but the RNG states, written by the main process into ``tmp``."""
-    acc, state, cfg = loop.accelerator, loop.state, loop.config
-    model = acc.unwrap_model(loop.model)
-    kind = save_model_weights(model, loop.processor, tmp / "model")
-    torch.save(loop.optimizer.state_dict(), tmp / "optimizer.pt")
+    loop_state = state["loop_state"]
+    kind = save_model_weights(model, processor, tmp / "model")
+    torch.save(state["optimizer"], tmp / "optimizer.pt")
     trainer_state = {
-        "loop_state": _plain("LoopState.state_dict()", state.state_dict()),
+        "loop_state": _plain("LoopState.state_dict()", loop_state),
         "callbacks": {
-            key: _plain(f"the state_dict() of callback {key}", value)
-            for key, value in _callback_states(loop.callbacks).items()
+            key: _plain(f"the state_dict() of callback {key}", value) for key, value in state["callbacks"].items()
         },
-        "scheduler": None if loop.scheduler is None else _plain("the scheduler's state", loop.scheduler.state_dict()),
-        "scaler": None if acc.scaler is None else _plain("the grad scaler's state", acc.scaler.state_dict()),
-        "num_processes": acc.num_processes,
+        "scheduler": _plain("the scheduler's state", state["scheduler"]),
+        "scaler": _plain("the grad scaler's state", state["scaler"]),
+        "num_processes": num_processes,
     }
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
-    cfg.save(tmp / "config.yaml")
+    config.save(tmp / "config.yaml")
     base = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     if _is_peft(model):
         base = model.peft_config[model.active_adapter].base_model_name_or_path or base
+    history = loop_state["history"]
     meta = {
         "format": FORMAT,
-        "step": state.step,
-        "epoch": state.epoch,
+        "step": loop_state["step"],
+        "epoch": loop_state["epoch"],
         "kind": kind,
         # A local folder as an absolute path, so that export works from any working directory.
         "base_model": os.path.abspath(base) if base and os.path.isdir(base) else base,
         "time": time.time(),
-        "metrics": state.history[-1] if state.history else None,
+        "metrics": history[-1] if history else None,
         "files": _file_records(tmp),  # every RNG state included: the other processes wrote theirs
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")  # last: marks it complete
@@ -713,29 +687,35 @@ def resolve_checkpoint(output_dir: str | Path, resume_from: str | Path) -> Path:
     return path
 
 
-def read_resume_info(path: str | Path) -> tuple[dict, dict]:
-    """The checkpoint's `LoopConfig` and `LoopState`, as dicts, without loading anything else."""
+def read_resume_info(path: str | Path) -> dict:
+    """What a run needs to decide how to resume from ``path``, without loading any tensor.
+
+    Returns:
+        ``config`` (the checkpoint's `LoopConfig` as a dict), and from its ``trainer_state.json``:
+        ``loop_state``, ``callbacks``, ``scheduler``, ``scaler`` (plain state dicts, None when
+        absent) and ``num_processes``.
+    """
     from .config import LoopConfig
 
     path = Path(path)
     training = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    return LoopConfig.from_file(path / "config.yaml").to_dict(), training["loop_state"]
+    return {"config": LoopConfig.from_file(path / "config.yaml").to_dict(), **training}
 
 
-def load_checkpoint(loop: Any, path: str | Path) -> dict:
-    """Restore weights, optimizer, scheduler, scaler, LoopState and callback states into ``loop``.
+def load_checkpoint(path: str | Path, model: Any, process_index: int = 0) -> dict:
+    """Load the weights of checkpoint ``path`` into ``model``; return its tensor states.
 
     ``path`` should come from `resolve_checkpoint`, which verifies the hashes; here only the
     format and the file sizes are checked again. Nothing is unpickled but tensors and plain values.
 
     Returns:
-        This process's RNG state; the loop applies it right before its first step.
+        ``optimizer`` (the optimizer's state dict) and ``rng`` (the RNG state of process
+        ``process_index``, or of process 0 when the checkpoint was written by fewer processes).
     """
     path = Path(path)
     verify_checkpoint(path, hashes=False)
-    acc = loop.accelerator
     try:
-        load_model_weights(acc.unwrap_model(loop.model), path / "model")
+        load_model_weights(model, path / "model")
     except (ValueError, RuntimeError) as err:  # RuntimeError: load_state_dict's size mismatches
         # Changed model settings were refused before (`rundir.resume_plan`); this is another base
         # model or a configure_optimizers/prepare_model that freezes differently.
@@ -744,28 +724,10 @@ def load_checkpoint(loop: Any, path: str | Path) -> dict:
             f"the weights of {path} do not fit the model: {first} (resume with the checkpoint's base "
             "model and model settings)"
         ) from err
-    training = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    try:
-        loop.optimizer.load_state_dict(_load_tensors(path, "optimizer.pt"))
-    except ValueError as err:
-        raise ValueError(
-            f"cannot restore the optimizer state of {path}: {err}. The trainable "
-            "parameters differ from the checkpoint's (lora_r, lora_target_modules, "
-            "train_projector, freeze_vision_tower or configure_optimizers changed?)"
-        ) from err
-    if loop.scheduler is not None and training["scheduler"] is not None:
-        loop.scheduler.load_state_dict(training["scheduler"])
-    if acc.scaler is not None and training["scaler"] is not None:
-        acc.scaler.load_state_dict(training["scaler"])
-    max_steps = loop.state.max_steps  # from this run's config: a resumed run may train longer
-    loop.state.load_state_dict(training["loop_state"])
-    loop.state.max_steps = max_steps
-    loop.state.should_stop, loop.state.stop_reason = False, None
-    _load_callback_states(loop.callbacks, training["callbacks"])
-    rng_file = path / f"rng_state_{acc.process_index}.safetensors"
+    rng_file = path / f"rng_state_{process_index}.safetensors"
     if not rng_file.is_file():
         rng_file = path / "rng_state_0.safetensors"
-    return load_rng_state(rng_file)
+    return {"optimizer": _load_tensors(path, "optimizer.pt"), "rng": load_rng_state(rng_file)}
 
 
 def _load_tensors(checkpoint: Path, name: str) -> Any:

@@ -458,3 +458,25 @@ def _cat_images(values: list[torch.Tensor], key: str) -> torch.Tensor:
         most = max(v.shape[1] for v in values)
         values = [torch.cat([v, v.new_zeros(v.shape[0], most - v.shape[1], *v.shape[2:])], 1) for v in values]
     return torch.cat(values)
+
+
+def loss_token_count(batch: dict) -> int:
+    """Tokens the next-token loss of a `TrainCollator` batch is summed over: positions 1.. whose label
+    is not ``IGNORE_INDEX`` (the first token predicts nothing); 0 for a batch without labels."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if "labels" in batch else 0
+
+
+class EvalBatchCollator:
+    """Collate function of evaluation: from ``(dataset index, record)`` items, the generation batch
+    (``"gen"``: prompts, left padded) and the teacher-forced loss batch (``"loss"``: whole
+    conversations, right padded; empty without ``train_collator``) of the same records, and the
+    dataset ``"indices"`` of the generation batch's rows (skipped samples have none)."""
+
+    def __init__(self, eval_collator: EvalCollator, train_collator: TrainCollator | None):
+        self.eval_collator, self.train_collator = eval_collator, train_collator
+
+    def __call__(self, items: list[tuple[int, Any]]) -> dict:
+        records = [r for _, r in items]
+        kept = [i for i, r in items if not isinstance(r, SkippedSample)]
+        loss = self.train_collator(records) if self.train_collator is not None else {"ids": []}
+        return {"gen": self.eval_collator(records), "loss": loss, "indices": kept}

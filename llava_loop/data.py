@@ -226,6 +226,12 @@ class VLDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(source={self.source!r}, records={len(self)}, skipped={len(self.skipped)})"
 
+    @property
+    def parsed_records(self) -> Sequence[dict[str, Any]]:
+        """The validated records as parsed, in order: images are paths or PIL images, not decoded
+        (cheap to read, e.g. for lengths or fingerprints; do not modify them)."""
+        return self._records
+
 
 def load_llava_json(
     path: str | os.PathLike[str],
@@ -789,3 +795,94 @@ def _warn_duplicate_ids(records: list[dict[str, Any]], source: str) -> None:
             source,
             ", ".join(repr(d) for d in duplicates[:5]),
         )
+
+
+# ---------------------------------------------------------------------- order and batching for the loop
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Deterministic order per (seed, epoch); can start mid-epoch for exact resume.
+
+    The method is `set_position`, deliberately not ``set_epoch``: accelerate's prepared loader
+    calls ``sampler.set_epoch(n)`` with the number of passes *it* has made over the loader, which
+    would reset the epoch and the mid-epoch start of a resumed run.
+
+    Example:
+        >>> sampler = EpochSampler(5, seed=0, shuffle=False)
+        >>> sampler.set_position(epoch=0, start=3)
+        >>> list(sampler)
+        [3, 4]
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch = 0
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        """Yield the order of ``epoch`` from its ``start``-th sample on."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        return iter(order[self.start :])
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+class WithSource(torch.utils.data.Dataset):
+    """Records of ``dataset`` with its ``source`` file added, so that a bad sample found while
+    collating (e.g. an answer cut away by max_length) is reported with its file."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset, self.source = dataset, getattr(dataset, "source", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        record = self.dataset[i]
+        if self.source is not None and isinstance(record, dict) and "source" not in record:
+            record = {**record, "source": self.source}
+        return record
+
+
+class Indexed(torch.utils.data.Dataset):
+    """``dataset`` in the order ``indices``; each item is ``(dataset index, record)`` (to restore order)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return self.indices[i], self.dataset[self.indices[i]]
+
+
+def longest_prompts_first(dataset: torch.utils.data.Dataset, n: int, tokenizer: Any, image_tokens: int) -> list[int]:
+    """Indices of the first ``n`` records, longest estimated prompt first (ties in dataset order).
+
+    The estimate needs no image decoding: the tokens of the turns before the final answer plus
+    ``image_tokens`` per image. Evaluating longest first pads less, and an out-of-memory error shows
+    in the first batch rather than hours in.
+    """
+    parsed = getattr(dataset, "parsed_records", None)
+    texts, images = [], []
+    for i in range(n):
+        record = parsed[i] if parsed is not None else dataset[i]
+        if isinstance(record, SkippedSample):
+            texts.append("")
+            images.append(0)
+            continue
+        turns = record.get("conversations", [])
+        last = max((k for k, t in enumerate(turns) if t.get("from") == "gpt"), default=len(turns))
+        texts.append(" ".join(t.get("value", "") for t in turns[:last]))
+        image = record.get("image")
+        images.append(len(image) if isinstance(image, (list, tuple)) else int(image is not None))
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    lengths = [len(t) + image_tokens * k for t, k in zip(ids, images)]
+    return sorted(range(n), key=lambda i: (-lengths[i], i))

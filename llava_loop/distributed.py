@@ -1,4 +1,5 @@
-"""Thin Accelerate helpers for multi-process evaluation.
+"""Process-level mechanics around Accelerate: creating the `Accelerator`, signals, RNG state, and
+multi-process evaluation.
 
 Evaluation shards *batches* round-robin over the processes without padding (so no sample is
 generated twice), every process generates its shard, and `gather_in_order` puts the results back in
@@ -12,10 +13,141 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+import os
+import random
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
 T = TypeVar("T")
+
+
+def make_accelerator(precision: str, report_to: list[str], project_dir: str) -> Any:
+    """An `accelerate.Accelerator` for this process: CPU or the visible GPU, ``precision`` one of
+    fp32/bf16/fp16, trackers ``report_to``.
+
+    Raises:
+        RuntimeError: ``WORLD_SIZE`` says more processes than accelerate set up (a launcher problem:
+            the processes would train independently and overwrite each other's checkpoints).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    mixed_precision = precision.replace("fp32", "no")
+    # Accelerate keeps one process-wide state and refuses a second Accelerator with another precision
+    # (a notebook or test running several Loops). Reset it as transformers' Trainer does; the process
+    # group (PartialState) is kept.
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        # Without cpu=True, accelerate treats `torchrun` on a CPU-only machine as N unrelated
+        # single-process runs, all writing the same output_dir.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=mixed_precision,
+        log_with=report_to or None,
+        project_dir=project_dir,
+    )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != accelerator.num_processes:
+        raise RuntimeError(
+            f"WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es): the "
+            "processes would train independently and overwrite each other's checkpoints; check the launcher"
+        )
+    return accelerator
+
+
+class SignalWatcher:
+    """Turns SIGTERM/SIGINT into a request to stop after the current step (a second Ctrl-C stops now).
+
+    Use as a context manager around training; handlers are installed only in the main thread and
+    only when ``enabled``, and the previous handlers come back on exit.
+
+    Example:
+        >>> with SignalWatcher() as signals:
+        ...     pass  # train; check signals.received (None until a signal arrives)
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.received: str | None = None  # name of the first signal received, e.g. "SIGTERM"
+        self._previous: dict[int, Any] = {}  # the handlers to restore on exit
+
+    def __enter__(self) -> SignalWatcher:
+        self.received = None
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # second Ctrl-C: stop now
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        logger.warning("%s received: finishing the current step, then saving a checkpoint", self.received)
+
+    def __exit__(self, *exc: Any) -> bool:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        return False
+
+    def agreed(self, accelerator: Any) -> bool:
+        """Whether any process received a signal. Processes may get it during different steps, so
+        with several processes they agree (one tiny all-reduce, a collective: call it on all of them
+        at the same point) to stop after the same step."""
+        received = self.received is not None
+        if accelerator.num_processes > 1 and self.enabled:
+            flag = torch.tensor([float(received)], device=accelerator.device)
+            received = bool(accelerator.reduce(flag, reduction="sum").item())
+        return received
+
+
+def get_rng_state() -> dict:
+    """Python, NumPy, torch CPU and (if present) all CUDA RNG states of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `get_rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        if len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            logger.warning(
+                "checkpoint holds CUDA RNG states of %d devices, this process sees %d: CUDA RNG not restored",
+                len(state["cuda"]),
+                torch.cuda.device_count(),
+            )
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed every RNG with ``seed`` inside the block and restore the previous states after it, so
+    that what runs inside (an evaluation that samples) neither depends on nor changes the rest."""
+    from accelerate.utils import set_seed
+
+    saved = get_rng_state()
+    try:
+        set_seed(seed)
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 def shard_batches(order: list[int], batch_size: int, process_index: int, num_processes: int) -> list[list[int]]:

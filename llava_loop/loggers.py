@@ -11,7 +11,9 @@ import json
 import logging
 import math
 import os
+import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from .callbacks import Callback
@@ -56,6 +58,56 @@ class JSONLLogger(Callback):
             self._resumed_from_step = None
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def write_predictions(path: str | Path, rows: list[dict]) -> None:
+    """One JSON object per line (e.g. ``id, prompt, prediction, references, scores``), written atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+class Throughput:
+    """Training speed over one logging window: the time of the optimizer steps (loading and collating
+    their data included; evaluation and saving not), their tokens, samples and losses."""
+
+    def __init__(self) -> None:
+        self.seconds, self.tokens, self.samples = 0.0, 0.0, 0.0  # sums over the window's steps
+        self.losses: list[float] = []  # each step's mean training loss
+        self._clock = time.perf_counter()  # when the current step's time started
+
+    def restart_clock(self) -> None:
+        """The next step's time starts now (after an evaluation or save, at an epoch's start)."""
+        self._clock = time.perf_counter()
+
+    def add_step(self, tokens: float, samples: float) -> None:
+        """Count a finished optimizer step: its time since the clock started, tokens and samples."""
+        self.seconds += time.perf_counter() - self._clock
+        self.tokens += tokens
+        self.samples += samples
+
+    def window(self, steps_left: int) -> dict[str, float]:
+        """``train/loss`` (mean over the window), ``train/tokens_per_s``, ``train/samples_per_s`` and
+        ``train/eta_s`` (at this window's speed); the window then starts again."""
+        steps = max(len(self.losses), 1)
+        record = {
+            "train/loss": sum(self.losses) / steps,
+            "train/tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+            "train/samples_per_s": self.samples / max(self.seconds, 1e-9),
+            "train/eta_s": steps_left * self.seconds / steps,
+        }
+        self.seconds, self.tokens, self.samples, self.losses = 0.0, 0.0, 0.0, []
+        return record
+
+
+def new_token_count(new_tokens: Any, eos_token_id: int | list[int] | None) -> int:
+    """Tokens a ``generate`` call produced: each row of ``new_tokens`` counted up to and including its
+    first EOS (what follows is padding); every token when there is no EOS id."""
+    import torch
+
+    if eos_token_id is None:
+        return new_tokens.numel()
+    eos = torch.isin(new_tokens, torch.as_tensor(eos_token_id, device=new_tokens.device))
+    after_eos = (eos.cumsum(-1) - eos.int()) > 0  # positions after a row's first EOS
+    return int((~after_eos).sum())
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import logging
 import os
@@ -240,6 +241,43 @@ def _set_use_cache(model: nn.Module, value: bool) -> None:
         cfg = getattr(module, "config", None)
         if cfg is not None and hasattr(cfg, "use_cache"):
             cfg.use_cache = value
+
+
+def output_vocab_size(model: nn.Module) -> int | None:
+    """Rows of the output embedding (the LM head), else the text config's ``vocab_size``; None if unknown."""
+    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = getattr(getattr(embeddings, "weight", None), "shape", (None,))[0]
+    if vocab is None:
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        vocab = getattr(text_config, "vocab_size", None)
+    return vocab
+
+
+def generation_config(model: nn.Module, tokenizer: Any, config: Any) -> Any:
+    """The `transformers.GenerationConfig` of evaluation: ``model``'s own, overridden by the `LoopConfig`'s
+    ``max_new_tokens``, ``num_beams``, ``do_sample`` (and, when sampling, ``temperature`` and ``top_p``);
+    greedy by default, with the cache on and the tokenizer's pad (and, if the model has none, EOS) ids."""
+    gen = copy.deepcopy(model.generation_config)
+    # Greedy/beam decoding: clear sampling settings the model's config may carry (they would only
+    # produce warnings).
+    sampling = (
+        {"temperature": config.temperature, "top_p": config.top_p}
+        if config.do_sample
+        else {"temperature": None, "top_p": None, "top_k": None}
+    )
+    # use_cache: gradient checkpointing turns the model config's cache off; generation needs it.
+    gen.update(
+        max_new_tokens=config.max_new_tokens,
+        num_beams=config.num_beams,
+        do_sample=config.do_sample,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        **sampling,
+    )
+    if gen.eos_token_id is None:
+        gen.eos_token_id = tokenizer.eos_token_id
+    return gen
 
 
 def is_projector_param(name: str) -> bool:

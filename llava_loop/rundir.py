@@ -307,7 +307,7 @@ def data_fingerprint(dataset: Any) -> dict:
     own = getattr(dataset, "fingerprint", None)
     if callable(own):
         return {"records": len(dataset), "what": "fingerprint()", "hash": str(own())}
-    records = getattr(dataset, "_records", None)
+    records = getattr(dataset, "parsed_records", None)
     if records is None:
         return {"records": len(dataset), "what": "size only", "hash": "-"}
 

@@ -358,7 +358,7 @@ class Hold:
         if loop.state.step == args.get("hold_at"):  # tell the parent, wait for its signal
             open(args["marker"], "w").close()
             deadline = time.time() + 60
-            while loop._signal_received is None and time.time() < deadline:
+            while loop._signals.received is None and time.time() < deadline:
                 time.sleep(0.01)
 
 
@@ -762,7 +762,8 @@ def test_meta_json_records_the_size_and_sha256_of_every_other_file(three_checkpo
 def test_rng_states_round_trip_through_safetensors_without_pickle(tmp_path):
     import numpy as np
 
-    from llava_loop.checkpointing import get_rng_state, save_rng_state, set_rng_state
+    from llava_loop.checkpointing import save_rng_state
+    from llava_loop.distributed import get_rng_state, set_rng_state
 
     random.seed(5)
     random.gauss(0, 1)  # leaves a cached gaussian in python's state
@@ -872,12 +873,12 @@ def test_a_run_deletes_temporary_files_of_dead_writers_and_keeps_live_ones(tmp_p
 
 
 def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
-    from llava_loop import checkpointing
+    from llava_loop import checkpointing, loggers
 
     target = tmp_path / "predictions" / "step_000001.jsonl"
     target.mkdir(parents=True)  # os.replace onto a folder fails after the temporary file is written
     with pytest.raises(OSError):
-        checkpointing.write_predictions(target, [{"id": "a"}])
+        loggers.write_predictions(target, [{"id": "a"}])
     assert [p.name for p in target.parent.iterdir()] == [target.name], "the failed write left a temporary file"
 
     class FullDisk:

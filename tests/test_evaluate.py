@@ -114,10 +114,15 @@ def predictions_file(output_dir, step: int = 0) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def sample_rows(result) -> list[dict]:
+    """The rows of an `EvalResult` as the predictions file holds them (without the dataset index)."""
+    return [{k: v for k, v in row.items() if k != "index"} for row in result.samples]
+
+
 def evaluate(model, processor, records, output_dir, metrics=None, loop_class=Loop, **overrides):
     loop = loop_class(model, processor, config(output_dir, **overrides), metrics=metrics)
     summary = loop.evaluate(records)
-    return loop, summary, predictions_file(output_dir)
+    return loop, summary, sample_rows(summary)
 
 
 # --------------------------------------------------------------------------- batching and order
@@ -171,7 +176,7 @@ def test_predictions_come_back_in_dataset_order_though_longest_prompts_go_first(
     model, processor = trained
     loop = Recording(model, processor, config(tmp_path, eval_batch_size=5))
     loop.seen = []
-    loop.evaluate(eval_records)
+    result = loop.evaluate(eval_records)
 
     dataset_ids = [r["id"] for r in eval_records]
     processed = [i for _, ids in loop.seen for i in ids]
@@ -181,10 +186,11 @@ def test_predictions_come_back_in_dataset_order_though_longest_prompts_go_first(
     )
     assert processed != dataset_ids, "batches were not reordered by prompt length"
     assert widths == sorted(widths, reverse=True), f"batches are not longest-prompt first: widths {widths}"
-    rows = predictions_file(tmp_path)
-    assert [r["id"] for r in rows] == dataset_ids, "the predictions file is not in dataset order"
+    assert [r["index"] for r in result.samples] == list(range(len(eval_records))), "samples lack their index"
+    rows = sample_rows(result)
+    assert [r["id"] for r in rows] == dataset_ids, "the evaluated samples are not in dataset order"
     assert all(set(r) == {"id", "prompt", "prediction", "references", "scores"} for r in rows), (
-        f"unexpected predictions file fields: {sorted(rows[0])}"
+        f"unexpected sample fields: {sorted(rows[0])}"
     )
     first = rows[0]
     assert first["references"] == eval_records[0]["answers"] and "ASSISTANT:" in first["prompt"], (
@@ -208,8 +214,9 @@ def test_eval_loss_is_token_weighted_over_the_whole_set(trained, tmp_path):
                 attention_mask=batch["attention_mask"],
                 **({"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}),
             )
-            total += float(loop.compute_loss(outputs, batch))
-            tokens += loop.count_loss_tokens(batch)
+            loss, count = loop.compute_loss(outputs, batch)
+            total += float(loss)
+            tokens += count
     assert summary["eval/loss"] == pytest.approx(total / tokens, rel=1e-5), (
         f"eval/loss {summary['eval/loss']} is not the token-weighted mean over all samples {total / tokens}"
     )
@@ -218,7 +225,6 @@ def test_eval_loss_is_token_weighted_over_the_whole_set(trained, tmp_path):
 def test_generation_config_follows_loop_config(trained, tmp_path):
     model, processor = trained
     loop = Loop(model, processor, config(tmp_path, max_new_tokens=2))
-    loop._setup_accelerator()
     greedy = loop.generation_config()
     got = (greedy.do_sample, greedy.num_beams, greedy.max_new_tokens, greedy.use_cache)
     assert got == (False, 1, 2, True), f"default generation must be greedy, cached, 2 tokens: {got}"
@@ -226,7 +232,6 @@ def test_generation_config_follows_loop_config(trained, tmp_path):
 
     cfg = config(tmp_path, do_sample=True, temperature=0.7, top_p=0.9, num_beams=3)
     sampled = Loop(model, processor, cfg)
-    sampled._setup_accelerator()
     gen = sampled.generation_config()
     got = (gen.do_sample, gen.temperature, gen.top_p, gen.num_beams)
     assert got == (True, 0.7, 0.9, 3), f"sampling settings were not passed on: {got}"
@@ -235,15 +240,15 @@ def test_generation_config_follows_loop_config(trained, tmp_path):
 def test_generation_respects_max_new_tokens(trained, eval_records, tmp_path):
     class Counting(Loop):
         def generate(self, batch):
-            predictions = super().generate(batch)
-            self.counts.append(self._generated_tokens)
-            return predictions
+            predictions, new_tokens = super().generate(batch)
+            self.counts.append(new_tokens)
+            return predictions, new_tokens
 
     model, processor = trained
     loop = Counting(model, processor, config(tmp_path, max_new_tokens=2, eval_batch_size=1))
     loop.counts = []
     summary = loop.evaluate(eval_records[:6])
-    per_sample = [b - a for a, b in zip([0, *loop.counts], loop.counts)]
+    per_sample = loop.counts  # eval_batch_size=1: one sample per generate call
     assert all(1 <= n <= 2 for n in per_sample), f"max_new_tokens=2 but samples got {per_sample} tokens"
     assert summary["eval/gen_tokens_per_s"] > 0, "eval/gen_tokens_per_s is missing or zero"
 
@@ -256,7 +261,7 @@ def test_beam_search_and_sampling_run_and_leave_the_rng_alone(trained, eval_reco
     for _ in range(2):
         torch.manual_seed(123)
         summary = loop.evaluate(eval_records[:8])
-        runs.append([r["prediction"] for r in predictions_file(tmp_path)])
+        runs.append([r["prediction"] for r in summary.samples])
         after = torch.rand(3)
         torch.manual_seed(123)
         assert torch.equal(after, torch.rand(3)), f"evaluate with {settings} moved the global torch RNG"
@@ -366,6 +371,7 @@ def _evaluate_in_two_processes(adapter_dir: str, records, output_dir: str) -> No
     rank = loop.accelerator.process_index
     assert loop.accelerator.num_processes == 2, "launch_two_processes did not start 2 processes"
     Path(output_dir, f"summary_{rank}.json").write_text(json.dumps(summary))
+    Path(output_dir, f"samples_{rank}.json").write_text(json.dumps(sample_rows(summary)))
 
 
 def test_two_processes_gather_predictions_in_order_without_duplicates(trained, tmp_path):
@@ -380,7 +386,8 @@ def test_two_processes_gather_predictions_in_order_without_duplicates(trained, t
 
     summaries = [json.loads((ddp_dir / f"summary_{rank}.json").read_text()) for rank in (0, 1)]
     assert summaries[0] == summaries[1], f"processes disagree on the summary: {summaries}"
-    rows = predictions_file(ddp_dir)
+    rows = json.loads((ddp_dir / "samples_0.json").read_text())
+    assert rows == json.loads((ddp_dir / "samples_1.json").read_text()), "processes disagree on the samples"
     assert [r["id"] for r in rows] == [r["id"] for r in records], (
         f"DDP predictions are not each id once in dataset order: {[r['id'] for r in rows]}"
     )
@@ -669,7 +676,7 @@ def test_evaluation_docs_examples_run(tmp_path, monkeypatch):
     )
     choices = namespace["choice_summary"]
     assert choices["eval/exact_match"] >= 0.5, f"the constrained-answer example scores {choices}"
-    rows = predictions_file(tmp_path / "choice_run", namespace["choice_loop"].state.step)
+    rows = choices.samples
     assert {r["prediction"] for r in rows} <= set(namespace["ChoiceLoop"].candidates), (
         "the constrained-answer example answered outside its candidate set"
     )
@@ -688,7 +695,7 @@ def test_eval_loss_off_skips_the_loss_forward_and_its_key(tmp_path):
 def test_vqa_references_reach_the_metrics_and_the_predictions_file_with_their_counts(tmp_path):
     class AlwaysThree(Loop):
         def generate(self, batch):
-            return ["3"] * len(batch["ids"])
+            return ["3"] * len(batch["ids"]), None
 
     votes = ["2"] * 9 + ["3"]
     records = synthetic_vqa(2, seed=4)
@@ -698,9 +705,9 @@ def test_vqa_references_reach_the_metrics_and_the_predictions_file_with_their_co
     model, processor = tiny_llava(seed=0)
     loop = AlwaysThree(model, processor, config(tmp_path, eval_loss=False), metrics=["vqa_accuracy"])
     summary = loop.evaluate(records)
-    rows = predictions_file(tmp_path)
+    rows = summary.samples
     assert [r["references"] for r in rows] == [votes, ["3"]], (
-        f"the predictions file must record the references as passed: {[r['references'] for r in rows]}"
+        f"the evaluated samples must record the references as passed: {[r['references'] for r in rows]}"
     )
     scores = [r["scores"]["vqa_accuracy"] for r in rows]
     assert scores == pytest.approx([0.3, 1.0]), f"official VQA score of '3' against 9x'2' + '3' is 0.3: {scores}"

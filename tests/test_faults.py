@@ -16,6 +16,7 @@ from PIL import Image
 
 from helpers import small_config
 from llava_loop import Loop, LoopConfig, checkpointing
+from llava_loop.callbacks import DivergenceWarning
 from llava_loop.collators import IGNORE_INDEX, TrainCollator
 from llava_loop.data import BadSampleError
 from llava_loop.testing import draw_scene, synthetic_vqa, tiny_llava
@@ -272,19 +273,19 @@ class PoisonedLoop(Loop):
         self.poison, self.attempts, self.before = poison, 0, []
 
     def compute_loss(self, outputs, batch):
-        loss = super().compute_loss(outputs, batch)
+        loss, tokens = super().compute_loss(outputs, batch)
         if not self.model.training:
-            return loss
+            return loss, tokens
         self.attempts += 1
         self.before.append(trainable(self))
         kind = self.poison.get(self.attempts)
         if kind == "nan":
-            return loss + math.nan
+            return loss + math.nan, tokens
         if kind == "inf":
-            return loss + math.inf
+            return loss + math.inf, tokens
         if kind == "inf-grad":
-            return _InfGrad.apply(loss)
-        return loss
+            return _InfGrad.apply(loss), tokens
+        return loss, tokens
 
 
 @pytest.mark.parametrize("kind", ["nan", "inf", "inf-grad"])
@@ -473,7 +474,7 @@ def test_loss_stuck_at_ln_vocab_warns_that_the_model_may_have_diverged(tmp_path,
     with caplog.at_level(logging.WARNING):
         loop.fit(synthetic_vqa(16))
     ln_v = math.log(model.get_output_embeddings().weight.shape[0])
-    assert sum(abs(x - ln_v) < 0.01 for x in losses) >= loop.uniform_loss_steps, (
+    assert sum(abs(x - ln_v) < 0.01 for x in losses) >= DivergenceWarning().steps, (
         f"test setup: the huge learning rate did not pin the loss at ln(V)={ln_v:.3f}: {losses}"
     )
     warnings = uniform_loss_warnings(caplog)

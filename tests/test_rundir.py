@@ -169,18 +169,18 @@ def test_data_fingerprint_reads_ids_and_image_names_only(tmp_path):
     records = [{"id": f"r{i}", "image": f"img/{i}.jpg", "conversations": []} for i in range(3)]
 
     class Parsed:  # what a VLDataset holds, without the image files
-        _records = records
+        parsed_records = records
 
         def __len__(self):
-            return len(self._records)
+            return len(self.parsed_records)
 
     moved = [{**r, "image": "/elsewhere/" + os.path.basename(r["image"])} for r in records]
     renamed = [dict(r) for r in records]
     renamed[1]["image"] = "img/other.jpg"
     fingerprint = data_fingerprint(Parsed())
-    Parsed._records = moved
+    Parsed.parsed_records = moved
     assert data_fingerprint(Parsed()) == fingerprint, "a moved image folder changed the fingerprint"
-    Parsed._records = renamed
+    Parsed.parsed_records = renamed
     assert data_fingerprint(Parsed()) != fingerprint, "another image did not change the fingerprint"
     memory = as_dataset(synthetic_vqa(3, seed=0))
     assert data_fingerprint(memory)["records"] == 3
