@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import yaml
 
+from .data import check_on_bad_sample
+
 _NONE_STRINGS = ("none", "null")
 _POSITIVE = ("batch_size", "eval_batch_size", "grad_accum_steps", "lora_alpha")
 _POSITIVE += ("max_new_tokens", "num_beams", "max_length", "save_total_limit")
@@ -197,7 +199,7 @@ class LoopConfig:
             _fail("seed", self.seed, "an int in [0, 2**32)")
 
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        _check_choice("on_bad_sample", self.on_bad_sample, ("raise", "skip"))
+        check_on_bad_sample(self.on_bad_sample)
         _check_choice("lr_scheduler", self.lr_scheduler, _scheduler_names())
         for tracker in self.report_to:
             _check_choice("report_to", tracker, _tracker_names())
