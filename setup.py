@@ -26,6 +26,7 @@ setup(
         "psutil>=5.8",
         "pyyaml>=6",
         "jsonargparse[signatures]>=4.40",
+        "docstring-parser>=0.15",  # LoopConfig field docstrings (also a jsonargparse[signatures] dependency)
         "numpy",
         "matplotlib>=3.7",
     ],

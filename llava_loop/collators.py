@@ -23,8 +23,10 @@ from .data import (
     MEMORY_SOURCE,
     BadSampleError,
     SkippedSample,
-    check_conversation,
+    check_on_bad_sample,
+    check_record,
     record_images,
+    skip_or_raise,
 )
 
 logger = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ class ChatRenderer:
 
     def render(self, record: dict, *, for_generation: bool = False) -> RenderedSample:
         """Render a record; with ``for_generation``, up to the generation prompt of the final answer."""
-        _check(record, self._special_pattern)
+        check_record(record, source=record.get("source", MEMORY_SOURCE), special_tokens=self._special_pattern)
         messages = self.messages(record)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         if for_generation:
@@ -183,8 +185,7 @@ class _Collator:
         pad_token_id: int | None = None,
         on_bad_sample: str = "raise",
     ):
-        if on_bad_sample not in ("raise", "skip"):
-            raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
+        check_on_bad_sample(on_bad_sample)
         self.processor = processor
         self.renderer = ChatRenderer(processor)
         self.tokenizer = self.renderer.tokenizer
@@ -231,12 +232,6 @@ class _Collator:
         if j != len(full):
             raise ValueError(f"sample {sample.id!r}: processor output is longer than the tokenized text")
         return out
-
-    def _bad(self, record_id: str, source: str, reason: str, skipped: list) -> None:
-        if self.on_bad_sample == "raise":
-            raise BadSampleError(record_id, source, reason)
-        logger.warning("skipping sample %r (%s): %s", record_id, source, reason)
-        skipped.append(SkippedSample(record_id, source, reason))
 
     def _batch(self, encoded: list[dict[str, torch.Tensor]], left: bool, extra: dict) -> dict[str, Any]:
         """Pad per-token tensors (same shape as ``input_ids``), concatenate image tensors along dim 0."""
@@ -306,29 +301,21 @@ class TrainCollator(_Collator):
             try:
                 sample = self.renderer.render(record)
             except BadSampleError as err:
-                self._bad(err.sample_id, err.source, err.reason, skipped)
+                skipped.append(skip_or_raise(err, self.on_bad_sample))
                 continue
             enc = self._encode(sample)
             input_ids = enc["input_ids"][0]
             mask = self._token_mask(sample, input_ids)
             labels = torch.where(mask, input_ids, torch.full_like(input_ids, self.ignore_index))
             if self.max_length is not None and len(input_ids) > self.max_length:
-                cut = self.max_length
+                cut, source = self.max_length, record.get("source", MEMORY_SOURCE)
+                reason = None
                 if self.image_token_id is not None and (input_ids[cut:] == self.image_token_id).any():
-                    self._bad(
-                        sample.id,
-                        record.get("source", MEMORY_SOURCE),
-                        f"{len(input_ids)} tokens with image tokens beyond max_length={cut}",
-                        skipped,
-                    )
-                    continue
-                if not mask[:cut].any():
-                    self._bad(
-                        sample.id,
-                        record.get("source", MEMORY_SOURCE),
-                        f"answer entirely truncated: {len(input_ids)} tokens > max_length={cut}",
-                        skipped,
-                    )
+                    reason = f"{len(input_ids)} tokens with image tokens beyond max_length={cut}"
+                elif not mask[:cut].any():
+                    reason = f"answer entirely truncated: {len(input_ids)} tokens > max_length={cut}"
+                if reason is not None:
+                    skipped.append(skip_or_raise(BadSampleError(sample.id, source, reason), self.on_bad_sample))
                     continue
                 enc = {k: (v[:, :cut] if v.dim() == 2 and v.shape[-1] == len(input_ids) else v) for k, v in enc.items()}
                 labels = labels[:cut]
@@ -340,7 +327,7 @@ class TrainCollator(_Collator):
                         "and not trained on. Further partly truncated samples are not warned about, only "
                         "counted (train/truncated_samples); raise max_length to keep them whole.",
                         sample.id,
-                        record.get("source", MEMORY_SOURCE),
+                        source,
                         len(input_ids),
                         cut,
                     )
@@ -383,7 +370,7 @@ class EvalCollator(_Collator):
             try:
                 sample = self.renderer.render(record, for_generation=True)
             except BadSampleError as err:
-                self._bad(err.sample_id, err.source, err.reason, skipped)
+                skipped.append(skip_or_raise(err, self.on_bad_sample))
                 continue
             encoded.append(self._encode(sample))
             refs.append(references(record))
@@ -411,38 +398,6 @@ def references(record: dict) -> list[str]:
         return list(record["answers"])
     final = next(t["value"] for t in reversed(record["conversations"]) if t["from"] == "gpt")
     return [final.strip()]
-
-
-def _check(record: dict, special_tokens: re.Pattern) -> None:
-    """Raise `BadSampleError` for records the templates cannot render into a trainable sample.
-
-    The turn rules are `llava_loop.data.check_conversation` (also run when datasets load, so
-    records given to a collator directly get the same checks); this adds what needs decoded
-    images or the tokenizer: one marker per image, and no special-token strings in the text.
-    """
-    sample_id, source = record.get("id", "<no id>"), record.get("source", MEMORY_SOURCE)
-
-    def bad(reason: str) -> BadSampleError:
-        return BadSampleError(sample_id, source, reason)
-
-    turns = record["conversations"]
-    check_conversation(turns, sample_id=sample_id, source=source)
-    for k, turn in enumerate(turns):
-        found = special_tokens.search(turn["value"])
-        if found is not None:
-            token = found.group()
-            raise bad(
-                f"turn {k} ({turn['from']}) contains the special token {token!r} as text; the tokenizer "
-                "would read it as a control token (e.g. an end of sequence in mid-answer) and train on "
-                f"it. Remove it from the data, or escape it (e.g. {token.replace('<', '< ', 1)!r})"
-            )
-    markers = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
-    images = len(record_images(record))
-    if markers != images:
-        raise bad(
-            f"{markers} {IMAGE_TOKEN} marker(s) in the text but {images} image(s); put one marker per "
-            "image in the human turns (the datasets in llava_loop.data do this for you)"
-        )
 
 
 def _pad(t: torch.Tensor, length: int, fill: int, left: bool) -> torch.Tensor:

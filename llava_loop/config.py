@@ -9,15 +9,12 @@ Example:
     'eval/rougeL'
 """
 
-import ast
 import dataclasses
 import difflib
 import functools
 import inspect
-import itertools
 import json
 import math
-import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -25,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import docstring_parser
 import torch
 import yaml
 
-_NONE_STRINGS = ("none", "null")
+from .data import check_on_bad_sample
+
 _POSITIVE = ("batch_size", "eval_batch_size", "grad_accum_steps", "lora_alpha")
 _POSITIVE += ("max_new_tokens", "num_beams", "max_length", "save_total_limit")
 _POSITIVE += ("eval_max_samples",)
@@ -168,18 +167,18 @@ class LoopConfig:
     """On SIGTERM/SIGINT finish the current step, save a checkpoint and exit cleanly."""
 
     def __post_init__(self) -> None:
-        hints = _type_hints(type(self))
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]  # "wandb" -> ["wandb"]
-        if _is_none_word(self.report_to):
-            self.report_to = []
+        if isinstance(self.report_to, list) and [str(t).lower() for t in self.report_to] in (["none"], ["null"]):
+            self.report_to = []  # `report_to: none` in YAML, `--report_to none` on the CLI
+        hints = _type_hints(type(self))
         for name, annotation in hints.items():
             setattr(self, name, _coerce(name, getattr(self, name), annotation))
 
         for name in _POSITIVE:
             value = getattr(self, name)
             if value is not None and value <= 0:
-                or_none = " or None" if type(None) in _members(hints[name]) else ""
+                or_none = " or None" if type(None) in typing.get_args(hints[name]) else ""
                 _fail(name, value, f"an int > 0{or_none}")
         for name in _NON_NEGATIVE:
             if not getattr(self, name) >= 0:  # `not >=` also catches NaN
@@ -197,7 +196,7 @@ class LoopConfig:
             _fail("seed", self.seed, "an int in [0, 2**32)")
 
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        _check_choice("on_bad_sample", self.on_bad_sample, ("raise", "skip"))
+        check_on_bad_sample(self.on_bad_sample)
         _check_choice("lr_scheduler", self.lr_scheduler, _scheduler_names())
         for tracker in self.report_to:
             _check_choice("report_to", tracker, _tracker_names())
@@ -367,21 +366,15 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         _fail(name, value, f"one of {', '.join(map(repr, choices))}{hint}")
 
 
-def _is_none_word(value: Any) -> bool:
-    """Whether `value` is ["none"] or ["null"] (any case), a list flag meaning None."""
-    return isinstance(value, list) and len(value) == 1 and str(value[0]).lower() in _NONE_STRINGS
-
-
-def _members(annotation: Any) -> tuple[Any, ...]:
-    """Members of a union (`int | None` -> (int, NoneType)), else (annotation,)."""
-    union = isinstance(annotation, types.UnionType)
-    union = union or typing.get_origin(annotation) is typing.Union
-    return typing.get_args(annotation) if union else (annotation,)
-
-
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Return `value` as `annotation` (int -> float, tuple -> list), or raise."""
-    for member in _members(annotation):
+    """Return `value` as `annotation` (int or number string -> float, tuple -> list), or raise.
+
+    Strict on purpose, not jsonargparse's `parse_object`: that accepts None for every field and reads
+    strings as YAML ("yes" -> True, "[a, b]" -> a list); docs/config.md says why.
+    """
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(annotation) if union else (annotation,)
+    for member in members:
         if member is type(None) and value is None:
             return None
         if isinstance(value, bool) and member is not bool:
@@ -398,7 +391,7 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         is_list = typing.get_origin(member) is list and isinstance(value, list | tuple)
         if is_list and all(isinstance(item, str) for item in value):
             return list(value)
-    expected = " or ".join(_type_name(m) for m in _members(annotation))
+    expected = " or ".join(map(_type_name, members))
     _fail(name, value, f"{expected} (got {type(value).__name__})")
 
 
@@ -417,24 +410,16 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 @functools.cache
 def _field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings of `cls` and its bases, parsed once from the source by `ast`."""
+    """Field docstrings of `cls` and its bases ("" where the source is unavailable), read by docstring_parser."""
     docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
+    for klass in reversed(cls.__mro__):  # docstring_parser reads one class, not its bases
         try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+            params = docstring_parser.parse_from_object(klass).params if dataclasses.is_dataclass(klass) else []
         except (OSError, TypeError, SyntaxError):
-            continue  # builtins, classes defined in a REPL, no source shipped
-        node = tree.body[0] if tree.body else None
-        body = node.body if isinstance(node, ast.ClassDef) else []
-        for stmt, after in itertools.pairwise(body):
-            if (
-                isinstance(stmt, ast.AnnAssign)
-                and isinstance(stmt.target, ast.Name)
-                and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)
-            ):
-                docs[stmt.target.id] = inspect.cleandoc(after.value.value)
+            continue  # no source: a class made by exec(), in a REPL, or shipped without .py files
+        for param in params:
+            if param.args[0] == "attribute" and param.description:
+                docs[param.arg_name] = inspect.cleandoc(param.description)
     return {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls)}
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 from collections import Counter
 from collections.abc import Sequence
@@ -108,6 +109,43 @@ class SkippedSample:
     reason: str
 
 
+def check_on_bad_sample(on_bad_sample: str) -> None:
+    """Raise `ValueError` unless ``on_bad_sample`` is ``"raise"`` or ``"skip"``; the one home of this check.
+
+    `LoopConfig`, the datasets here and the collators all call it.
+
+    Example:
+        >>> check_on_bad_sample("ignore")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: on_bad_sample='ignore' is invalid: expected 'raise' or 'skip' ...
+    """
+    if on_bad_sample not in ("raise", "skip"):
+        raise ValueError(
+            f"on_bad_sample={on_bad_sample!r} is invalid: expected 'raise' or 'skip' (on_bad_sample must be 'raise' "
+            "to stop at a bad sample, or 'skip' to warn, count and skip it)."
+        )
+
+
+def skip_or_raise(err: BadSampleError, on_bad_sample: OnBadSample) -> SkippedSample:
+    """Apply the ``on_bad_sample`` policy to a bad sample; the one home of that policy.
+
+    ``"raise"`` re-raises ``err``; ``"skip"`` logs one warning naming the sample, the file and the
+    reason, and returns the `SkippedSample` for the caller to keep (`VLDataset.skipped`,
+    ``batch["skipped"]``), so every skip is counted. The datasets here and the collators all call it.
+
+    Raises:
+        BadSampleError: ``err``, in ``"raise"`` mode.
+
+    Example:
+        >>> skip_or_raise(BadSampleError("a", "t.json", "no gpt turn"), "skip").reason
+        'no gpt turn'
+    """
+    if on_bad_sample == "raise":
+        raise err
+    logger.warning("skipping bad sample %r (%s): %s", err.sample_id, err.source, err.reason)
+    return SkippedSample(err.sample_id, err.source, err.reason)
+
+
 class VLDataset(torch.utils.data.Dataset):
     """Map-style dataset of vision-language records, validated eagerly, decoded lazily.
 
@@ -151,7 +189,7 @@ class VLDataset(torch.utils.data.Dataset):
         on_bad_sample: OnBadSample = "raise",
         allow_external_images: bool = False,
     ) -> None:
-        _check_on_bad_sample(on_bad_sample)
+        check_on_bad_sample(on_bad_sample)
         if image_folder is not None and not os.path.isdir(image_folder):
             raise ValueError(
                 f"image_folder {os.fspath(image_folder)!r} is not a directory "
@@ -171,15 +209,7 @@ class VLDataset(torch.utils.data.Dataset):
                     allow_external_images=allow_external_images,
                 )
             except BadSampleError as err:
-                if on_bad_sample == "raise":
-                    raise
-                self.skipped.append(SkippedSample(err.sample_id, err.source, err.reason))
-                logger.warning(
-                    "skipping bad sample %r (%s): %s",
-                    err.sample_id,
-                    err.source,
-                    err.reason,
-                )
+                self.skipped.append(skip_or_raise(err, on_bad_sample))
                 continue
             self._records.append(record)
         total = len(self._records) + len(self.skipped)
@@ -209,10 +239,7 @@ class VLDataset(torch.utils.data.Dataset):
             else:
                 image = None
         except BadSampleError as err:
-            if self.on_bad_sample == "raise":
-                raise
-            logger.warning("skipping bad sample %r (%s): %s", err.sample_id, err.source, err.reason)
-            return SkippedSample(err.sample_id, err.source, err.reason)
+            return skip_or_raise(err, self.on_bad_sample)
         # A fresh dict (and fresh turn dicts) every time: collators may mutate what they get.
         out: dict[str, Any] = {
             "id": sample_id,
@@ -267,7 +294,7 @@ def load_llava_json(
         >>> ds[0]["conversations"][0]["value"]  # doctest: +SKIP
         '<image>\\nWhat is in the picture?'
     """
-    _check_on_bad_sample(on_bad_sample)
+    check_on_bad_sample(on_bad_sample)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset file not found: {path}")
@@ -317,7 +344,7 @@ def as_dataset(
         >>> ds[0]["conversations"][1]
         {'from': 'gpt', 'value': 'Hey'}
     """
-    _check_on_bad_sample(on_bad_sample)
+    check_on_bad_sample(on_bad_sample)
     if isinstance(data, torch.utils.data.Dataset):
         return data
     if isinstance(data, (str, os.PathLike)):
@@ -433,22 +460,19 @@ def normalize_record(
             raise bad("images are given both in 'images' and inside the message content; use one")
         images = inline_images
 
-    check_conversation(conversations, sample_id=sample_id, source=source)
-    roles = [turn["from"] for turn in conversations]
-
     n_markers = sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations)
-    if not images and n_markers:
-        raise bad(f"text has {n_markers} {IMAGE_TOKEN} marker(s) but the record has no image")
-    if n_markers > len(images):
-        raise bad(f"more {IMAGE_TOKEN} markers ({n_markers}) than images ({len(images)})")
-    if 0 < n_markers < len(images):
-        raise bad(
-            f"fewer {IMAGE_TOKEN} markers ({n_markers}) than images ({len(images)}); "
-            "put one marker per image, or none to place them all at the start"
-        )
-    if images and not n_markers:
-        first = roles.index("human")
-        conversations[first]["value"] = f"{IMAGE_TOKEN}\n" * len(images) + conversations[first]["value"]
+    first_human = next((t for t, turn in enumerate(conversations) if turn["from"] == "human"), None)
+    if images and not n_markers and first_human is not None:
+        conversations[first_human]["value"] = f"{IMAGE_TOKEN}\n" * len(images) + conversations[first_human]["value"]
+    record: dict[str, Any] = {
+        "id": sample_id,
+        "image": None if not images else images[0] if len(images) == 1 else images,
+        "conversations": conversations,
+    }
+    answers = raw.get("answers")
+    if answers is not None:
+        record["answers"] = [answers] if isinstance(answers, str) else answers
+    check_record(record, source=source)
 
     if image_folder is not None:
         folder: str | None = os.path.expanduser(os.fspath(image_folder))
@@ -458,29 +482,80 @@ def normalize_record(
         folder = None
     confine = None if allow_external_images else folder
     resolved = [_resolve_image(x, folder, confine, bad) for x in images]
-
-    record: dict[str, Any] = {
-        "id": sample_id,
-        "image": None if not resolved else resolved[0] if len(resolved) == 1 else resolved,
-        "conversations": conversations,
-    }
-    answers = raw.get("answers")
+    record["image"] = None if not resolved else resolved[0] if len(resolved) == 1 else resolved
     if answers is not None:
-        if isinstance(answers, str):
-            answers = [answers]
-        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-            raise bad("'answers' must be a list of strings")
-        if not answers:
-            raise bad("'answers' is empty; give at least one reference, or drop the key to score the final answer")
-        record["answers"] = list(answers)
+        record["answers"] = list(record["answers"])
     return record
 
 
-def check_conversation(conversations: list[dict[str, str]], *, sample_id: str, source: str = MEMORY_SOURCE) -> None:
-    """Check the turns of a normalised conversation; the one home of the turn rules.
+def check_record(
+    record: dict[str, Any], *, source: str = MEMORY_SOURCE, special_tokens: re.Pattern[str] | None = None
+) -> None:
+    """Check a normalised record; the one home of the record rules.
 
-    `normalize_record` (every dataset) and the collators (records built in memory) both call
-    it. The accepted order is an optional system turn, then human and gpt turns alternating,
+    `normalize_record` calls it for every record a dataset reads, and the collators for every record
+    they get (also records built in memory that never passed through a dataset). The rules: the
+    turns (`check_conversation`); one ``<image>`` marker per image; ``answers``, when present, a
+    non-empty list of strings; and, given ``special_tokens`` (the collators know the tokenizer), no
+    special-token strings in the text, which the tokenizer would read as control tokens.
+
+    Args:
+        record: ``{"id", "image", "conversations"}`` and optionally ``"answers"``; images may be
+            paths or decoded images.
+        source: File the record came from, for the error.
+        special_tokens: Pattern of strings that must not appear in any turn; None skips that rule.
+
+    Raises:
+        BadSampleError: The first rule the record breaks, naming its id and ``source``.
+
+    Example:
+        >>> check_record({"id": "a", "image": None, "conversations": [
+        ...     {"from": "human", "value": "<image> Hi"}, {"from": "gpt", "value": "Yo"}]})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        BadSampleError: bad sample 'a' (<memory>): text has 1 <image> marker(s) but the record has no image. ...
+    """
+    sample_id = record.get("id", "<no id>")
+
+    def bad(reason: str) -> BadSampleError:
+        return BadSampleError(sample_id, source, reason)
+
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        raise bad("no 'conversations' list; records need [{'from': ..., 'value': ...}, ...] turns")
+    check_conversation(turns, sample_id=sample_id, source=source)
+    for t, turn in enumerate(turns if special_tokens is not None else []):
+        found = special_tokens.search(turn["value"])
+        if found is not None:
+            token = found.group()
+            raise bad(
+                f"turn {t} ({turn['from']}) contains the special token {token!r} as text; the tokenizer "
+                "would read it as a control token (e.g. an end of sequence in mid-answer) and train on "
+                f"it. Remove it from the data, or escape it (e.g. {token.replace('<', '< ', 1)!r})"
+            )
+    image = record.get("image")
+    n_images = 0 if image is None else len(image) if isinstance(image, list) else 1
+    n_markers = sum(turn["value"].count(IMAGE_TOKEN) for turn in turns)
+    if n_markers and not n_images:
+        raise bad(f"text has {n_markers} {IMAGE_TOKEN} marker(s) but the record has no image")
+    if n_markers > n_images:
+        raise bad(f"more {IMAGE_TOKEN} markers ({n_markers}) than images ({n_images})")
+    if n_markers < n_images:
+        raise bad(
+            f"fewer {IMAGE_TOKEN} markers ({n_markers}) than images ({n_images}); put one marker per image in "
+            "the human turns, or (in a dataset record) none to place them all at the start"
+        )
+    if "answers" in record:
+        answers = record["answers"]
+        if not isinstance(answers, list | tuple) or not all(isinstance(a, str) for a in answers):
+            raise bad("'answers' must be a list of strings")
+        if not answers:
+            raise bad("'answers' is empty; give at least one reference, or drop the key to score the final answer")
+
+
+def check_conversation(conversations: list[dict[str, str]], *, sample_id: str, source: str = MEMORY_SOURCE) -> None:
+    """Check the turns of a normalised conversation: the turn rules of `check_record`.
+
+    The accepted order is an optional system turn, then human and gpt turns alternating,
     starting with human and ending with gpt: the collators train on every gpt turn and
     `EvalCollator` asks for the final one, so any other order cannot be rendered faithfully.
     Answers must not be empty, and ``<image>`` markers may only appear in human turns.
@@ -623,12 +698,6 @@ def record_images(record: dict[str, Any]) -> list[Image.Image]:
                 "index the dataset (dataset[i]) or call load_image first."
             )
     return images
-
-
-def _check_on_bad_sample(on_bad_sample: str) -> None:
-    """Reject anything but "raise" / "skip"."""
-    if on_bad_sample not in ("raise", "skip"):
-        raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}.")
 
 
 def _read_json(f: Any, path: str) -> list[Any]:

@@ -443,6 +443,10 @@ BAD_RECORDS = {
     "bos-in-prompt": record("bos-in-prompt", ("human", "<s>strike</s> Hi"), ("gpt", "yes")),
     "pad-in-system": record("pad-in-system", ("system", "x<pad>"), ("human", "Hi"), ("gpt", "yes")),
     "unk-in-answer": record("unk-in-answer", ("human", "Hi"), ("gpt", "<unk>")),
+    # The dataset's record rules also hold for records handed to a collator directly.
+    "answers-a-string": {**record("answers-a-string", ("human", "Hi"), ("gpt", "yes")), "answers": "yes"},
+    "answers-empty": {**record("answers-empty", ("human", "Hi"), ("gpt", "yes")), "answers": []},
+    "no-conversations": {"id": "no-conversations", "image": None},
 }
 
 
@@ -456,6 +460,31 @@ def test_bad_record_raises_naming_the_id_or_is_skipped(collate, name):
     batch = collate(tiny(), [good, bad], on_bad_sample="skip")
     assert [s.id for s in batch["skipped"]] == [name], f"skipped {batch['skipped']}"
     assert batch["ids"] == ["good"], f"ids {batch['ids']}"
+
+
+@pytest.mark.parametrize("collate", [train, evaluate], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["marker-without-image", "image-in-answer", "answers-empty", "fewer-markers"])
+def test_collator_and_dataset_reject_a_bad_record_for_the_same_reason(collate, name):
+    from llava_loop.data import as_dataset
+
+    fewer_markers = record("fewer-markers", ("human", "<image>\nHi"), ("gpt", "yes"), image=[solid_image(RED)] * 2)
+    bad = fewer_markers if name == "fewer-markers" else BAD_RECORDS[name]
+    with pytest.raises(BadSampleError) as in_collator:
+        collate(tiny(), [bad])
+    with pytest.raises(BadSampleError) as in_dataset:
+        as_dataset([bad])
+    assert in_collator.value.reason == in_dataset.value.reason, (
+        f"one record rule, two answers: collator {in_collator.value.reason!r}, dataset {in_dataset.value.reason!r}"
+    )
+
+
+def test_collator_skip_warning_is_the_datasets(caplog):
+    bad = BAD_RECORDS["marker-without-image"]
+    with caplog.at_level("WARNING", logger="llava_loop"):
+        batch = train(tiny(), [bad, record("good", ("human", "Hi"), ("gpt", "yes"))], on_bad_sample="skip")
+    warnings = [r.getMessage() for r in caplog.records if "marker-without-image" in r.getMessage()]
+    want = f"skipping bad sample 'marker-without-image' (<memory>): {batch['skipped'][0].reason}"
+    assert warnings == [want], f"one warning per skipped sample, worded as the dataset's: {warnings}"
 
 
 # ---------------------------------------------------------------------------- real llava-1.5

@@ -207,6 +207,16 @@ def test_field_docs_include_subclass_fields():
     assert docs["seed"], "inherited field docs lost in the subclass"
 
 
+def test_field_docs_of_a_subclass_without_source_are_empty_not_an_error():
+    namespace = {"dataclasses": dataclasses, "LoopConfig": LoopConfig}
+    exec(  # a class without source code, as in a REPL or a notebook run by exec
+        "@dataclasses.dataclass\nclass NoSource(LoopConfig):\n    extra: int = 1\n", namespace
+    )
+    docs = namespace["NoSource"].field_docs()
+    assert docs["extra"] == "", f"a field without source should have an empty doc: {docs['extra']!r}"
+    assert docs["seed"], "the docs of LoopConfig's own fields should still be read"
+
+
 def test_resolved_precision_on_cpu():
     cpu = torch.device("cpu")
     assert LoopConfig().resolved_precision(cpu) == "fp32", "auto on CPU should be fp32"

@@ -532,6 +532,29 @@ def test_bad_on_bad_sample_value_is_rejected():
         as_dataset([_llava(image=None)], on_bad_sample="ignore")
 
 
+def test_on_bad_sample_value_is_checked_by_one_rule_in_config_datasets_and_collators():
+    from llava_loop.collators import EvalCollator, TrainCollator
+    from llava_loop.config import LoopConfig
+    from llava_loop.testing import tiny_processor
+
+    builders = {
+        "LoopConfig": lambda: LoopConfig(on_bad_sample="ignore"),
+        "as_dataset": lambda: as_dataset([_llava(image=None)], on_bad_sample="ignore"),
+        "VLDataset": lambda: VLDataset([_llava(image=None)], on_bad_sample="ignore"),
+        "TrainCollator": lambda: TrainCollator(tiny_processor(), on_bad_sample="ignore"),
+        "EvalCollator": lambda: EvalCollator(tiny_processor(), on_bad_sample="ignore"),
+    }
+    messages = {}
+    for name, build in builders.items():
+        with pytest.raises(ValueError) as info:
+            build()
+        messages[name] = str(info.value)
+    assert len(set(messages.values())) == 1, f"one rule should give one message: {messages}"
+    assert "'ignore'" in messages["LoopConfig"] and "'skip'" in messages["LoopConfig"], (
+        f"the message should name the value and what is allowed: {messages['LoopConfig']}"
+    )
+
+
 def test_bad_sample_error_survives_pickling():
     err = pickle.loads(pickle.dumps(BadSampleError("a", "t.json", "why")))
     assert (err.sample_id, err.source, err.reason) == ("a", "t.json", "why"), (
