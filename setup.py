@@ -32,7 +32,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.2", "protobuf>=4", "pytest-markdown-docs>=0.9",
-                 "markdown-it-py>=3", "packaging>=21", "evaluate>=0.4"],
+                 "markdown-it-py>=3", "packaging>=21", "evaluate>=0.4", "pandas"],  # pandas: bert-score's reader
         "evaluate": ["evaluate>=0.4", "datasets>=2.0"],  # metrics given as evaluate.load(...) modules
         "wandb": ["wandb>=0.16"],  # report_to=["wandb"]: prediction tables
         "docs": [],

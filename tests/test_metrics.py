@@ -112,7 +112,7 @@ NLI_LABELS_ENTAIL_LAST = {0: "contradiction", 1: "neutral", 2: "entailment"}
 
 @pytest.fixture(scope="session")
 def nli_dirs(tmp_path_factory):
-    """The same tiny BERT classifier saved under three id2label mappings."""
+    """The same tiny BERT classifier saved under three id2label mappings, and as a multi-label classifier."""
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(1)
@@ -122,7 +122,9 @@ def nli_dirs(tmp_path_factory):
         ("entail_first", NLI_LABELS),
         ("entail_last", NLI_LABELS_ENTAIL_LAST),
         ("no_entail", {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}),
+        ("multi_label", NLI_LABELS),  # the text-classification pipeline would default to a sigmoid
     ]:
+        model.config.problem_type = "multi_label_classification" if name == "multi_label" else None
         model.config.id2label = id2label
         model.config.label2id = {v: k for k, v in id2label.items()}
         path = tmp_path_factory.mktemp(f"nli_{name}")
@@ -177,6 +179,80 @@ def single_ref_module(tmp_path):
     return _load_evaluate_script(tmp_path, "toy_single", 'datasets.Value("string")')
 
 
+# --------------------------------------------------------------------------- protocol
+
+
+class Words(M.Metric):
+    """A metric written to the protocol: one score call, summary and per-sample scores."""
+
+    name = "words"
+    keys = ("words",)
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, predictions, references):
+        self.calls += 1
+        return M.Scores.mean_of({"words": [float(len(p.split())) for p in predictions]})
+
+
+def test_compute_metrics_calls_score_once_for_summary_and_per_sample_scores():
+    metric = Words()
+    summary, rows = M.compute_metrics({"words": metric}, ["a b", "c d e f"], [["x"], ["y"]])
+    assert metric.calls == 1, f"score should run once per evaluation, ran {metric.calls} times"
+    assert summary == {"words": 3.0}, f"summary should be the mean of the per-sample scores: {summary}"
+    assert rows == [{"words": 2.0}, {"words": 4.0}], f"per-sample rows: {rows}"
+    assert metric(["a b c"], [["x"]]) == {"words": 3.0}, "calling a metric should return score's summary"
+
+
+def test_a_metric_with_only_call_reports_its_summary_and_no_per_sample_scores():
+    class Length(M.Metric):  # the pre-0.2 documented example: __call__ only
+        name = "length"
+
+        def __call__(self, predictions, references):
+            return {"length": sum(map(len, predictions)) / len(predictions)}
+
+    assert Length().score(["ab", "abcd"], [["x"], ["y"]]) == ({"length": 3.0}, {}), "score from __call__"
+    summary, rows = M.compute_metrics({"length": Length()}, ["ab", "abcd"], [["x"], ["y"]])
+    assert (summary, rows) == ({"length": 3.0}, [{}, {}]), f"summary only: {summary}, {rows}"
+
+
+def test_a_metric_with_neither_score_nor_call_says_what_to_implement():
+    class Empty(M.Metric):
+        pass
+
+    for call in (Empty(), Empty().score):
+        with pytest.raises(NotImplementedError, match="Empty must implement score"):
+            call(["a"], [["a"]])
+
+
+def test_a_metric_with_a_0_1_per_sample_method_keeps_its_per_sample_scores_and_is_told_to_use_score():
+    class OldWords:  # 0.1 protocol: __call__ for the summary, per_sample for the rows
+        def __call__(self, predictions, references):
+            return {"words": 1.5}
+
+        def per_sample(self, predictions, references):
+            return {"words": [1.0, 2.0]}
+
+    with pytest.warns(FutureWarning, match=r"'old' has a per_sample method.*score\(predictions, references\)"):
+        summary, rows = M.compute_metrics({"old": OldWords()}, ["a", "b c"], [["x"], ["y"]])
+    assert (summary, rows) == ({"words": 1.5}, [{"words": 1.0}, {"words": 2.0}]), f"{summary}, {rows}"
+
+
+def test_compute_metrics_names_the_metric_whose_score_returns_no_scores():
+    class Returns(M.Metric):
+        def __init__(self, result):
+            self.result = result
+
+        def score(self, predictions, references):
+            return self.result
+
+    with pytest.raises(TypeError, match=r"'bad': score returned dict, expected Scores\(summary, per_sample\)"):
+        M.compute_metrics({"bad": Returns({"x": 1.0})}, ["a"], [["a"]])
+    with pytest.raises(ValueError, match="'short': per-sample scores 'x' must be a list of 1 floats"):
+        M.compute_metrics({"short": Returns(M.Scores({"x": 1.0}, {"x": []}))}, ["a"], [["a"]])
+
+
 # --------------------------------------------------------------------------- exact match
 
 
@@ -200,7 +276,7 @@ def test_exact_match_takes_any_reference_and_averages_samples():
     metric = M.ExactMatch()
     preds, refs = ["cat", "dog", "cow"], [["dog", "Cat"], ["cat"], ["a cow", "bull"]]
     assert metric(preds, refs) == pytest.approx({"exact_match": 2 / 3}), "mean of [1, 0, 1] should be 2/3"
-    assert metric.per_sample(preds, refs) == {"exact_match": [1.0, 0.0, 1.0]}, "per-sample hits are wrong"
+    assert metric.score(preds, refs).per_sample == {"exact_match": [1.0, 0.0, 1.0]}, "per-sample hits are wrong"
 
 
 # --------------------------------------------------------------------------- VQA accuracy
@@ -294,7 +370,7 @@ def test_vqa_accuracy_equals_the_official_script_on_golden_cases():
     predictions that match only after normalisation ("yes" vs ten "Yes!")."""
     cases = _golden_vqa_cases()
     assert len(cases) >= 500, f"only {len(cases)} golden cases"
-    got = M.VQAAccuracy().per_sample([c["prediction"] for c in cases], [c["answers"] for c in cases])
+    got = M.VQAAccuracy().score([c["prediction"] for c in cases], [c["answers"] for c in cases]).per_sample
     differ = []
     for case, ours in zip(cases, got["vqa_accuracy"]):
         if abs(ours - case["official"]) <= 1e-12:
@@ -327,7 +403,7 @@ def test_vqa_accuracy_with_fewer_references_uses_t_min_3_n_minus_1(refs, expecte
 def test_vqa_accuracy_reports_per_sample_scores_and_their_mean():
     metric = M.VQAAccuracy()
     preds, refs = ["two", "no"], [["2"] * 10, ["yes"] * 9 + ["no"]]
-    assert metric.per_sample(preds, refs)["vqa_accuracy"] == pytest.approx([1.0, 0.3]), "per-sample VQA accuracy"
+    assert metric.score(preds, refs).per_sample["vqa_accuracy"] == pytest.approx([1.0, 0.3]), "per-sample VQA accuracy"
     assert metric(preds, refs)["vqa_accuracy"] == pytest.approx(0.65), "summary should be the per-sample mean"
 
 
@@ -341,7 +417,7 @@ def test_bleu_equals_sacrebleu_with_one_reference():
     expected = sacrebleu.corpus_bleu(PREDS, [[r[0] for r in refs]]).score
     got = M.BLEU()(PREDS, refs)
     assert got == {"bleu": pytest.approx(expected, abs=1e-12)}, f"BLEU {got} != sacrebleu {expected}"
-    assert M.BLEU().per_sample(PREDS, refs) == {}, "corpus BLEU has no per-sample score"
+    assert M.BLEU().score(PREDS, refs).per_sample == {}, "corpus BLEU has no per-sample score"
 
 
 def test_bleu_equals_sacrebleu_with_several_references():
@@ -397,7 +473,7 @@ def test_bleu_with_duplicate_references_equals_sacrebleu_on_the_reference_list_a
 
 def test_vqa_accuracy_counts_duplicate_references_as_votes():
     votes = ["2"] * 9 + ["3"]
-    got = M.VQAAccuracy().per_sample(["3", "2"], [votes, votes])["vqa_accuracy"]
+    got = M.VQAAccuracy().score(["3", "2"], [votes, votes]).per_sample["vqa_accuracy"]
     assert got == pytest.approx([0.3, 1.0]), f"one vote of ten should give 0.3, nine 1.0: {got}"
     assert M.VQAAccuracy()(["3"], [["2", "3"]])["vqa_accuracy"] == 0.5, "de-duplicated list gives 0.5"
 
@@ -411,7 +487,7 @@ def test_rouge_equals_rouge_score_best_reference_mean():
         best = [max(scorer.score(r, p)[key].fmeasure for r in refs) for p, refs in zip(PREDS, REFS)]
         expected[key] = best
     metric = M.ROUGE()
-    per_sample = metric.per_sample(PREDS, REFS)
+    per_sample = metric.score(PREDS, REFS).per_sample
     for key, values in expected.items():
         assert per_sample[key] == pytest.approx(values, abs=1e-12), f"per-sample {key}"
         assert metric(PREDS, REFS)[key] == pytest.approx(sum(values) / len(values), abs=1e-12), f"mean {key}"
@@ -426,7 +502,7 @@ def test_bertscore_equals_bert_score_with_best_reference(tiny_bert_dir, idf):
 
     P, R, F = bert_score.score(PREDS, REFS, model_type=tiny_bert_dir, num_layers=2, idf=idf, device="cpu")
     metric = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, idf=idf, device="cpu", batch_size=3)
-    got = metric.per_sample(PREDS, REFS)
+    got = metric.score(PREDS, REFS).per_sample
     for key, expected in [("precision", P), ("recall", R), ("f1", F)]:
         assert got[f"bertscore_{key}"] == pytest.approx(expected.tolist(), abs=1e-6), f"{key} per sample"
         assert metric(PREDS, REFS)[f"bertscore_{key}"] == pytest.approx(expected.mean().item(), abs=1e-6), key
@@ -454,7 +530,7 @@ def test_bertscore_scores_empty_and_whitespace_strings_by_bert_scores_rule(tiny_
     kwargs = {"model_type": tiny_bert_dir, "num_layers": 2, "device": "cpu"}
     if rescale:
         kwargs.update(lang="en", rescale_with_baseline=True, baseline_path=_baseline_file(tmp_path))
-    got = M.BERTScore(batch_size=64, **kwargs).per_sample(EMPTY_PREDS, EMPTY_REFS)
+    got = M.BERTScore(batch_size=64, **kwargs).score(EMPTY_PREDS, EMPTY_REFS).per_sample
     # The non-empty pairs through bert_score.score itself (it cannot run on the empty ones).
     P, R, F = bert_score.score(["blue rug", "hello world"], [["a red rug"], ["hello world"]], batch_size=64, **kwargs)
     for key, letter, expected in [("precision", "P", P), ("recall", "R", R), ("f1", "F", F)]:
@@ -470,17 +546,14 @@ def test_bertscore_scores_empty_and_whitespace_strings_by_bert_scores_rule(tiny_
         )
 
 
-def test_bertscore_with_idf_scores_empty_strings_zero_and_keeps_the_tokenizer_picklable(tiny_bert_dir):
-    import pickle
-
+def test_bertscore_with_idf_scores_empty_strings_zero_in_bert_scores_process_pool(tiny_bert_dir):
+    """With idf, bert-score counts tokens in a process pool: the tokenizer is pickled to the workers,
+    which encode the empty references with its build_inputs_with_special_tokens (a lambda there, or
+    none, would raise here)."""
     metric = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, device="cpu", idf=True)
-    got = metric.per_sample(EMPTY_PREDS, EMPTY_REFS)  # idf runs bert-score's process pool on every reference
+    got = metric.score(EMPTY_PREDS, EMPTY_REFS).per_sample
     assert got["bertscore_f1"][:3] == [0.0, 0.0, 0.0], f"empty sides should score 0 with idf too: {got}"
     assert all(v > 0 for v in got["bertscore_f1"][3:]), f"non-empty pairs should score: {got}"
-    assert pickle.loads(pickle.dumps(metric._scorer._tokenizer)).build_inputs_with_special_tokens([]) == [
-        2,
-        3,
-    ], "the tokenizer must stay picklable and encode an empty sentence as [CLS] [SEP]"
 
 
 def test_bertscore_reads_num_layers_from_a_local_config(tiny_bert_dir):
@@ -497,20 +570,21 @@ def test_bertscore_without_layer_count_asks_for_num_layers(tmp_path):
 
 
 def test_bertscore_loads_model_once_scores_once_and_survives_offload(tiny_bert_dir, monkeypatch):
-    import bert_score
+    import bert_score.utils
 
     built, scored = [], []
+    get_model, bert_cos_score_idf = bert_score.utils.get_model, bert_score.utils.bert_cos_score_idf
 
-    class CountingScorer(bert_score.BERTScorer):
-        def __init__(self, *args, **kwargs):
-            built.append(kwargs)
-            super().__init__(*args, **kwargs)
+    def counting_get_model(*args, **kwargs):
+        built.append(args)
+        return get_model(*args, **kwargs)
 
-        def score(self, *args, **kwargs):
-            scored.append(1)
-            return super().score(*args, **kwargs)
+    def counting_scores(*args, **kwargs):
+        scored.append(1)
+        return bert_cos_score_idf(*args, **kwargs)
 
-    monkeypatch.setattr(bert_score, "BERTScorer", CountingScorer)
+    monkeypatch.setattr(bert_score.utils, "get_model", counting_get_model)
+    monkeypatch.setattr(bert_score.utils, "bert_cos_score_idf", counting_scores)
     metric = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, device="cpu")
     assert not built, "the model must not load before the first call"
     summary, per_sample = M.compute_metrics({"bertscore": metric}, PREDS, REFS)
@@ -524,6 +598,30 @@ def test_bertscore_loads_model_once_scores_once_and_survives_offload(tiny_bert_d
     again, _ = M.compute_metrics({"bertscore": metric}, PREDS[::-1], REFS[::-1])
     assert len(built) == 1, f"model should load once per run, loaded {len(built)} times"
     assert again == pytest.approx(summary), "scores after offload() should not change"
+
+
+def test_bertscore_reads_every_baseline_bert_score_ships_as_bert_score_does():
+    """The one bert-score rule we read ourselves: row ``num_layers`` of the baseline table, P/R/F as
+    float32 (bert-score: ``pandas.read_csv(path).iloc[layer]``), for every file it ships."""
+    import bert_score
+    import pandas as pd
+
+    from llava_loop.metrics.model_based import _read_baseline
+
+    files = sorted(Path(bert_score.__file__).parent.glob("rescale_baseline/**/*.tsv"))
+    assert len(files) > 20, f"test setup: bert-score should ship its baselines, found {len(files)}"
+    for path in files:
+        table = pd.read_csv(path)
+        for layer in range(len(table)):
+            expected = torch.from_numpy(table.iloc[layer].to_numpy())[1:].float()
+            got = _read_baseline(str(path), layer)
+            assert torch.equal(got, expected), f"{path} layer {layer}: {got} != bert-score's {expected}"
+
+
+def test_bertscore_rescaling_without_a_baseline_file_fails_before_training(tiny_bert_dir):
+    metric = M.BERTScore(model_type=tiny_bert_dir, num_layers=2, lang="en", rescale_with_baseline=True)
+    with pytest.raises(FileNotFoundError, match="baseline .*no such file.*pass baseline_path="):
+        metric.check()
 
 
 def test_bertscore_missing_model_offline_raises_clear_error():
@@ -558,14 +656,14 @@ def _best_per_sample(probs):
     return out
 
 
-@pytest.mark.parametrize(("model", "index"), [("entail_first", 0), ("entail_last", 2)])
+@pytest.mark.parametrize(("model", "index"), [("entail_first", 0), ("entail_last", 2), ("multi_label", 0)])
 def test_nli_equals_manual_softmax_with_label_index_from_config(nli_dirs, model, index):
     pairs = [(ref, pred) for pred, refs in zip(PREDS, REFS) for ref in refs]
     expected = _best_per_sample(_manual_entailment(nli_dirs[model], pairs, index))
     other = _best_per_sample(_manual_entailment(nli_dirs[model], pairs, 2 - index))
     assert max(abs(a - b) for a, b in zip(expected, other)) > 1e-3, "test model can't tell labels apart"
     metric = M.NLI(model=nli_dirs[model], batch_size=2, device="cpu")
-    got = metric.per_sample(PREDS, REFS)["nli_entailment"]
+    got = metric.score(PREDS, REFS).per_sample["nli_entailment"]
     assert got == pytest.approx(expected, abs=1e-5), f"entailment must be label {index} from config.id2label"
     summary = metric(PREDS, REFS)
     assert summary == {"nli_entailment": pytest.approx(sum(expected) / len(expected), abs=1e-5)}, "mean"
@@ -574,7 +672,7 @@ def test_nli_equals_manual_softmax_with_label_index_from_config(nli_dirs, model,
 def test_nli_premise_prediction_swaps_the_pair(nli_dirs):
     pairs = [(pred, ref) for pred, refs in zip(PREDS, REFS) for ref in refs]
     expected = _best_per_sample(_manual_entailment(nli_dirs["entail_first"], pairs, 0))
-    got = M.NLI(model=nli_dirs["entail_first"], premise="prediction", device="cpu").per_sample(PREDS, REFS)
+    got = M.NLI(model=nli_dirs["entail_first"], premise="prediction", device="cpu").score(PREDS, REFS).per_sample
     assert got["nli_entailment"] == pytest.approx(expected, abs=1e-5), "prediction should be the premise"
 
 
