@@ -8,16 +8,18 @@ Example:
     ...            config=LoopConfig(output_dir="run", max_steps=4))  # doctest: +SKIP
 """
 
-from .callbacks import EVENTS, Callback, EarlyStopping
+from .callbacks import EVENTS, Callback, DivergenceWarning, EarlyStopping
 from .collators import EvalCollator, TrainCollator
 from .config import LoopConfig
-from .loop import Loop, LoopState, fit
+from .loop import EvalResult, Loop, LoopState, fit
 from .plots import plot_run
 
 __all__ = [
     "EVENTS",
     "Callback",
+    "DivergenceWarning",
     "EarlyStopping",
+    "EvalResult",
     "EvalCollator",
     "Loop",
     "LoopConfig",
@@ -26,4 +28,4 @@ __all__ = [
     "fit",
     "plot_run",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

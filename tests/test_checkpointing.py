@@ -898,3 +898,24 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="not writable"):
         checkpointing.check_output_dir(str(tmp_path / "out"))
     assert not list((tmp_path / "out").iterdir()), "check_output_dir's failed probe was left behind"
+
+
+def test_a_checkpoint_written_by_0_1_resumes_and_continues_as_0_1_did(tmp_path):
+    fixture = Path(__file__).parent / "data" / "checkpoint_v0_1"
+    shutil.copytree(fixture / "step_000003", tmp_path / "checkpoints" / "step_000003")
+    expected = json.loads((fixture / "expected.json").read_text())["losses_after_resume"]
+    losses = []
+
+    class Losses:
+        def on_step_end(self, loop, logs):
+            losses.append(logs["train/loss"])
+
+    model, processor = tiny_llava(seed=0)
+    config = LoopConfig(
+        output_dir=str(tmp_path), log_steps=1, max_steps=6, batch_size=2, grad_accum_steps=2, save_steps=3,
+        max_new_tokens=4, resume_from="latest", handle_signals=False,
+    )  # fmt: skip
+    loop = Loop(model, processor, config, callbacks=[Losses()])
+    loop.fit(synthetic_vqa(12, seed=3))
+    assert loop.resumed_from is not None and loop.state.step == 6, "the 0.1 checkpoint was not resumed to step 6"
+    assert losses == pytest.approx(expected, rel=1e-6), f"resumed losses {losses} differ from 0.1's {expected}"
