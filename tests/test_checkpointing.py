@@ -20,6 +20,7 @@ import torch
 from helpers import child_env, small_config
 from llava_loop import Loop, LoopConfig, TrainCollator
 from llava_loop.checkpointing import (
+    CheckpointError,
     best_checkpoint,
     export,
     is_complete,
@@ -919,3 +920,24 @@ def test_a_checkpoint_written_by_0_1_resumes_and_continues_as_0_1_did(tmp_path):
     loop.fit(synthetic_vqa(12, seed=3))
     assert loop.resumed_from is not None and loop.state.step == 6, "the 0.1 checkpoint was not resumed to step 6"
     assert losses == pytest.approx(expected, rel=1e-6), f"resumed losses {losses} differ from 0.1's {expected}"
+
+
+def test_a_checkpoint_is_hashed_once_per_process_until_one_of_its_files_changes(tmp_path, monkeypatch):
+    from llava_loop import checkpointing
+
+    run(tmp_path, n=4, max_steps=1, save_steps=1)
+    ckpt = list_checkpoints(tmp_path)[-1]
+    hashed = []
+    real = checkpointing._sha256
+    monkeypatch.setattr(checkpointing, "_sha256", lambda file: hashed.append(file.name) or real(file))
+    verify_checkpoint(ckpt)
+    first = len(hashed)
+    verify_checkpoint(ckpt)  # e.g. the run after the CLI's pre-flight check
+    assert first > 0 and len(hashed) == first, f"an unchanged checkpoint was hashed again: {hashed}"
+    optimizer = ckpt / "optimizer.pt"
+    data = bytearray(optimizer.read_bytes())
+    data[-1] ^= 0xFF  # same size, other content, a newer modification time
+    optimizer.write_bytes(bytes(data))
+    os.utime(optimizer, ns=(optimizer.stat().st_atime_ns, optimizer.stat().st_mtime_ns + 10**9))
+    with pytest.raises(CheckpointError, match="optimizer.pt is corrupt"):
+        verify_checkpoint(ckpt)

@@ -712,3 +712,23 @@ def test_vqa_references_reach_the_metrics_and_the_predictions_file_with_their_co
     scores = [r["scores"]["vqa_accuracy"] for r in rows]
     assert scores == pytest.approx([0.3, 1.0]), f"official VQA score of '3' against 9x'2' + '3' is 0.3: {scores}"
     assert summary["eval/vqa_accuracy"] == pytest.approx(0.65), f"summary {summary}"
+
+
+def test_evaluate_only_evaluates_and_fit_records_what_it_returns(tmp_path):
+    events = []
+
+    class Watch:
+        def on_evaluate(self, loop, metrics, samples):
+            events.append(metrics)
+
+    model, processor = tiny_llava(seed=0)
+    cfg = LoopConfig(output_dir=str(tmp_path), max_steps=1, max_new_tokens=2, handle_signals=False, log_steps=0)
+    loop = Loop(model, processor, cfg, callbacks=[Watch()])
+    result = loop.evaluate(synthetic_vqa(3, seed=9))
+    assert len(result.samples) == 3 and result["eval/samples"] == 3.0, f"evaluate returned {dict(result)}"
+    assert not (tmp_path / "predictions").exists(), "a standalone evaluate wrote a predictions file"
+    assert loop.state.history == [] and events == [], "a standalone evaluate recorded history or fired on_evaluate"
+    loop.fit(synthetic_vqa(4), synthetic_vqa(3, seed=9))
+    assert [h["step"] for h in loop.state.history] == [1] and len(events) == 1, "fit did not record its evaluation"
+    rows = predictions_file(tmp_path, step=1)
+    assert [r["id"] for r in rows] == [r["id"] for r in synthetic_vqa(3, seed=9)], "fit's predictions file"

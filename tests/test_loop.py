@@ -267,6 +267,37 @@ class NaiveMeanLoop(Loop):
         return loss / tokens, 1  # one "token" per micro-batch: the loop then divides by their number
 
 
+class DoubleCountLoop(Loop):
+    """A compute_loss that counts every label token twice (and doubles the sum): the same mean loss."""
+
+    def compute_loss(self, outputs, batch):
+        loss, tokens = super().compute_loss(outputs, batch)
+        return 2 * loss, 2 * tokens
+
+
+def test_a_compute_loss_with_its_own_token_count_is_normalised_by_that_count(tmp_path):
+    default = _accumulation_run(tmp_path, "default", batch_size=1, accum=4)
+    doubled = _accumulation_run(tmp_path, "doubled", batch_size=1, accum=4, loop_class=DoubleCountLoop)
+    for step in (1, 3):
+        diff, name = _max_diff(default[step], doubled[step])
+        assert diff < 1e-6, (
+            f"(2 x loss, 2 x tokens) must give the default update; step {step} differs by {diff:.2e} at {name}"
+        )
+
+
+class NoTokensLoop(Loop):
+    def compute_loss(self, outputs, batch):
+        loss, _ = super().compute_loss(outputs, batch)
+        return loss, 0
+
+
+def test_a_compute_loss_that_counts_no_tokens_is_refused_naming_the_contract(tmp_path):
+    model, processor = tiny_llava(seed=0)
+    loop = NoTokensLoop(model, processor, config(tmp_path, max_steps=1))
+    with pytest.raises(ValueError, match=r"compute_loss returned num_tokens=0 .*return \(loss summed"):
+        loop.fit(synthetic_vqa(4))
+
+
 def test_uneven_answers_make_per_micro_batch_means_differ():
     from llava_loop.collators import TrainCollator
 
