@@ -553,10 +553,8 @@ def _record_best(config: Any, loop_state: dict) -> None:
         "metric": config.metric_for_best,
         "value": loop_state["best_metric"],
     }
-    recorded = best_checkpoint(config.output_dir)
-    if recorded is None or {k: v for k, v in recorded.items() if k != "path"} != {
-        k: v for k, v in record.items() if k != "path"
-    }:
+    recorded = best_checkpoint(config.output_dir)  # its path is re-resolved on reading: not compared
+    if recorded is None or any(recorded.get(k) != v for k, v in record.items() if k != "path"):
         atomic_write_text(checkpoints_dir(config.output_dir) / "best.json", json.dumps(record, indent=1))
 
 

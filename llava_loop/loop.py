@@ -850,14 +850,11 @@ class Loop:
         if not result:
             return  # abandoned for a signal: nothing recorded
         state, summary = self.state, dict(result)
+        rows = [{k: v for k, v in r.items() if k != "index"} for r in result.samples]  # the file's rows
         if self.accelerator.is_main_process:
-            path = os.path.join(self.config.output_dir, "predictions", f"step_{state.step:06d}.jsonl")
-            write_predictions(path, [{k: v for k, v in r.items() if k != "index"} for r in result.samples])
-        samples = [
-            {"id": r["id"], "image": _image(self.eval_data, r), **{k: r[k] for k in ("prompt", "prediction")}}
-            | {"references": r["references"], "scores": r["scores"]}
-            for r in result.samples[: self.callback_samples]
-        ]
+            write_predictions(os.path.join(self.config.output_dir, "predictions", f"step_{state.step:06d}.jsonl"), rows)
+        first = zip(rows[: self.callback_samples], result.samples)
+        samples = [{**row, "image": _image(self.eval_data, r)} for row, r in first]
         state.history.append({"step": state.step, **summary})
         improved = self._update_best(summary)
         dispatch(self.callbacks, "on_evaluate", self, metrics=summary, samples=samples)
