@@ -362,6 +362,13 @@ class memory_budget:
         return False
 
 
+def optimizer_name(optimizer) -> str:
+    """``AdamW(fused=True)``: the optimizer class under accelerate's wrapper, and whether it is fused."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    defaults = getattr(inner, "defaults", {})
+    return f"{type(inner).__name__}(fused={defaults.get('fused')}, foreach={defaults.get('foreach')})"
+
+
 def add_mfu(result: dict, n_params: int) -> dict:
     result["lm_params_N"] = n_params
     result["mfu"] = 6 * n_params * result["tokens_per_s"] / PEAK_FLOPS
@@ -425,6 +432,7 @@ def train_llava_loop(args, processor, train_path: str, variant: str = "loop_defa
         "mem_before_gib": mem_before,
         **clock.summary(),
         "loop_reported_tokens_seen": loop.state.tokens_seen,
+        "optimizer": optimizer_name(loop.optimizer),
         "trainable_params": sum(p.numel() for p in loop.model.parameters() if p.requires_grad),
     }
     if budget:
@@ -503,7 +511,7 @@ def _trainer_run(args, processor, make_trainer, variant: str, extra: dict) -> di
     result = {
         "variant": variant,
         "training_arguments": extra,
-        "optimizer": type(trainer.optimizer).__name__,
+        "optimizer": optimizer_name(trainer.optimizer),
         "optim": str(trainer.args.optim),
         "init_s": init_s,
         "mem_before_gib": mem_before,
@@ -1175,8 +1183,8 @@ def print_summary(results: dict) -> None:
                 notes.append(f"unsupported {sorted(r['unsupported_options'])}")
             if r.get("budget_gib"):
                 notes.append(f"budget {r['budget_gib']} GiB, bs {r['batch_size']}, within {r.get('within_budget')}")
-            if r.get("optim"):
-                notes.append(r["optim"])
+            if r.get("optimizer"):
+                notes.append(r["optimizer"])
             print(
                 f"{r['position']:>2} {r['name']:18s} ok      {r['tokens_per_s']:8.1f} {r['median_step_s']:8.3f} "
                 f"{r['peak_mem_gib']:8.1f} {r['mfu']:6.3f}  {'; '.join(notes)}"
