@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # Keys that describe the batch rather than feed the model.
-META_KEYS = ("ids", "references", "prompts", "skipped", "num_truncated")
+META_KEYS = ("ids", "references", "prompts", "skipped", "num_truncated", "label_positions")
 
 
 @dataclass

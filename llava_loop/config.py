@@ -59,8 +59,9 @@ class LoopConfig:
     """Total optimizer steps; 0 = derived from num_epochs; > 0 overrides num_epochs."""
     batch_size: int = 4
     """Training samples per device per micro-step (one forward/backward)."""
-    eval_batch_size: int = 8
-    """Evaluation samples per device per batch."""
+    eval_batch_size: int = 16
+    """Evaluation samples per device per batch (generation is faster in larger batches; lower it
+    if evaluation runs out of memory)."""
     grad_accum_steps: int = 1
     """Micro-steps (batches) accumulated into one optimizer step."""
     learning_rate: float = 2e-4
@@ -80,8 +81,22 @@ class LoopConfig:
     precision: str = "auto"
     """Training precision: "auto", "fp32", "bf16" or "fp16"; auto = bf16 on a GPU that
     supports it, else fp32."""
-    gradient_checkpointing: bool = False
-    """Recompute activations during backward to save memory (slower steps)."""
+    gradient_checkpointing: bool | int | str = False
+    """Recompute activations during backward to save memory (slower steps): True = every decoder
+    layer; an int n = the first n decoder layers of the language model only (the others keep their
+    activations: faster, more memory); "auto" = as few layers as a probe step measures are needed to
+    stay under 88% of the GPU memory this process may use (torch.cuda.set_per_process_memory_fraction
+    lowers it), every layer on the CPU; False or 0 = off."""
+    compile: bool | None = None
+    """torch.compile every decoder layer of the language model and of the vision encoder (the first
+    steps are slower while it compiles; lengths may vary); None = on when training on a GPU, off on
+    the CPU. Evaluation runs the layers uncompiled."""
+    labelled_logits_only: bool = True
+    """Compute the LM head and the cross-entropy only at labelled positions (same loss, less time
+    and memory than batch x length x vocab logits). Only for the default compute_loss: an
+    overridden one gets the full logits."""
+    fused_adamw: bool | None = None
+    """Use the fused AdamW kernel for the default optimizer; None = on a GPU."""
     lora_r: int = 16
     """LoRA rank; 0 = full finetune without LoRA."""
     lora_alpha: int = 32
@@ -145,6 +160,9 @@ class LoopConfig:
     """Sampling temperature (> 0); used only with do_sample."""
     top_p: float = 1.0
     """Nucleus-sampling probability mass in (0, 1]; 1 = off; only with do_sample."""
+    generation_cache: str | None = None
+    """KV cache of eval generation: "static" (preallocated; transformers compiles the decoding step
+    on a GPU) or "dynamic"; None = static on a GPU, dynamic on the CPU."""
     merge_lora_for_eval: bool = True
     """Merge LoRA adapters before generating and unmerge after (faster eval)."""
     eval_max_samples: int | None = None
@@ -196,6 +214,13 @@ class LoopConfig:
             _fail("seed", self.seed, "an int in [0, 2**32)")
 
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        checkpointing = self.gradient_checkpointing
+        if isinstance(checkpointing, str):
+            _check_choice("gradient_checkpointing", checkpointing, ("auto",))
+        elif not isinstance(checkpointing, bool) and checkpointing < 0:
+            _fail("gradient_checkpointing", checkpointing, 'True, False, "auto" or a number of layers >= 0')
+        if self.generation_cache is not None:
+            _check_choice("generation_cache", self.generation_cache, ("static", "dynamic"))
         check_on_bad_sample(self.on_bad_sample)
         _check_choice("lr_scheduler", self.lr_scheduler, _scheduler_names())
         for tracker in self.report_to:

@@ -37,8 +37,20 @@ from .distributed import (
     shard_batches,
 )
 from .loggers import JSONLLogger, ProgressBar, RunSummary, Throughput, TrackerLogger, new_token_count, write_predictions
+from .memory import layers_to_checkpoint, memory_budget
 from .metrics import check_metrics, compute_metrics, resolve_metrics
-from .modeling import generation_config, merged_adapters, param_groups, prepare_model
+from .modeling import (
+    checkpoint_layers,
+    compile_layers,
+    decoder_layers,
+    generation_config,
+    label_positions,
+    logits_at,
+    merged_adapters,
+    param_groups,
+    prepare_model,
+    uncompiled_layers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +190,7 @@ class Loop:
         self._last_save: tuple | None = None  # what the last checkpoint held (to skip an identical save)
         self._eval_order: tuple | None = None  # (dataset, longest-prompt-first order) of the last evaluation
         self._eval_prepared = False  # a standalone evaluate has put the model on the device
+        self.checkpointed_layers: int | None = None  # decoder layers gradient_checkpointing="auto" chose
         # Contradictions found now rather than after set-up (or hours in): fp16 on a CPU, and a
         # metric_for_best that none of the metrics reports.
         cfg.resolved_precision("cuda" if torch.cuda.is_available() else "cpu")
@@ -279,7 +292,11 @@ class Loop:
 
     def _setup_model_and_optimizer(self) -> None:
         cfg, acc = self.config, self.accelerator
+        on_gpu = acc.device.type == "cuda"
         self.model = prepare_model(self.model, cfg)
+        if cfg.compile if cfg.compile is not None else on_gpu:
+            compiled = compile_layers(self.model)
+            logger.info("compiled %d layers (torch.compile); the first steps include compilation", compiled)
         self.sampler = EpochSampler(len(self.train_data), cfg.seed, cfg.shuffle)
         self.state.sampler_seed = cfg.seed
         loader = DataLoader(
@@ -291,6 +308,7 @@ class Loop:
             # A private generator for the workers' base seed, so iterating the loader never draws from
             # the global torch RNG (which LoRA dropout uses and a resumed run restores).
             generator=torch.Generator().manual_seed(cfg.seed),
+            pin_memory=on_gpu,
         )
         # Micro-batches per process per epoch (accelerate gives every process as many).
         batches_per_epoch = math.ceil(len(self.train_data) / (cfg.batch_size * acc.num_processes))
@@ -302,7 +320,71 @@ class Loop:
         self.optimizer, self.scheduler = result if isinstance(result, tuple) else (result, None)
         # The scheduler stays outside accelerate.prepare: the loop steps it once per optimizer step
         # (a prepared scheduler steps num_processes times per step).
-        self.model, self.optimizer, self.train_loader = acc.prepare(self.model, self.optimizer, loader)
+        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        # Batches stay on the CPU until `_to_device` copies them without waiting for the GPU (accelerate's
+        # copy waits), and their labels are counted there (no device sync).
+        self.train_loader = acc.prepare_data_loader(loader, device_placement=False)
+        if cfg.gradient_checkpointing == "auto":
+            self._plan_checkpointing()
+
+    def _plan_checkpointing(self) -> None:
+        """gradient_checkpointing="auto": checkpoint as few decoder layers as fit the memory budget,
+        measured with one forward/backward of the longest training samples (weights untouched, RNG
+        restored), with every layer checkpointed and with a quarter of them not."""
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)
+        num_layers = len(decoder_layers(model))
+        if acc.device.type != "cuda" or num_layers == 0:
+            logger.info('gradient_checkpointing="auto" without a GPU to measure: every layer is checkpointed')
+            return
+        batch = self._to_device(self._longest_batch())
+        rng = get_rng_state()
+
+        def peak(checkpointed: int) -> int:
+            checkpoint_layers(model, checkpointed)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            with acc.autocast():
+                loss, _ = self.training_step(batch)
+            acc.backward(loss)
+            self.optimizer.zero_grad(set_to_none=True)
+            return torch.cuda.max_memory_allocated()
+
+        freed = max(1, num_layers // 4)
+        peak_all, peak_freed = peak(num_layers), peak(num_layers - freed)
+        set_rng_state(rng)
+        # Adam's two moments appear at the first step, in the parameters' dtype.
+        optimizer_state = sum(2 * p.numel() * p.element_size() for p in self._trainable)
+        budget = memory_budget(acc.device)
+        n = layers_to_checkpoint(num_layers, peak_all, peak_freed, freed, budget, optimizer_state)
+        # Every process checkpoints the same layers: the most any of them needs.
+        n = int(acc.reduce(torch.tensor(n, device=acc.device), reduction="max")) if acc.num_processes > 1 else n
+        checkpoint_layers(model, n)
+        torch.cuda.reset_peak_memory_stats()
+        gib = 2**30
+        logger.info(
+            'gradient_checkpointing="auto": %d of %d decoder layers checkpointed (measured peak %.1f GiB with all, '
+            "+%.2f GiB per layer kept, +%.1f GiB optimizer state; budget %.1f GiB)",
+            *(n, num_layers, peak_all / gib, (peak_freed - peak_all) / freed / gib, optimizer_state / gib),
+            budget / gib,
+        )
+        self.checkpointed_layers = n
+
+    def _longest_batch(self) -> dict:
+        """A training micro-batch of the longest of up to 64 samples drawn from the training data."""
+        cfg = self.config
+        n = len(self.train_data)
+        indices = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:64].tolist())
+        data = WithSource(self.train_data)
+        lengths = {}
+        for i in indices:
+            one = self.train_collator([data[i]])
+            if one["ids"]:
+                lengths[i] = one["input_ids"].shape[1]
+        longest = sorted(lengths, key=lengths.get, reverse=True)[: cfg.batch_size]
+        if not longest:
+            raise ValueError("gradient_checkpointing='auto': none of 64 training samples could be loaded to measure")
+        return self.train_collator([data[i] for i in longest])
 
     def _setup_callbacks(self) -> None:
         cfg = self.config
@@ -413,13 +495,25 @@ class Loop:
             return
         self._empty_steps = 0
         loss_sum, num_tokens = self._forward_backward(micro_batches, counts["label_tokens"])
-        mean_loss = (loss_sum / max(num_tokens, 1.0)).item()
+        # max_grad_norm=0: no clipping, but the norm is still measured (logged, checked).
+        grad_norm = self.accelerator.clip_grad_norm_(self._trainable, self.config.max_grad_norm or math.inf)
+        grad_norm = torch.as_tensor(grad_norm, dtype=torch.float64).to(loss_sum.device)
+        # The step's one wait for the GPU: loss, normaliser and gradient norm in one copy.
+        loss_sum, num_tokens, grad_norm = torch.stack([loss_sum.double(), num_tokens, grad_norm]).tolist()
+        if num_tokens <= 0:
+            raise ValueError(
+                f"compute_loss returned num_tokens={num_tokens:g} for step {self.state.step + 1}, which has "
+                f"{counts['label_tokens']} label tokens: return (loss summed over some tokens, how many tokens)"
+            )
+        mean_loss = loss_sum / num_tokens
         if not math.isfinite(mean_loss):
             self._skip_bad_step(f"non-finite loss ({mean_loss})", micro_batches)
             return
-        logs = self._update(mean_loss, micro_batches)
-        if logs is None:
+        # With fp16 the grad scaler skips inf/nan steps itself (and lowers its scale).
+        if self.accelerator.scaler is None and not math.isfinite(grad_norm):
+            self._skip_bad_step(f"non-finite gradient norm ({grad_norm})", micro_batches)
             return
+        logs = self._update(mean_loss, grad_norm)
         self.state.samples_seen += counts["samples"]
         self.state.tokens_seen += counts["tokens"]
         self.state.label_tokens_seen += int(num_tokens)
@@ -427,7 +521,8 @@ class Loop:
         self._after_step(logs)
 
     def _count(self, micro_batches: list[dict]) -> dict[str, int]:
-        """This step's label tokens, tokens, samples, skipped and truncated samples, all processes."""
+        """This step's label tokens, tokens, samples, skipped and truncated samples, all processes
+        (counted on the CPU batches; one all-reduce with several processes)."""
         acc, state = self.accelerator, self.state
         local = [
             sum(loss_token_count(b) for b in micro_batches),
@@ -436,20 +531,23 @@ class Loop:
             sum(len(b.get("skipped") or ()) for b in micro_batches),
             sum(b.get("num_truncated", 0) for b in micro_batches),
         ]
-        totals = acc.reduce(torch.tensor(local, device=acc.device, dtype=torch.float64), reduction="sum")
-        counts = dict(zip(("label_tokens", "tokens", "samples", "skipped", "truncated"), map(int, totals.tolist())))
+        if acc.num_processes > 1:
+            local = acc.reduce(torch.tensor(local, device=acc.device, dtype=torch.float64), reduction="sum").tolist()
+        counts = dict(zip(("label_tokens", "tokens", "samples", "skipped", "truncated"), map(int, local)))
         state.skipped_samples += counts["skipped"]  # the collator/dataset warned per sample
         state.truncated_samples += counts["truncated"]  # the collator warned about the first one
         return counts
 
-    def _forward_backward(self, micro_batches: list[dict], label_tokens: int) -> tuple[torch.Tensor, float]:
+    def _forward_backward(self, micro_batches: list[dict], label_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Backward of every micro-batch's loss, scaled so that the gradients are the global loss sum
-        over the global token count; return that loss sum and token count (all processes)."""
+        over the global token count; return that loss sum and token count (all processes), on the device."""
         acc = self.accelerator
-        loss_sum, num_tokens = torch.zeros((), device=acc.device), 0.0
+        loss_sum = torch.zeros((), device=acc.device)
+        num_tokens = torch.zeros((), device=acc.device, dtype=torch.float64)
         for k, batch in enumerate(micro_batches):
             if not batch["ids"]:
                 continue  # every sample of this micro-batch was skipped (and reported)
+            batch = self._to_device(batch)
             last = k == len(micro_batches) - 1
             # Skip DDP's gradient all-reduce on all but the last micro-batch of the step.
             context = acc.no_sync(self.model) if not last and acc.num_processes > 1 else contextlib.nullcontext()
@@ -460,31 +558,20 @@ class Loop:
                 # DDP averages gradients over processes; the factor num_processes undoes that.
                 acc.backward(loss * acc.num_processes / float(label_tokens))
             loss_sum += loss.detach().float()
-            num_tokens += float(tokens)
+            num_tokens += tokens
         loss_sum = acc.reduce(loss_sum, reduction="sum")
         if acc.num_processes > 1:
-            num_tokens = float(acc.reduce(torch.tensor(num_tokens, device=acc.device, dtype=torch.float64), "sum"))
-        if num_tokens <= 0:
-            raise ValueError(
-                f"compute_loss returned num_tokens={num_tokens:g} for step {self.state.step + 1}, which has "
-                f"{label_tokens} label tokens: return (loss summed over some tokens, how many tokens)"
-            )
-        if num_tokens != label_tokens:
-            # An overridden compute_loss that counts other tokens: its own count is the normaliser.
-            for p in self._trainable:
-                if p.grad is not None:
-                    p.grad.mul_(label_tokens / num_tokens)
+            num_tokens = acc.reduce(num_tokens, reduction="sum")
+        if type(self).training_step is not Loop.training_step or type(self).compute_loss is not Loop.compute_loss:
+            # An overridden hook may count other tokens: its own count is the normaliser (rescaled on
+            # the device; the default hooks count exactly the label tokens).
+            grads = [p.grad for p in self._trainable if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, (label_tokens / num_tokens).to(grads[0].dtype))
         return loss_sum, num_tokens
 
-    def _update(self, mean_loss: float, micro_batches: list[dict]) -> dict | None:
-        """Clip, step the optimizer and the schedule; return the step's logs (None: step skipped)."""
-        cfg, acc = self.config, self.accelerator
-        # max_grad_norm=0: no clipping, but the norm is still measured (logged, checked).
-        grad_norm = acc.clip_grad_norm_(self._trainable, cfg.max_grad_norm or math.inf)
-        # With fp16 the grad scaler skips inf/nan steps itself (and lowers its scale).
-        if acc.scaler is None and not math.isfinite(float(grad_norm)):
-            self._skip_bad_step(f"non-finite gradient norm ({float(grad_norm)})", micro_batches)
-            return None
+    def _update(self, mean_loss: float, grad_norm: float) -> dict:
+        """Step the optimizer (on clipped gradients) and the schedule; return the step's logs."""
         self.state.bad_steps_in_a_row = 0
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it next)
         self.optimizer.step()
@@ -492,7 +579,7 @@ class Loop:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        return {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": float(grad_norm)}
+        return {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm}
 
     def _after_step(self, logs: dict) -> None:
         """Callbacks, then logging, evaluation and checkpoint at their cadences."""
@@ -526,6 +613,9 @@ class Loop:
         ``max_bad_steps`` such steps in a row."""
         state, limit = self.state, self.config.max_bad_steps
         self.optimizer.zero_grad(set_to_none=True)
+        if self.accelerator.scaler is not None:
+            # Clipping unscaled the gradients; without an update the next step's unscale would fail.
+            self.accelerator.scaler.update()
         state.bad_steps_in_a_row += 1
         ids = [i for b in micro_batches for i in b["ids"]]
         logger.warning(
@@ -624,15 +714,16 @@ class Loop:
     def configure_optimizers(self) -> Any:
         """Override this to change the optimizer or schedule. Return an optimizer, or ``(optimizer, scheduler)``.
 
-        Default: AdamW with the projector at ``projector_lr`` and no weight decay on biases and
-        norms, and ``transformers.get_scheduler(lr_scheduler)`` with warmup. The scheduler is
-        stepped once per optimizer step.
+        Default: AdamW (fused on a GPU: ``fused_adamw``) with the projector at ``projector_lr`` and no
+        weight decay on biases and norms, and ``transformers.get_scheduler(lr_scheduler)`` with warmup.
+        The scheduler is stepped once per optimizer step.
         """
         from transformers import get_scheduler
 
         cfg = self.config
         groups = param_groups(self.model, cfg.learning_rate, cfg.projector_lr, cfg.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=False)
+        fused = cfg.fused_adamw if cfg.fused_adamw is not None else self.accelerator.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused, foreach=None if fused else True)
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.state.max_steps)
         scheduler = get_scheduler(
             cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=self.state.max_steps
@@ -651,24 +742,45 @@ class Loop:
                 "training batch has no 'labels': batches from EvalCollator (prompt only, left "
                 "padded) cannot be used for training; use TrainCollator"
             )
-        outputs = self.model(**self._model_inputs(batch, drop=("labels",)), use_cache=False)
-        return self.compute_loss(outputs, batch)
+        return self.compute_loss(self._forward(self.model, batch), batch)
+
+    def _forward(self, model: Any, batch: dict) -> Any:
+        """The teacher-forced forward of a `TrainCollator` batch; only at ``batch["label_positions"]``
+        (when `_to_device` added them) does the LM head run."""
+        positions = batch.get("label_positions")
+        with logits_at(self.accelerator.unwrap_model(model) if positions is not None else model, positions):
+            return model(**self._model_inputs(batch, drop=("labels",)), use_cache=False)
 
     def compute_loss(self, outputs: Any, batch: dict) -> tuple[torch.Tensor, int]:
         """Override this to change the loss (training and eval loss). Return ``(loss_sum, num_tokens)``:
         the loss **summed** over the tokens it covers, and how many tokens that is (the normaliser).
 
         Default: next-token cross-entropy in fp32 summed over the label tokens (``labels != -100``),
-        and their count (`llava_loop.collators.loss_token_count`).
+        and their count (`llava_loop.collators.loss_token_count`). With ``labelled_logits_only``
+        ``outputs.logits`` holds only the rows at ``batch["label_positions"]`` (``num_tokens x vocab``).
+        ``num_tokens`` may be an int or a 0-d tensor (no wait for the GPU).
         """
         logits = outputs.logits.float()
         # Shift the labels, not the logits: slicing the logits makes reshape copy them (batch x
         # length x vocab in fp32, 0.7 GiB at 8 x 700 x 32k), once forward and once backward.
-        labels = torch.nn.functional.pad(batch["labels"].to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]
+        labels = batch["labels"].to(logits.device, non_blocking=True)
+        labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
+        if logits.dim() == 2:  # the labelled positions only, in the order of label_positions
+            targets = labels.index_select(0, batch["label_positions"])
+            return torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), logits.shape[0]
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            logits.reshape(-1, logits.shape[-1]), labels, ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        return loss, loss_token_count(batch)
+        return loss, (labels != IGNORE_INDEX).sum()
+
+    def _to_device(self, batch: dict) -> dict:
+        """``batch`` with its tensors on the loop's device, copied without waiting for the GPU, and,
+        for the default loss with ``labelled_logits_only``, ``label_positions`` (`modeling.label_positions`)."""
+        device = self.accelerator.device
+        out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if self.config.labelled_logits_only and type(self).compute_loss is Loop.compute_loss and "labels" in batch:
+            out["label_positions"] = label_positions(batch["labels"], IGNORE_INDEX).to(device, non_blocking=True)
+        return out
 
     def _model_inputs(self, batch: dict, drop: tuple = ()) -> dict:
         """The batch's model inputs (meta keys and ``drop`` removed) on the loop's device."""
@@ -729,9 +841,10 @@ class Loop:
         if loss_batch["ids"]:
             # The unwrapped model: processes run different numbers of eval batches, and a DDP
             # forward may talk to the other processes (buffer broadcast).
-            model = self.accelerator.unwrap_model(self.model)
-            outputs = model(**self._model_inputs(loss_batch, drop=("labels",)), use_cache=False)
-            loss, tokens = self.compute_loss(outputs, loss_batch)
+            loss_batch = self._to_device(loss_batch)
+            loss, tokens = self.compute_loss(
+                self._forward(self.accelerator.unwrap_model(self.model), loss_batch), loss_batch
+            )
         return {"predictions": predictions, "new_tokens": new_tokens, "loss_sum": loss.float(), "loss_tokens": tokens}
 
     def compute_metrics(self, predictions: list[str], references: list[list[str]]) -> tuple[dict, list[dict]]:
@@ -802,7 +915,8 @@ class Loop:
         was_training, t0 = self.model.training, time.perf_counter()
         self.model.eval()
         try:
-            with merged_adapters(acc.unwrap_model(self.model), enabled=self.config.merge_lora_for_eval):
+            model = acc.unwrap_model(self.model)
+            with uncompiled_layers(model), merged_adapters(model, enabled=self.config.merge_lora_for_eval):
                 for batch in self._eval_loader(dataset):
                     if self._signals.received is not None and acc.num_processes == 1:
                         # Preempted: the checkpoint matters more than this evaluation. (Several processes

@@ -223,7 +223,7 @@ def prepare_model(model: nn.Module, config: Any) -> nn.Module:
                 not config.train_projector and projector and name.startswith(projector + ".")
             )
             param.requires_grad_(not frozen)
-    if config.gradient_checkpointing:
+    if config.gradient_checkpointing:  # True, "auto" or a number of layers > 0
         # Non-reentrant: works with frozen inputs (no enable_input_require_grads) and under DDP.
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -231,9 +231,110 @@ def prepare_model(model: nn.Module, config: Any) -> nn.Module:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         _set_use_cache(model, False)
+        if not isinstance(config.gradient_checkpointing, bool | str):  # a number of layers ("auto": the loop's probe)
+            checkpoint_layers(model, config.gradient_checkpointing)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no trainable parameters: check lora_r, freeze_vision_tower and train_projector")
     return model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The language model's decoder layers, in order: transformers' checkpointable layers
+    (``GradientCheckpointingLayer``) outside the vision tower."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    vision = _module_prefix(model, VISION_NAMES)
+    return [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, GradientCheckpointingLayer) and not (vision and name.startswith(vision + "."))
+    ]
+
+
+def checkpoint_layers(model: nn.Module, n: int) -> None:
+    """Checkpoint (recompute in backward) only the first ``n`` decoder layers; the others keep their
+    activations. Needs gradient checkpointing enabled on the model (`prepare_model` does it).
+
+    Checkpointing is exact (the recomputation replays the same RNG), so ``n`` changes memory and
+    speed, never the gradients.
+    """
+    layers = decoder_layers(model)
+    if not 0 <= n <= len(layers):
+        raise ValueError(
+            f"gradient_checkpointing={n}, but the language model has {len(layers)} decoder layers: "
+            f'use a number from 0 to {len(layers)}, True (all) or "auto"'
+        )
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < n
+
+
+def compile_layers(model: nn.Module) -> int:
+    """``torch.compile`` every checkpointable layer (language-model decoder and vision-encoder layers)
+    in place: regional compilation, which compiles the repeated layer once and keeps the model's own
+    Python around it. Decoder layers are compiled for any batch size and length (one graph per
+    checkpointed / not checkpointed variant, not one per length); vision layers for their fixed image
+    shape. Returns how many layers were compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    decoder = {id(layer) for layer in decoder_layers(model)}
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(dynamic=True if id(layer) in decoder else None)
+    return len(layers)
+
+
+@contextlib.contextmanager
+def uncompiled_layers(model: nn.Module):
+    """Run the layers compiled by `compile_layers` uncompiled inside the block (generation compiles
+    its own decoding step; compiling eval-mode variants of training layers costs minutes for nothing).
+
+    Uses ``nn.Module._compiled_call_impl``, where ``nn.Module.compile`` keeps the compiled call.
+    """
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
+    for module, _ in compiled:
+        module._compiled_call_impl = None
+    try:
+        yield model
+    finally:
+        for module, call in compiled:
+            module._compiled_call_impl = call
+
+
+def label_positions(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Flat indices (into batch x length) of the positions whose next token is labelled: the only
+    positions the next-token loss reads logits at."""
+    shifted = torch.nn.functional.pad(labels[:, 1:] != ignore_index, (0, 1), value=False)
+    return shifted.flatten().nonzero().squeeze(1)
+
+
+@contextlib.contextmanager
+def logits_at(model: nn.Module, positions: torch.Tensor | None):
+    """Inside the block, the model's output embedding (LM head) runs only on the hidden states at
+    ``positions`` (flat indices into batch x length, from `label_positions`): ``outputs.logits`` is
+    ``(len(positions), vocab)``, in that order. ``None`` leaves the model unchanged.
+
+    Works for any model whose forward applies ``get_output_embeddings()`` to batch x length hidden
+    states (every transformers causal LM and VLM); anything else fails loudly, never silently.
+    """
+    head = model.get_output_embeddings() if positions is not None else None
+    if head is None:
+        yield model
+        return
+
+    def select(module, args):
+        hidden = args[0]
+        if hidden.dim() != 3:
+            raise RuntimeError(
+                f"labelled_logits_only: the LM head got hidden states of shape {tuple(hidden.shape)}, not "
+                "batch x length x hidden; set labelled_logits_only=False for this model"
+            )
+        return (hidden.flatten(0, 1).index_select(0, positions), *args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield model
+    finally:
+        handle.remove()
 
 
 def _set_use_cache(model: nn.Module, value: bool) -> None:
@@ -277,6 +378,11 @@ def generation_config(model: nn.Module, tokenizer: Any, config: Any) -> Any:
     )
     if gen.eos_token_id is None:
         gen.eos_token_id = tokenizer.eos_token_id
+    cache = config.generation_cache
+    if cache is None:
+        cache = "static" if next(model.parameters()).device.type == "cuda" else "dynamic"
+    # "static": a preallocated cache, whose decoding step transformers compiles on a GPU.
+    gen.cache_implementation = "static" if cache == "static" else None
     return gen
 
 

@@ -216,7 +216,7 @@ def test_eval_loss_is_token_weighted_over_the_whole_set(trained, tmp_path):
             )
             loss, count = loop.compute_loss(outputs, batch)
             total += float(loss)
-            tokens += count
+            tokens += int(count)
     assert summary["eval/loss"] == pytest.approx(total / tokens, rel=1e-5), (
         f"eval/loss {summary['eval/loss']} is not the token-weighted mean over all samples {total / tokens}"
     )
