@@ -107,8 +107,11 @@ def run_minimal(args, processor, train_path: str) -> dict:
     if CUDA:  # LoopConfig.compile=None: on when training on CUDA
         for layer in llava.model.language_model.layers:
             layer.compile()
-        for layer in llava.model.vision_tower.vision_model.encoder.layers:
-            layer.compile()
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        for layer in llava.model.vision_tower.modules():
+            if isinstance(layer, GradientCheckpointingLayer):
+                layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=CUDA)
     total = args.warmup_steps + args.measured_steps
