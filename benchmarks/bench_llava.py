@@ -921,7 +921,7 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=None, help="default 5 (tiny: 2)")
     p.add_argument("--measured-steps", type=int, default=None, help="default 20 (tiny: 3)")
     p.add_argument(
-        "--warmup-run-steps", default=None, help="WARMUP,MEASURED of the 'warmup' run; default 2,3 (tiny: 1,1)"
+        "--warmup-run-steps", default=None, help="WARMUP,MEASURED of the 'warmup' run; default 5,10 (tiny: 1,1)"
     )
     p.add_argument("--n-eval", type=int, default=None, help="gen_sweep prompts; default 256 (tiny: 8)")
     p.add_argument("--gen-reps", type=int, default=2, help="gen_sweep: timed passes per variant (best is kept)")
@@ -942,7 +942,7 @@ def main() -> None:
     args.eval_batch_size = 16 if big else 4
     args.warmup_steps = args.warmup_steps or (5 if big else 2)
     args.measured_steps = args.measured_steps or (20 if big else 3)
-    warmup_run = tuple(int(x) for x in (args.warmup_run_steps or ("2,3" if big else "1,1")).split(","))
+    warmup_run = tuple(int(x) for x in (args.warmup_run_steps or ("5,10" if big else "1,1")).split(","))
     args.num_workers = 8 if big else 2
     args.new_tokens = 32 if big else 4
     args.n_eval = args.n_eval or (256 if big else 8)

@@ -178,6 +178,8 @@ class ChatRenderer:
 
 
 class _Collator:
+    left_padded = False  # the padding side of this collator's batches
+
     def __init__(
         self,
         processor: Any,
@@ -232,6 +234,19 @@ class _Collator:
         if j != len(full):
             raise ValueError(f"sample {sample.id!r}: processor output is longer than the tokenized text")
         return out
+
+    def merge(self, batches: list[dict]) -> dict[str, Any]:
+        """The batch this collator makes of all the records of ``batches`` (its own batches of consecutive
+        records, in order): tensors re-padded and concatenated, lists joined, counts added."""
+        tensors = [{k: v for k, v in b.items() if isinstance(v, torch.Tensor)} for b in batches if "input_ids" in b]
+        extra: dict[str, Any] = {}
+        for batch in batches:
+            for key, value in batch.items():
+                if isinstance(value, list):
+                    extra[key] = extra.get(key, []) + value
+                elif isinstance(value, int):
+                    extra[key] = extra.get(key, 0) + value
+        return self._batch(tensors, left=self.left_padded, extra=extra)
 
     def _batch(self, encoded: list[dict[str, torch.Tensor]], left: bool, extra: dict) -> dict[str, Any]:
         """Pad per-token tensors (same shape as ``input_ids``), concatenate image tensors along dim 0."""
@@ -334,7 +349,9 @@ class TrainCollator(_Collator):
             enc["labels"] = labels[None]
             encoded.append(enc)
             ids.append(sample.id)
-        return self._batch(encoded, left=False, extra={"ids": ids, "skipped": skipped, "num_truncated": truncated})
+        return self._batch(
+            encoded, left=self.left_padded, extra={"ids": ids, "skipped": skipped, "num_truncated": truncated}
+        )
 
 
 class EvalCollator(_Collator):
@@ -359,6 +376,8 @@ class EvalCollator(_Collator):
         True
     """
 
+    left_padded = True
+
     ignore_index = IGNORE_INDEX
 
     def __call__(self, records: list) -> dict[str, Any]:
@@ -377,7 +396,9 @@ class EvalCollator(_Collator):
             ids.append(sample.id)
             prompts.append(sample.text)
         return self._batch(
-            encoded, left=True, extra={"ids": ids, "references": refs, "prompts": prompts, "skipped": skipped}
+            encoded,
+            left=self.left_padded,
+            extra={"ids": ids, "references": refs, "prompts": prompts, "skipped": skipped},
         )
 
 
@@ -435,3 +456,12 @@ class EvalBatchCollator:
         kept = [i for i, r in items if not isinstance(r, SkippedSample)]
         loss = self.train_collator(records) if self.train_collator is not None else {"ids": []}
         return {"gen": self.eval_collator(records), "loss": loss, "indices": kept}
+
+    def merge(self, batches: list[dict]) -> dict:
+        """The batch of all the records of ``batches`` (batches of consecutive records, in order)."""
+        loss = [b["loss"] for b in batches]
+        return {
+            "gen": self.eval_collator.merge([b["gen"] for b in batches]),
+            "loss": self.train_collator.merge(loss) if self.train_collator is not None else {"ids": []},
+            "indices": [i for b in batches for i in b["indices"]],
+        }

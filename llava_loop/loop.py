@@ -15,6 +15,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -934,8 +935,12 @@ class Loop:
         totals = torch.tensor([loss_sum, loss_tokens, new_tokens], device=acc.device, dtype=torch.float64)
         return rows, acc.reduce(totals, reduction="sum").tolist(), float(acc.gather(seconds).max())
 
-    def _eval_loader(self, dataset: Any) -> DataLoader:
-        """This process's eval batches: longest prompts first, dealt round-robin to the processes."""
+    def _eval_loader(self, dataset: Any) -> Iterator[dict]:
+        """This process's eval batches: longest prompts first, dealt round-robin to the processes.
+
+        With several workers each batch is cut into one chunk per worker, so that every batch (the
+        first one too) is loaded and processed in parallel; the chunks are joined here, in order.
+        """
         cfg, acc = self.config, self.accelerator
         n = min(len(dataset), cfg.eval_max_samples or len(dataset))
         if self._eval_order is None or self._eval_order[0] is not dataset or len(self._eval_order[1]) != n:
@@ -943,12 +948,21 @@ class Loop:
             image_tokens = getattr(model_config, "image_seq_length", None) or 576
             order = longest_prompts_first(dataset, n, self.train_collator.tokenizer, image_tokens)
             self._eval_order = (dataset, order)
-        return DataLoader(
+        batches = shard_batches(list(range(n)), cfg.eval_batch_size, acc.process_index, acc.num_processes)
+        size = math.ceil(cfg.eval_batch_size / cfg.num_workers) if cfg.num_workers > 1 else cfg.eval_batch_size
+        chunks = [(k, batch[i : i + size]) for k, batch in enumerate(batches) for i in range(0, len(batch), size)]
+        collate = EvalBatchCollator(self.eval_collator, self.train_collator if cfg.eval_loss else None)
+        loader = DataLoader(
             Indexed(dataset, self._eval_order[1]),
-            batch_sampler=shard_batches(list(range(n)), cfg.eval_batch_size, acc.process_index, acc.num_processes),
-            collate_fn=EvalBatchCollator(self.eval_collator, self.train_collator if cfg.eval_loss else None),
+            batch_sampler=[chunk for _, chunk in chunks],
+            collate_fn=collate,
             num_workers=cfg.num_workers,
+            pin_memory=acc.device.type == "cuda",
         )
+        parts = zip((k for k, _ in chunks), loader)
+        for _, group in itertools.groupby(parts, key=lambda part: part[0]):
+            collated = [batch for _, batch in group]
+            yield collated[0] if len(collated) == 1 else collate.merge(collated)
 
     def _score(self, rows: list[dict]) -> tuple[dict, list[dict]]:
         if not rows:

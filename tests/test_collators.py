@@ -25,7 +25,7 @@ from helpers import (
 )
 from llava_loop.collators import META_KEYS, EvalCollator, TrainCollator
 from llava_loop.data import BadSampleError, SkippedSample
-from llava_loop.testing import llava15_processor, tiny_processor
+from llava_loop.testing import llava15_processor, synthetic_vqa, tiny_processor
 
 PAD, IGNORE = -8, -9
 RED, GREEN, BLUE = (200, 10, 10), (10, 200, 10), (10, 10, 200)
@@ -651,3 +651,24 @@ def test_first_partly_truncated_sample_is_named_in_one_warning(caplog):
     assert "'first-long'" in warnings[0] and f"max_length={start + 3}" in warnings[0], (
         f"warning does not name the first sample and max_length: {warnings[0]}"
     )
+
+
+@pytest.mark.parametrize("collator_class", [TrainCollator, EvalCollator])
+def test_merged_batches_equal_one_batch_of_all_their_records(collator_class):
+    processor = tiny_processor()
+    records = synthetic_vqa(7, seed=4)
+    records[1]["conversations"][1]["value"] = "a much longer answer than the others, to pad the rest"
+    records[4]["image"] = None  # text-only among image records
+    records[4]["conversations"][0]["value"] = records[4]["conversations"][0]["value"].replace("<image>", "").strip()
+    records[5]["conversations"] = []  # a bad sample: skipped, in the middle of a chunk
+    records[6]["conversations"] = []  # a chunk of bad samples only
+    collator = collator_class(processor, on_bad_sample="skip")
+    whole = collator(records)
+    merged = collator.merge([collator(records[:2]), collator(records[2:6]), collator(records[6:])])
+    assert merged.keys() == whole.keys(), f"keys {sorted(merged)} vs {sorted(whole)}"
+    for key, value in whole.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(merged[key], value), f"{collator_class.__name__}: {key} differs"
+        elif key != "skipped":
+            assert merged[key] == value, f"{collator_class.__name__}: {key} {merged[key]} vs {value}"
+    assert len(merged["skipped"]) == len(whole["skipped"]) == 2, "both bad samples reported"

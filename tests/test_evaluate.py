@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 from helpers import launch_two_processes
 from llava_loop import Callback, Loop, LoopConfig
 from llava_loop.checkpointing import best_checkpoint
-from llava_loop.collators import EvalCollator, TrainCollator
+from llava_loop.collators import EvalBatchCollator, EvalCollator, TrainCollator
 from llava_loop.metrics import Metric
 from llava_loop.modeling import (
     language_model_lora_targets,
@@ -732,3 +732,32 @@ def test_evaluate_only_evaluates_and_fit_records_what_it_returns(tmp_path):
     assert [h["step"] for h in loop.state.history] == [1] and len(events) == 1, "fit did not record its evaluation"
     rows = predictions_file(tmp_path, step=1)
     assert [r["id"] for r in rows] == [r["id"] for r in synthetic_vqa(3, seed=9)], "fit's predictions file"
+
+
+def test_batches_loaded_in_chunks_by_several_workers_evaluate_like_one_process(
+    trained, eval_records, tmp_path, monkeypatch
+):
+    sizes, joined = [], []
+    merge = EvalBatchCollator.merge
+
+    def spy(self, batches):
+        joined.append([len(b["indices"]) for b in batches])
+        return merge(self, batches)
+
+    monkeypatch.setattr(EvalBatchCollator, "merge", spy)
+
+    class Sizes(Loop):
+        def evaluation_step(self, batch):
+            sizes.append((len(batch["gen"]["ids"]), len(batch["loss"]["ids"])))
+            return super().evaluation_step(batch)
+
+    model, processor = trained
+    records = eval_records[:11]
+    _, alone, alone_rows = evaluate(model, processor, records, tmp_path / "w0", eval_batch_size=5)
+    _, chunked, chunked_rows = evaluate(
+        model, processor, records, tmp_path / "w2", loop_class=Sizes, eval_batch_size=5, num_workers=2
+    )
+    assert joined == [[3, 2], [3, 2]], f"each batch of 5 loaded as one chunk per worker: {joined}"
+    assert sizes == [(5, 5), (5, 5), (1, 1)], f"eval batches of eval_batch_size, joined from chunks: {sizes}"
+    assert chunked_rows == alone_rows, "the same predictions, in the same order"
+    assert chunked["eval/loss"] == pytest.approx(alone["eval/loss"], rel=1e-6), "the same eval loss"
