@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from llava_loop import Loop, LoopConfig
+from llava_loop.callbacks import Callback
 from llava_loop.collators import META_KEYS, EvalCollator, TrainCollator
 from llava_loop.data import as_dataset
 from llava_loop.modeling import merged_adapters, prepare_model
@@ -376,6 +377,19 @@ def add_mfu(result: dict, n_params: int) -> dict:
 
 
 # -------------------------------------------------------------------------------- training runs
+class ClockCallback(Callback):
+    """Starts ``clock`` when fit starts and ticks it after every optimizer step."""
+
+    def __init__(self, clock: StepClock):
+        self.clock = clock
+
+    def on_fit_start(self, loop):
+        self.clock.t_start = time.perf_counter()
+
+    def on_step_end(self, loop, logs):
+        self.clock.tick()
+
+
 class _BenchLoop(Loop):
     """Loop whose final checkpoint is skipped (4 GiB of adapter + optimizer state, not benchmarked)."""
 
@@ -394,8 +408,6 @@ def run_args(args, steps: tuple[int, int] | None = None, batch_size: int | None 
 
 
 def train_llava_loop(args, processor, train_path: str, variant: str = "loop_default") -> tuple[dict, Loop]:
-    from llava_loop.callbacks import Callback
-
     options = LOOP_VARIANTS[variant]
     args = run_args(args, batch_size=None if args.tiny else options.get("_batch_size"))
     cfg, unsupported = loop_config(args, options)
@@ -407,15 +419,7 @@ def train_llava_loop(args, processor, train_path: str, variant: str = "loop_defa
     n_params = language_model_params(model)
     counter = TokenCounter(model)
     clock = StepClock(counter, args.warmup_steps)
-
-    class Clock(Callback):
-        def on_fit_start(self, loop):
-            clock.t_start = time.perf_counter()
-
-        def on_step_end(self, loop, logs):
-            clock.tick()
-
-    loop = _BenchLoop(model, processor, cfg, callbacks=[Clock()])
+    loop = _BenchLoop(model, processor, cfg, callbacks=[ClockCallback(clock)])
     budget = options.get("_budget_gib")
     with memory_budget(budget):
         if CUDA:
@@ -664,20 +668,8 @@ def hf_generate(model, batches: list[dict], n_new: int, tokenizer, merge: bool, 
         with merged_adapters(model, enabled=merge):
             sync()
             t1 = time.perf_counter()
-            n = 0
-            for b in batches:
-                out = model.generate(
-                    **b,
-                    max_new_tokens=n_new,
-                    min_new_tokens=n_new,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                new = out[:, b["input_ids"].shape[1] :]
-                tokenizer.batch_decode(new, skip_special_tokens=True)
-                n += new.numel()
-            sync()
-            t2 = time.perf_counter()
+            seconds, n = hf_pass(model, batches, n_new, tokenizer, static=False)
+            t2 = t1 + seconds
         sync()
         t3 = time.perf_counter()
         runs.append(

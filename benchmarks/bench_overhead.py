@@ -33,6 +33,7 @@ from bench_llava import (
     CUDA,
     MFU_FORMULA,
     ROOT,
+    ClockCallback,
     StepClock,
     _BenchLoop,
     _TrainerCollator,
@@ -65,8 +66,6 @@ class DeviceTokens:
 def run_fit(args, processor, train_path: str) -> dict:
     from bench_llava import TokenCounter
 
-    from llava_loop.callbacks import Callback
-
     cfg, unsupported = loop_config(args, OPTIONS)
     free_memory()
     model = build_model(args.tiny, "0.5b")
@@ -74,15 +73,7 @@ def run_fit(args, processor, train_path: str) -> dict:
     counter = TokenCounter(model)
     total = args.warmup_steps + args.measured_steps
     clock = StepClock(counter, args.warmup_steps, total, sync_each_step=False)
-
-    class Clock(Callback):
-        def on_fit_start(self, loop):
-            clock.t_start = time.perf_counter()
-
-        def on_step_end(self, loop, logs):
-            clock.tick()
-
-    loop = _BenchLoop(model, processor, cfg, callbacks=[Clock()])
+    loop = _BenchLoop(model, processor, cfg, callbacks=[ClockCallback(clock)])
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     loop.fit(as_dataset(train_path))
