@@ -97,7 +97,7 @@ def run_minimal(args, processor, train_path: str) -> dict:
     llava = model.get_base_model()  # LlavaForConditionalGeneration, LoRA layers inside
     if CUDA:  # LoopConfig.compile=None: on when training on CUDA
         for layer in llava.model.language_model.layers:
-            layer.compile()
+            layer.compile(dynamic=True)  # any length and batch size, as LoopConfig.compile does
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         for layer in llava.model.vision_tower.modules():
@@ -126,6 +126,11 @@ def run_minimal(args, processor, train_path: str) -> dict:
     clock.t_start = time.perf_counter()
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
     for _, batch in zip(range(total), batches):
+        # The labelled positions and targets on the CPU: indexing with a device mask would wait for the GPU.
+        keep = batch["labels"][:, 1:] != -100
+        positions = keep.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+        targets = batch["labels"][:, 1:][keep].to(device, non_blocking=True)
+        count = int(keep.sum())
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=CUDA):
             hidden = llava.model(
@@ -133,10 +138,8 @@ def run_minimal(args, processor, train_path: str) -> dict:
                 attention_mask=batch["attention_mask"],
                 pixel_values=batch["pixel_values"],
             ).last_hidden_state
-            labels = batch["labels"][:, 1:]
-            keep = labels != -100
-            logits = llava.lm_head(hidden[:, :-1][keep])
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum") / keep.sum()
+            logits = llava.lm_head(hidden[:, :-1].flatten(0, 1).index_select(0, positions))
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / count
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
