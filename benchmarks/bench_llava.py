@@ -407,18 +407,31 @@ def run_args(args, steps: tuple[int, int] | None = None, batch_size: int | None 
     return a
 
 
-def train_llava_loop(args, processor, train_path: str, variant: str = "loop_default") -> tuple[dict, Loop]:
-    options = LOOP_VARIANTS[variant]
-    args = run_args(args, batch_size=None if args.tiny else options.get("_batch_size"))
-    cfg, unsupported = loop_config(args, options)
+def timed_model(args) -> tuple:
+    """A fresh 7B-shape (tiny: 2-layer) model after freeing the last one: ``(memory left before it (GiB),
+    model, seconds to build it, language-model parameters, its TokenCounter, a StepClock on it)``."""
     mem_before = free_memory()
     t0 = time.perf_counter()
     model = build_model(args.tiny)
     sync()
     init_s = time.perf_counter() - t0
-    n_params = language_model_params(model)
     counter = TokenCounter(model)
-    clock = StepClock(counter, args.warmup_steps)
+    return mem_before, model, init_s, language_model_params(model), counter, StepClock(counter, args.warmup_steps)
+
+
+def common_arguments(parser: argparse.ArgumentParser, workdir: str) -> None:
+    """The flags every benchmark script takes: --tiny, --tokenizer, --workdir, --out."""
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test with a 2-layer model")
+    parser.add_argument("--tokenizer", default=str(ROOT / ".bench_assets" / "llama2-tokenizer"))
+    parser.add_argument("--workdir", default=workdir)
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/llava_bench_out"))
+
+
+def train_llava_loop(args, processor, train_path: str, variant: str = "loop_default") -> tuple[dict, Loop]:
+    options = LOOP_VARIANTS[variant]
+    args = run_args(args, batch_size=None if args.tiny else options.get("_batch_size"))
+    cfg, unsupported = loop_config(args, options)
+    mem_before, model, init_s, n_params, counter, clock = timed_model(args)
     loop = _BenchLoop(model, processor, cfg, callbacks=[ClockCallback(clock)])
     budget = options.get("_budget_gib")
     with memory_budget(budget):
@@ -489,14 +502,7 @@ def _trainer_run(args, processor, make_trainer, variant: str, extra: dict) -> di
     """Builds the model + LoRA (prepare_model), times ``make_trainer(model, Clock()).train()``."""
     from transformers import TrainerCallback
 
-    mem_before = free_memory()
-    t0 = time.perf_counter()
-    model = build_model(args.tiny)
-    sync()
-    init_s = time.perf_counter() - t0
-    n_params = language_model_params(model)
-    counter = TokenCounter(model)
-    clock = StepClock(counter, args.warmup_steps)
+    mem_before, model, init_s, n_params, counter, clock = timed_model(args)
     cfg, _ = loop_config(args, {"gradient_checkpointing": False})  # Trainer turns checkpointing on itself
     model = prepare_model(model, cfg)
 
@@ -899,10 +905,7 @@ TRAIN_PHASES = {"warmup", "sft", *LOOP_VARIANTS, *TRAINER_VARIANTS}
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="CPU smoke test with a 2-layer model")
-    p.add_argument("--tokenizer", default=str(ROOT / ".bench_assets" / "llama2-tokenizer"))
-    p.add_argument("--workdir", default="/tmp/llava_bench")
-    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/llava_bench_out"))
+    common_arguments(p, "/tmp/llava_bench")
     p.add_argument(
         "--phases",
         default="loop,generate,trainer,loop",

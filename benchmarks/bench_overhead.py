@@ -32,13 +32,13 @@ import torch
 from bench_llava import (
     CUDA,
     MFU_FORMULA,
-    ROOT,
     ClockCallback,
     StepClock,
     _BenchLoop,
     _TrainerCollator,
     add_mfu,
     build_model,
+    common_arguments,
     environment,
     free_memory,
     language_model_params,
@@ -153,10 +153,7 @@ def run_minimal(args, processor, train_path: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="CPU smoke test with a 2-layer model")
-    p.add_argument("--tokenizer", default=str(ROOT / ".bench_assets" / "llama2-tokenizer"))
-    p.add_argument("--workdir", default="/tmp/llava_bench_overhead")
-    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/llava_bench_out"))
+    common_arguments(p, "/tmp/llava_bench_overhead")
     p.add_argument("--phases", default="fit,minimal,fit,minimal,fit,minimal,fit", help="after a warm-up fit run")
     p.add_argument("--warmup-steps", type=int, default=None, help="default 10 (tiny: 2)")
     p.add_argument("--measured-steps", type=int, default=None, help="default 60 (tiny: 3)")
