@@ -359,7 +359,7 @@ class Loop:
         budget = memory_budget(acc.device)
         n = layers_to_checkpoint(num_layers, peak_all, peak_freed, freed, budget, optimizer_state)
         # Every process checkpoints the same layers: the most any of them needs.
-        n = int(acc.reduce(torch.tensor(n, device=acc.device), reduction="max")) if acc.num_processes > 1 else n
+        n = int(acc.gather(torch.tensor([n], device=acc.device)).max()) if acc.num_processes > 1 else n
         checkpoint_layers(model, n)
         torch.cuda.reset_peak_memory_stats()
         gib = 2**30
