@@ -419,6 +419,20 @@ def timed_model(args) -> tuple:
     return mem_before, model, init_s, language_model_params(model), counter, StepClock(counter, args.warmup_steps)
 
 
+def new_results(args, keys: tuple[str, ...], **settings) -> tuple[Path, dict]:
+    """The output folder (created) and the results record a benchmark fills: command line,
+    environment, the settings ``keys`` of ``args`` plus ``settings``, the MFU formula, no runs yet."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, {
+        "argv": sys.argv,
+        "env": environment(),
+        "settings": {k: getattr(args, k) for k in keys} | settings,
+        "mfu_formula": MFU_FORMULA,
+        "runs": [],
+    }
+
+
 def common_arguments(parser: argparse.ArgumentParser, workdir: str) -> None:
     """The flags every benchmark script takes: --tiny, --tokenizer, --workdir, --out."""
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with a 2-layer model")
@@ -949,30 +963,9 @@ def main() -> None:
         p.error(f"unknown phases {unknown}; known: {sorted(TRAIN_PHASES | {'generate', 'gen_sweep'})}")
     n_train = 256 if big else max(16, 2 * (args.warmup_steps + args.measured_steps))
     n_eval = 64 if big else 8
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict = {
-        "argv": sys.argv,
-        "env": environment(),
-        "settings": {
-            k: getattr(args, k)
-            for k in (
-                "tiny",
-                "batch_size",
-                "eval_batch_size",
-                "warmup_steps",
-                "measured_steps",
-                "num_workers",
-                "new_tokens",
-                "n_eval",
-                "gen_reps",
-                "budget_s",
-            )
-        }
-        | {"n_train": n_train, "n_eval_generate": n_eval, "warmup_run_steps": warmup_run},
-        "mfu_formula": MFU_FORMULA,
-        "runs": [],
-    }
+    keys = ("tiny", "batch_size", "eval_batch_size", "warmup_steps", "measured_steps", "num_workers", "new_tokens")
+    keys += ("n_eval", "gen_reps", "budget_s")
+    out, results = new_results(args, keys, n_train=n_train, n_eval_generate=n_eval, warmup_run_steps=warmup_run)
 
     def save() -> None:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

@@ -24,14 +24,12 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from bench_llava import (
     CUDA,
-    MFU_FORMULA,
     ClockCallback,
     StepClock,
     _BenchLoop,
@@ -39,11 +37,11 @@ from bench_llava import (
     add_mfu,
     build_model,
     common_arguments,
-    environment,
     free_memory,
     language_model_params,
     loop_config,
     make_data,
+    new_results,
     optimizer_name,
     phase,
 )
@@ -165,17 +163,7 @@ def main() -> None:
     args.warmup_steps = args.warmup_steps or (10 if big else 2)
     args.measured_steps = args.measured_steps or (60 if big else 3)
     args.num_workers, args.new_tokens = (8, 32) if big else (2, 4)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict = {
-        "argv": sys.argv,
-        "env": environment(),
-        "settings": {
-            k: getattr(args, k) for k in ("tiny", "batch_size", "warmup_steps", "measured_steps", "num_workers")
-        },
-        "mfu_formula": MFU_FORMULA,
-        "runs": [],
-    }
+    out, results = new_results(args, ("tiny", "batch_size", "warmup_steps", "measured_steps", "num_workers"))
 
     def save() -> None:
         (out / "results_overhead.json").write_text(json.dumps(results, indent=2, default=str))

@@ -60,15 +60,16 @@ def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class StepLosses:
-    """Records ``train/loss``, ``train/lr`` and the step of every ``on_step_end``."""
+    """Records ``train/loss``, ``train/lr``, ``train/grad_norm`` and the step of every ``on_step_end``."""
 
     def __init__(self):
-        self.steps, self.losses, self.lrs = [], [], []
+        self.steps, self.losses, self.lrs, self.grad_norms = [], [], [], []
 
     def on_step_end(self, loop, logs):
         self.steps.append(loop.state.step)
         self.losses.append(logs["train/loss"])
         self.lrs.append(logs["train/lr"])
+        self.grad_norms.append(logs["train/grad_norm"])
 
 
 class Snapshots:

@@ -7,27 +7,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_loop import config, trainable, uneven_records
+from test_loop import StepLosses, config, trainable, uneven_records
 
 from llava_loop import Loop, LoopConfig, TrainCollator
-from llava_loop.callbacks import Callback
 from llava_loop.memory import layers_to_checkpoint
 from llava_loop.modeling import decoder_layers, label_positions, logits_at, prepare_model
 from llava_loop.testing import synthetic_vqa, tiny_llava
 
 
-class Losses(Callback):
-    def __init__(self):
-        self.losses, self.grad_norms = [], []
-
-    def on_step_end(self, loop, logs):
-        self.losses.append(logs["train/loss"])
-        self.grad_norms.append(logs["train/grad_norm"])
-
-
-def run(tmp_path, name: str, records=None, **overrides) -> tuple[Loop, Losses]:
+def run(tmp_path, name: str, records=None, **overrides) -> tuple[Loop, StepLosses]:
     model, processor = tiny_llava()
-    seen = Losses()
+    seen = StepLosses()
     loop = Loop(model, processor, config(tmp_path / name, **{"max_steps": 3, **overrides}), callbacks=[seen])
     loop.fit(records or uneven_records(12), synthetic_vqa(5, seed=9) if overrides.get("eval_steps") else None)
     return loop, seen
