@@ -442,6 +442,40 @@ def loss_token_count(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if "labels" in batch else 0
 
 
+def answer_continuations(gen: dict, loss: dict) -> dict | None:
+    """What each conversation of a `TrainCollator` batch ``loss`` adds after its prompt in the
+    `EvalCollator` batch ``gen`` of the same records: the final answer and its end of turn, right
+    padded (``input_ids``, ``attention_mask``, ``labels``: ``rows x longest continuation``).
+
+    The eval loss of such a batch can be read off a forward of these tokens on the prompts' cache.
+    None where that would not give the loss of ``loss``: the batches hold different records, their
+    images differ, or a conversation does not begin with its prompt token for token or has labels
+    inside it (a multi-turn conversation, whose earlier answers are trained too).
+    """
+    if not gen.get("ids") or gen["ids"] != loss.get("ids"):
+        return None
+    for key, value in gen.items():
+        if isinstance(value, torch.Tensor) and key not in ("input_ids", "attention_mask"):
+            other = loss.get(key)
+            if not isinstance(other, torch.Tensor) or not torch.equal(value, other):
+                return None  # per-token extras (padded the other way) and differing images
+    rows = []
+    for i in range(len(gen["ids"])):
+        prompt = gen["input_ids"][i][gen["attention_mask"][i].bool()]
+        kept = loss["attention_mask"][i].bool()
+        tokens, labels = loss["input_ids"][i][kept], loss["labels"][i][kept]
+        n = len(prompt)
+        if len(tokens) <= n or not torch.equal(tokens[:n], prompt) or bool((labels[:n] != IGNORE_INDEX).any()):
+            return None
+        rows.append({"input_ids": tokens[n:], "attention_mask": torch.ones_like(tokens[n:]), "labels": labels[n:]})
+    longest = max(len(r["input_ids"]) for r in rows)
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}  # padding ids are masked out
+    return {
+        key: torch.stack([torch.nn.functional.pad(r[key], (0, longest - len(r[key])), value=fill[key]) for r in rows])
+        for key in fill
+    }
+
+
 class EvalBatchCollator:
     """Collate function of evaluation: from ``(dataset index, record)`` items, the generation batch
     (``"gen"``: prompts, left padded) and the teacher-forced loss batch (``"loss"``: whole

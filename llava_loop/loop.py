@@ -9,6 +9,7 @@ observe.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import math
@@ -24,7 +25,15 @@ from torch.utils.data import DataLoader
 
 from . import checkpointing, rundir
 from .callbacks import DivergenceWarning, EarlyStopping, callback_states, dispatch, is_improvement, load_callback_states
-from .collators import IGNORE_INDEX, META_KEYS, EvalBatchCollator, EvalCollator, TrainCollator, loss_token_count
+from .collators import (
+    IGNORE_INDEX,
+    META_KEYS,
+    EvalBatchCollator,
+    EvalCollator,
+    TrainCollator,
+    answer_continuations,
+    loss_token_count,
+)
 from .config import LoopConfig
 from .data import EpochSampler, Indexed, SkippedSample, WithSource, as_dataset, longest_prompts_first
 from .distributed import (
@@ -41,15 +50,19 @@ from .loggers import JSONLLogger, ProgressBar, RunSummary, Throughput, TrackerLo
 from .memory import layers_to_checkpoint, memory_budget
 from .metrics import check_metrics, compute_metrics, resolve_metrics
 from .modeling import (
+    cache_argument,
     checkpoint_layers,
     compile_layers,
     decoder_layers,
+    generation_cache,
     generation_config,
     label_positions,
     logits_at,
     merged_adapters,
     param_groups,
+    plain_positions,
     prepare_model,
+    rewind_cache,
     uncompiled_layers,
 )
 
@@ -125,6 +138,26 @@ class _EvalInterrupted(Exception):
     """A signal arrived during a single-process evaluation: stop it and save."""
 
 
+class _Step:
+    """An optimizer step whose update is queued: its loss sum, token count and gradient norm on the
+    device (read once, when needed), its CPU counts, sample ids, learning rate and the data position
+    after it (``samples_in_epoch``)."""
+
+    def __init__(self, stats: torch.Tensor, counts: dict, ids: list[str], lr: float, position: int) -> None:
+        self.stats, self.counts, self.ids, self.lr, self.position = stats, counts, ids, lr, position
+        self._values: list[float] | None = None
+
+    @property
+    def checked(self) -> bool:
+        """Whether its values were read already (the GPU was waited for)."""
+        return self._values is not None
+
+    def values(self) -> list[float]:
+        if self._values is None:
+            self._values = self.stats.tolist()
+        return self._values
+
+
 class Loop:
     """Finetunes a Hugging Face vision-language model; every step readable in `fit`.
 
@@ -188,9 +221,15 @@ class Loop:
         self._rng_after_resume: dict | None = None  # RNG state right after the checkpointed step
         self._throughput = Throughput()  # step time, tokens, samples, losses of the logging window
         self._empty_steps = 0  # consecutive steps whose samples were all skipped
+        self._pending: _Step | None = None  # the optimizer step whose update is queued, not yet counted
         self._last_save: tuple | None = None  # what the last checkpoint held (to skip an identical save)
-        self._eval_order: tuple | None = None  # (dataset, longest-prompt-first order) of the last evaluation
+        # (dataset, settings, DataLoader, batch of each chunk, collate) of the last evaluation: the
+        # order is sorted once, and the loader's workers persist from one evaluation to the next.
+        self._eval_plan: tuple | None = None
         self._eval_prepared = False  # a standalone evaluate has put the model on the device
+        # Whether the eval loss may come from the generation's prompt cache: None until the first
+        # such batch has been checked against the full teacher-forced forward.
+        self._loss_from_cache: bool | None = None
         self.checkpointed_layers: int | None = None  # decoder layers gradient_checkpointing="auto" chose
         # Contradictions found now rather than after set-up (or hours in): fp16 on a CPU, and a
         # metric_for_best that none of the metrics reports.
@@ -231,6 +270,7 @@ class Loop:
             self._advance_clock()
             dispatch(self.callbacks, "on_fit_end", self)
         finally:
+            self._eval_plan = None  # the eval workers end with the run
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -475,32 +515,101 @@ class Loop:
                 # The last step of an epoch may get fewer micro-batches; the loss is normalised by
                 # its own label tokens, so that is still a correct step.
                 micro_batches = list(itertools.islice(batches, cfg.grad_accum_steps))
-                state.samples_in_epoch = min(n, state.samples_in_epoch + len(micro_batches) * per_micro_step)
+                position = state.samples_in_epoch
+                state.samples_in_epoch = min(n, position + len(micro_batches) * per_micro_step)
                 exhausted = not micro_batches or state.samples_in_epoch >= n
-                if micro_batches:
-                    self._optimizer_step(micro_batches)
+                if micro_batches and not self._optimizer_step(micro_batches):
+                    state.samples_in_epoch, exhausted = position, False  # dropped: its data comes next time
                 self._stop_on_signal()
+            self._finish_pending()  # every step is counted before the epoch ends or the run stops
             if not exhausted:
                 break  # stopped mid-epoch: max_steps reached or should_stop
             dispatch(self.callbacks, "on_epoch_end", self)
             state.epoch += 1
             state.samples_in_epoch = 0
 
-    def _optimizer_step(self, micro_batches: list[dict]) -> None:
+    def _optimizer_step(self, micro_batches: list[dict]) -> bool:
         """One optimizer step: count, forward/backward each micro-batch, update, then the cadences.
         The loss is normalised by the tokens of all micro-batches on all processes, so accumulation
-        and batch size give the same update."""
+        and batch size give the same update. Return False if the step was dropped unapplied (a
+        callback stopped the run while its forward and backward were queued).
+
+        The GPU is not waited for at every step. With an optimizer that can skip its own update on
+        the device (fused AdamW, as the grad scaler's ``found_inf`` does), a step that neither logs,
+        evaluates, saves nor ends the run is counted (`_finish_step`) only once the next step's
+        forward and backward are queued behind it; its update is applied only if its loss and
+        gradient norm are finite, exactly as when it is checked at once.
+        """
         counts = self._count(micro_batches)
         if counts["label_tokens"] == 0:
             self._skip_empty_step(counts["skipped"])
-            return
+            return True
         self._empty_steps = 0
         loss_sum, num_tokens = self._forward_backward(micro_batches, counts["label_tokens"])
+        if self._pending is not None:  # the previous step, now that this one is queued behind it
+            self._finish_pending()
+            if self.state.should_stop:  # a callback stopped the run: this step is not applied
+                self.optimizer.zero_grad(set_to_none=True)
+                return False
         # max_grad_norm=0: no clipping, but the norm is still measured (logged, checked).
         grad_norm = self.accelerator.clip_grad_norm_(self._trainable, self.config.max_grad_norm or math.inf)
         grad_norm = torch.as_tensor(grad_norm, dtype=torch.float64).to(loss_sum.device)
-        # The step's one wait for the GPU: loss, normaliser and gradient norm in one copy.
-        loss_sum, num_tokens, grad_norm = torch.stack([loss_sum.double(), num_tokens, grad_norm]).tolist()
+        stats = torch.stack([loss_sum.double(), num_tokens.double(), grad_norm])  # read together, once
+        ids = [i for b in micro_batches for i in b["ids"]]
+        step = _Step(stats, counts, ids, self.optimizer.param_groups[0]["lr"], self.state.samples_in_epoch)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
+        if self.accelerator.scaler is None and getattr(inner, "_step_supports_amp_scaling", False):
+            mean = stats[0] / stats[1]
+            bad = ~torch.isfinite(mean) | ~torch.isfinite(stats[2]) | (stats[1] <= 0)
+            inner.grad_scale, inner.found_inf = None, bad.float()  # what GradScaler hands the optimizer
+            try:
+                self.optimizer.step()  # skipped on the device where bad (weights, moments, step count)
+            finally:
+                del inner.grad_scale, inner.found_inf
+        elif self._good(step):
+            self.optimizer.step()  # with fp16, the grad scaler skips inf/nan gradients itself
+        elif self.accelerator.scaler is not None:
+            self.accelerator.scaler.update()  # clipping unscaled the gradients; no step to update after
+        self.optimizer.zero_grad(set_to_none=True)
+        self._pending = step
+        if step.checked or not self._can_wait(self.state.step + 1):
+            self._finish_pending()
+        return True
+
+    def _good(self, step: _Step) -> bool:
+        """Whether ``step`` may be applied: finite loss, a positive token count, and (without fp16's
+        grad scaler, which handles it) a finite gradient norm. Waits for the GPU."""
+        loss_sum, num_tokens, grad_norm = step.values()
+        finite_norm = self.accelerator.scaler is not None or math.isfinite(grad_norm)
+        return num_tokens > 0 and math.isfinite(loss_sum / num_tokens) and finite_norm
+
+    def _can_wait(self, number: int) -> bool:
+        """Whether step ``number`` (its update queued) may be counted after the next step is queued: it
+        does not log, evaluate, save or end the epoch or the run."""
+        cfg, state = self.config, self.state
+        every = [cfg.log_steps, cfg.save_steps, cfg.eval_steps if self.eval_data is not None else 0]
+        epoch_end = state.samples_in_epoch >= len(self.train_data)
+        return not (number >= state.max_steps or epoch_end or any(k and number % k == 0 for k in every))
+
+    def _finish_pending(self) -> None:
+        """Count the step whose update is queued (`_finish_step`), if there is one, with the data
+        position it had (the next step's data may be loaded already)."""
+        step, self._pending = self._pending, None
+        if step is None:
+            return
+        state = self.state
+        position, state.samples_in_epoch = state.samples_in_epoch, step.position
+        try:
+            self._finish_step(step)
+        finally:
+            state.samples_in_epoch = position
+
+    def _finish_step(self, step: _Step) -> None:
+        """The host's part of an optimizer step whose update is already queued: read its loss, token
+        count and gradient norm (waits for the GPU), then count it (or report it as skipped), advance
+        the schedule, call back and run the cadences."""
+        loss_sum, num_tokens, grad_norm = step.values()
+        counts = step.counts
         if num_tokens <= 0:
             raise ValueError(
                 f"compute_loss returned num_tokens={num_tokens:g} for step {self.state.step + 1}, which has "
@@ -508,13 +617,13 @@ class Loop:
             )
         mean_loss = loss_sum / num_tokens
         if not math.isfinite(mean_loss):
-            self._skip_bad_step(f"non-finite loss ({mean_loss})", micro_batches)
+            self._skip_bad_step(f"non-finite loss ({mean_loss})", step.ids)
             return
         # With fp16 the grad scaler skips inf/nan steps itself (and lowers its scale).
         if self.accelerator.scaler is None and not math.isfinite(grad_norm):
-            self._skip_bad_step(f"non-finite gradient norm ({grad_norm})", micro_batches)
+            self._skip_bad_step(f"non-finite gradient norm ({grad_norm})", step.ids)
             return
-        logs = self._update(mean_loss, grad_norm)
+        logs = self._update(mean_loss, grad_norm, step.lr)
         self.state.samples_seen += counts["samples"]
         self.state.tokens_seen += counts["tokens"]
         self.state.label_tokens_seen += int(num_tokens)
@@ -571,14 +680,12 @@ class Loop:
                 torch._foreach_mul_(grads, (label_tokens / num_tokens).to(grads[0].dtype))
         return loss_sum, num_tokens
 
-    def _update(self, mean_loss: float, grad_norm: float) -> dict:
-        """Step the optimizer (on clipped gradients) and the schedule; return the step's logs."""
+    def _update(self, mean_loss: float, grad_norm: float, lr: float) -> dict:
+        """Count an applied step (its optimizer update is queued) and advance the schedule; return the
+        step's logs (``lr``: the rate the update used)."""
         self.state.bad_steps_in_a_row = 0
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it next)
-        self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         return {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm}
 
@@ -609,16 +716,11 @@ class Loop:
                 "was skipped as bad; check the data (see the warnings above)"
             )
 
-    def _skip_bad_step(self, reason: str, micro_batches: list[dict]) -> None:
-        """Drop this step's gradients (weights, optimizer and schedule untouched); stop after
-        ``max_bad_steps`` such steps in a row."""
+    def _skip_bad_step(self, reason: str, ids: list[str]) -> None:
+        """Report a step whose update was not applied (weights, optimizer and schedule untouched) and
+        which does not count; stop after ``max_bad_steps`` such steps in a row."""
         state, limit = self.state, self.config.max_bad_steps
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.accelerator.scaler is not None:
-            # Clipping unscaled the gradients; without an update the next step's unscale would fail.
-            self.accelerator.scaler.update()
         state.bad_steps_in_a_row += 1
-        ids = [i for b in micro_batches for i in b["ids"]]
         logger.warning(
             "%s at step %d (samples %s): step skipped, weights unchanged (%d in a row, max_bad_steps=%d)",
             *(reason, state.step + 1, ids, state.bad_steps_in_a_row, limit),
@@ -778,7 +880,7 @@ class Loop:
         """``batch`` with its tensors on the loop's device, copied without waiting for the GPU, and,
         for the default loss with ``labelled_logits_only``, ``label_positions`` (`modeling.label_positions`)."""
         device = self.accelerator.device
-        out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        out = {k: _on(v, device) for k, v in batch.items()}
         if self.config.labelled_logits_only and type(self).compute_loss is Loop.compute_loss and "labels" in batch:
             out["label_positions"] = label_positions(batch["labels"], IGNORE_INDEX).to(device, non_blocking=True)
         return out
@@ -790,9 +892,7 @@ class Loop:
         for key, value in batch.items():
             if key in META_KEYS or key in drop:
                 continue
-            if isinstance(value, torch.Tensor) and device is not None:
-                value = value.to(device, non_blocking=True)
-            out[key] = value
+            out[key] = _on(value, device) if device is not None else value
         return out
 
     # ------------------------------------------------------------------ override points: evaluation
@@ -816,14 +916,22 @@ class Loop:
             tokens generated (each row up to and including its EOS), or None if not counted (then
             ``eval/gen_tokens_per_s`` is not reported).
         """
+        answers, count, _ = self._generate(batch, self.generation_config())
+        return answers, count
+
+    def _generate(self, batch: dict, gen_config: Any, keep: bool = False) -> tuple[list[str], int, Any]:
+        """`generate`'s answers and token count, and with ``keep`` the ``generate`` output (its cache and
+        the raw logits of every step)."""
         model = self.accelerator.unwrap_model(self.model)
         inputs = self._model_inputs(batch)
-        gen_config = self.generation_config()
+        if keep:
+            gen_config = copy.copy(gen_config)
+            gen_config.update(return_dict_in_generate=True, output_logits=True)
         out = model.generate(**inputs, generation_config=gen_config)
         # Left padding: every row's prompt ends at the same column, so the new tokens start there.
-        new_tokens = out[:, inputs["input_ids"].shape[1] :]
+        new_tokens = (out.sequences if keep else out)[:, inputs["input_ids"].shape[1] :]
         texts = self.train_collator.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [t.strip() for t in texts], new_token_count(new_tokens, gen_config.eos_token_id)
+        return [t.strip() for t in texts], new_token_count(new_tokens, gen_config.eos_token_id), out if keep else None
 
     @torch.no_grad()
     def evaluation_step(self, batch: dict) -> dict:
@@ -831,22 +939,98 @@ class Loop:
         `EvalCollator` batch), ``"loss"`` (a `TrainCollator` batch of the same records, empty without
         ``eval_loss``) and ``"indices"``.
 
+        With the default `generate` and `compute_loss`, a single-turn batch's eval loss is read off
+        the generation's prompt cache: the prompt is not run through the model a second time (see
+        `_loss_from_generation`).
+
         Returns:
             ``{"predictions": one str per sample of batch["gen"]["ids"], "new_tokens": int or None,
             "loss_sum": summed token loss, "loss_tokens": its token count}`` (from `generate` and
             `compute_loss`).
         """
-        predictions, new_tokens = self.generate(batch["gen"]) if batch["gen"]["ids"] else ([], 0)
-        loss_batch = batch["loss"]
+        gen, loss_batch = batch["gen"], batch["loss"]
         loss, tokens = torch.zeros((), device=self.accelerator.device), 0
-        if loss_batch["ids"]:
+        if not gen["ids"]:
+            predictions, new_tokens, cached = [], 0, None
+        elif (answers := self._cacheable_answers(gen, loss_batch, gen_config := self.generation_config())) is not None:
+            predictions, new_tokens, out = self._generate(gen, gen_config, keep=True)
+            cached = self._loss_from_generation(out, gen, answers)
+        else:
+            (predictions, new_tokens), cached = self.generate(gen), None
+        if loss_batch["ids"] and (cached is None or not self._loss_from_cache):
             # The unwrapped model: processes run different numbers of eval batches, and a DDP
             # forward may talk to the other processes (buffer broadcast).
             loss_batch = self._to_device(loss_batch)
             loss, tokens = self.compute_loss(
                 self._forward(self.accelerator.unwrap_model(self.model), loss_batch), loss_batch
             )
+            if cached is not None:  # the first cached loss: checked against the full forward once
+                self._check_loss_from_cache(cached, (loss, tokens))
+        elif cached is not None:
+            loss, tokens = cached
         return {"predictions": predictions, "new_tokens": new_tokens, "loss_sum": loss.float(), "loss_tokens": tokens}
+
+    def _cacheable_answers(self, gen: dict, loss_batch: dict, gen_config: Any) -> dict | None:
+        """The answers of ``loss_batch`` after the prompts of ``gen`` (`answer_continuations`) where its
+        eval loss can be read off the generation's cache: the default `generate` and `compute_loss`,
+        one beam, one position counter per row (`plain_positions`); None otherwise, and for good once
+        the check against the full forward has failed."""
+        if self._loss_from_cache is False or not loss_batch["ids"] or gen_config.num_beams != 1:
+            return None
+        if any(getattr(type(self), name) is not getattr(Loop, name) for name in ("generate", "compute_loss")):
+            return None
+        if not plain_positions(self.accelerator.unwrap_model(self.model)):
+            return None
+        return answer_continuations(gen, loss_batch)
+
+    def _loss_from_generation(self, out: Any, gen: dict, answers: dict) -> tuple[torch.Tensor, int] | None:
+        """The summed next-token loss of ``answers`` (their labels) after the prompts of ``gen``, from
+        the ``generate`` output ``out``: its first step's raw logits predict each answer's first token;
+        a forward of the answers on its cache, cut back to the prompts, predicts the rest. The prompt
+        and image are not run again. None where the cache cannot be cut back (`rewind_cache`).
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        device = self.accelerator.device
+        prompt_length, answer_length = gen["input_ids"].shape[1], answers["input_ids"].shape[1]
+        cache = generation_cache(out)
+        if cache is None or not out.logits or not rewind_cache(cache, prompt_length, answer_length - 1):
+            return None
+        answers = {k: _on(v, device) for k, v in answers.items()}
+        labels = answers["labels"]
+        first = labels[:, 0] != IGNORE_INDEX
+        logits, targets = [out.logits[0][first].float()], [labels[:, 0][first]]
+        if answer_length > 1:
+            prompt_mask = _on(gen["attention_mask"], device)
+            rest = labels[:, 1:]
+            where = (rest != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+            inputs = {
+                "input_ids": answers["input_ids"][:, :-1],
+                "attention_mask": torch.cat([prompt_mask, answers["attention_mask"][:, :-1]], 1),
+                # as generate counts them: from each row's first prompt token
+                "position_ids": prompt_mask.sum(1, keepdim=True) + torch.arange(answer_length - 1, device=device),
+                cache_argument(model): cache,
+            }
+            with logits_at(model, where):
+                logits.append(model(**inputs, use_cache=True).logits.float())
+            targets.append(rest.flatten()[where])
+        logits, targets = torch.cat(logits), torch.cat(targets)
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), targets.shape[0]
+
+    def _check_loss_from_cache(self, cached: tuple, full: tuple) -> None:
+        """Compare the first batch's loss read off the generation cache with the full teacher-forced
+        forward's; use the cache from then on only if they agree (per-token loss within 0.02 + 1%)."""
+        (cached_sum, cached_n), (full_sum, full_n) = cached, full
+        a, b = float(cached_sum) / max(int(cached_n), 1), float(full_sum) / max(int(full_n), 1)
+        self._loss_from_cache = int(cached_n) == int(full_n) and abs(a - b) <= 0.02 + 0.01 * abs(b)
+        if not self._loss_from_cache:
+            logger.warning(
+                "eval loss from the generation cache (%.4f over %d tokens) differs from the full forward "
+                "(%.4f over %d tokens) for this model: the eval loss runs the full forward from now on",
+                a,
+                int(cached_n),
+                b,
+                int(full_n),
+            )
 
     def compute_metrics(self, predictions: list[str], references: list[list[str]]) -> tuple[dict, list[dict]]:
         """Override this to score differently. Return the summary scores (without the ``eval/`` prefix)
@@ -917,8 +1101,9 @@ class Loop:
         self.model.eval()
         try:
             model = acc.unwrap_model(self.model)
+            batches = self._eval_loader(dataset)  # loading while the adapters merge
             with uncompiled_layers(model), merged_adapters(model, enabled=self.config.merge_lora_for_eval):
-                for batch in self._eval_loader(dataset):
+                for batch in batches:
                     if self._signals.received is not None and acc.num_processes == 1:
                         # Preempted: the checkpoint matters more than this evaluation. (Several processes
                         # finish it: they run different numbers of batches, so cannot agree in between.)
@@ -936,33 +1121,46 @@ class Loop:
         return rows, acc.reduce(totals, reduction="sum").tolist(), float(acc.gather(seconds).max())
 
     def _eval_loader(self, dataset: Any) -> Iterator[dict]:
-        """This process's eval batches: longest prompts first, dealt round-robin to the processes.
+        """This process's eval batches, on the device: longest prompts first, dealt round-robin to the
+        processes. The workers start loading when this is called, not at the first batch, and stay up
+        for the next evaluation of the same data (until `fit` ends).
 
         With several workers each batch is cut into one chunk per worker, so that every batch (the
         first one too) is loaded and processed in parallel; the chunks are joined here, in order.
         """
         cfg, acc = self.config, self.accelerator
         n = min(len(dataset), cfg.eval_max_samples or len(dataset))
-        if self._eval_order is None or self._eval_order[0] is not dataset or len(self._eval_order[1]) != n:
+        settings = (n, cfg.eval_batch_size, cfg.num_workers, cfg.eval_loss, acc.process_index, acc.num_processes)
+        if self._eval_plan is None or self._eval_plan[0] is not dataset or self._eval_plan[1] != settings:
             model_config = getattr(acc.unwrap_model(self.model), "config", None)
             image_tokens = getattr(model_config, "image_seq_length", None) or 576
             order = longest_prompts_first(dataset, n, self.train_collator.tokenizer, image_tokens)
-            self._eval_order = (dataset, order)
-        batches = shard_batches(list(range(n)), cfg.eval_batch_size, acc.process_index, acc.num_processes)
-        size = math.ceil(cfg.eval_batch_size / cfg.num_workers) if cfg.num_workers > 1 else cfg.eval_batch_size
-        chunks = [(k, batch[i : i + size]) for k, batch in enumerate(batches) for i in range(0, len(batch), size)]
-        collate = EvalBatchCollator(self.eval_collator, self.train_collator if cfg.eval_loss else None)
-        loader = DataLoader(
-            Indexed(dataset, self._eval_order[1]),
-            batch_sampler=[chunk for _, chunk in chunks],
-            collate_fn=collate,
-            num_workers=cfg.num_workers,
-            pin_memory=acc.device.type == "cuda",
-        )
-        parts = zip((k for k, _ in chunks), loader)
-        for _, group in itertools.groupby(parts, key=lambda part: part[0]):
-            collated = [batch for _, batch in group]
-            yield collated[0] if len(collated) == 1 else collate.merge(collated)
+            batches = shard_batches(list(range(n)), cfg.eval_batch_size, acc.process_index, acc.num_processes)
+            size = math.ceil(cfg.eval_batch_size / cfg.num_workers) if cfg.num_workers > 1 else cfg.eval_batch_size
+            chunks = [(k, b[i : i + size]) for k, b in enumerate(batches) for i in range(0, len(b), size)]
+            collate = EvalBatchCollator(self.eval_collator, self.train_collator if cfg.eval_loss else None)
+            loader = DataLoader(
+                Indexed(dataset, order),
+                batch_sampler=[chunk for _, chunk in chunks],
+                collate_fn=collate,
+                num_workers=cfg.num_workers,
+                pin_memory=acc.device.type == "cuda",
+                persistent_workers=cfg.num_workers > 0,  # no start-up cost from the second evaluation on
+            )
+            self._eval_plan = (dataset, settings, loader, [k for k, _ in chunks], collate)
+        _, _, loader, chunk_batches, collate = self._eval_plan
+        parts = zip(chunk_batches, loader)  # starts the workers loading now
+
+        def on_device(batch: dict) -> dict:
+            return {k: on_device(v) if isinstance(v, dict) else _on(v, acc.device) for k, v in batch.items()}
+
+        def joined() -> Iterator[dict]:
+            # Chunks go to the device (from pinned memory, without waiting) before they are joined.
+            for _, group in itertools.groupby(parts, key=lambda part: part[0]):
+                collated = [on_device(batch) for _, batch in group]
+                yield collated[0] if len(collated) == 1 else collate.merge(collated)
+
+        return joined()
 
     def _score(self, rows: list[dict]) -> tuple[dict, list[dict]]:
         if not rows:
@@ -1018,6 +1216,11 @@ def _eval_rows(batch: dict, out: dict) -> list[dict]:
     keys = ("index", "id", "prompt", "prediction", "references")
     columns = (batch["indices"], gen["ids"], gen["prompts"], out["predictions"], gen["references"])
     return [dict(zip(keys, values)) for values in zip(*columns)]
+
+
+def _on(value: Any, device: torch.device) -> Any:
+    """``value`` on ``device`` if it is a tensor (copied without waiting), else as it is."""
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
 
 
 def _image(dataset: Any, row: dict) -> Any:

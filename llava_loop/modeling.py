@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import inspect
 import logging
 import os
 import re
@@ -335,6 +336,55 @@ def logits_at(model: nn.Module, positions: torch.Tensor | None):
         yield model
     finally:
         handle.remove()
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword ``model``'s forward takes its KV cache under: ``cache`` (recent transformers 5) or
+    ``past_key_values``. A peft model passes it on to its base model's forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def generation_cache(output: Any) -> Any:
+    """The KV cache of a ``generate(..., return_dict_in_generate=True)`` output (``cache`` or, in
+    earlier transformers 5 releases, ``past_key_values``); None if it has none."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def plain_positions(model: nn.Module) -> bool:
+    """Whether ``model``'s position ids are one counter per row, as `generate` derives them from the
+    attention mask (False for multimodal rotary positions, e.g. Qwen2-VL's ``get_rope_index``)."""
+    return not any(hasattr(m, "get_rope_index") for m in model.modules())
+
+
+def rewind_cache(cache: Any, length: int, room: int) -> bool:
+    """Cut a KV cache back to its first ``length`` positions, in place, if it then has room for
+    ``room`` more; return whether it did (untouched otherwise).
+
+    Only caches of plain full-attention layers of one length can be cut (`DynamicLayer`,
+    `StaticLayer`): not sliding windows, linear attention, cross-attention, quantized caches.
+    A static layer keeps its later entries in place; the causal mask hides them and the next
+    forward overwrites them.
+    """
+    from transformers.cache_utils import DynamicLayer, StaticLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) not in (DynamicLayer, StaticLayer) for layer in layers):
+        return False
+    lengths = {int(layer.get_seq_length()) for layer in layers}
+    capacity = layers[0].get_max_length()
+    if len(lengths) != 1 or min(lengths) < length or (0 <= capacity < length + room):
+        return False
+    if any(isinstance(layer, StaticLayer) and not hasattr(layer, "cumulative_length") for layer in layers):
+        return False
+    remove = lengths.pop() - length
+    for layer in layers if remove else ():
+        if isinstance(layer, StaticLayer):
+            layer.cumulative_length.sub_(remove)  # what StaticLayer.crop does where it exists
+        else:
+            layer.crop(-remove)
+    return True
 
 
 def _set_use_cache(model: nn.Module, value: bool) -> None:

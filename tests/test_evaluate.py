@@ -19,12 +19,15 @@ from peft import LoraConfig, get_peft_model
 from helpers import launch_two_processes
 from llava_loop import Callback, Loop, LoopConfig
 from llava_loop.checkpointing import best_checkpoint
-from llava_loop.collators import EvalBatchCollator, EvalCollator, TrainCollator
+from llava_loop.collators import EvalBatchCollator, EvalCollator, TrainCollator, answer_continuations
+from llava_loop.data import as_dataset
 from llava_loop.metrics import Metric
 from llava_loop.modeling import (
+    generation_cache,
     language_model_lora_targets,
     lora_layers,
     merged_adapters,
+    rewind_cache,
 )
 from llava_loop.testing import COLORS, synthetic_vqa, tiny_llava
 
@@ -220,6 +223,135 @@ def test_eval_loss_is_token_weighted_over_the_whole_set(trained, tmp_path):
     assert summary["eval/loss"] == pytest.approx(total / tokens, rel=1e-5), (
         f"eval/loss {summary['eval/loss']} is not the token-weighted mean over all samples {total / tokens}"
     )
+
+
+# --------------------------------------------------------------------------- eval loss from the generation cache
+def single_turn(records: list[dict]) -> list[dict]:
+    """The records of `mixed_records` without a second turn: image and text-only, with and without a
+    system prompt, answers of different token lengths."""
+    return [r for r in records if sum(t["from"] == "gpt" for t in r["conversations"]) == 1]
+
+
+def count_full_forwards(monkeypatch) -> list:
+    """Record every teacher-forced full forward `Loop._forward` runs (its batch size)."""
+    calls = []
+    forward = Loop._forward
+
+    def spy(self, model, batch):
+        calls.append(batch["input_ids"].shape[0])
+        return forward(self, model, batch)
+
+    monkeypatch.setattr(Loop, "_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_eval_loss_read_off_the_generation_cache_equals_the_full_forward(trained, cache, tmp_path, monkeypatch):
+    model, processor = trained
+    records = single_turn(mixed_records(16, seed=3))
+    answers = {len(processor.tokenizer(r["conversations"][-1]["value"]).input_ids) for r in records}
+    assert len(records) >= 10 and len(answers) >= 2, "the check needs answers of several token lengths"
+    calls = count_full_forwards(monkeypatch)
+    loop = Loop(model, processor, config(tmp_path, eval_batch_size=4, generation_cache=cache))
+    checked = loop.evaluate(records)
+    assert calls == [4] and loop._loss_from_cache is True, (
+        f"the first cached batch is checked against one full forward, then trusted: {calls}, {loop._loss_from_cache}"
+    )
+    cached = loop.evaluate(records)
+    assert calls == [4], f"an evaluation with the cached loss still ran full forwards: {calls[1:]}"
+
+    loop._loss_from_cache = False  # the full forward for every batch
+    full = loop.evaluate(records)
+    assert len(calls) == 1 + -(-len(records) // 4), f"the full forward did not run for every batch: {calls}"
+    assert cached["eval/loss"] == pytest.approx(full["eval/loss"], rel=1e-5), (
+        f"eval loss from the cache {cached['eval/loss']} != full forward {full['eval/loss']}"
+    )
+    assert checked["eval/loss"] == pytest.approx(full["eval/loss"], rel=1e-5), "the checked evaluation's loss"
+    assert sample_rows(cached) == sample_rows(full), "reading the loss off the cache changed the predictions"
+
+
+def test_multi_turn_batches_and_an_overridden_generate_take_the_full_forward(trained, tmp_path, monkeypatch):
+    model, processor = trained
+    records = mixed_records(16, seed=4)
+    multi = [r for r in records if r not in single_turn(records)]
+    calls = count_full_forwards(monkeypatch)
+    loop = Loop(model, processor, config(tmp_path / "a", eval_batch_size=2))
+    loop.evaluate(multi + single_turn(records)[:2])  # one batch mixes both kinds
+    assert calls == [2, 2, 2] and loop._loss_from_cache is None, (
+        f"batches with a multi-turn conversation (earlier answers are trained too) need the full forward: {calls}"
+    )
+
+    class Shouting(Loop):
+        def generate(self, batch):
+            answers, count = super().generate(batch)
+            return [a.upper() for a in answers], count
+
+    calls.clear()
+    Shouting(model, processor, config(tmp_path / "b", eval_batch_size=4)).evaluate(single_turn(records)[:8])
+    assert calls == [4, 4], f"an overridden generate keeps no cache to read: {calls}"
+
+
+def test_a_cached_loss_that_disagrees_with_the_full_forward_is_dropped_with_a_warning(
+    trained, tmp_path, monkeypatch, caplog
+):
+    model, processor = trained
+    records = single_turn(mixed_records(12, seed=5))
+    reference = Loop(model, processor, config(tmp_path / "a", eval_batch_size=4))
+    reference._loss_from_cache = False
+    expected = reference.evaluate(records)["eval/loss"]
+
+    read = Loop._loss_from_generation
+
+    def off_by_one(self, out, gen, answers):
+        loss, tokens = read(self, out, gen, answers)
+        return loss + tokens, tokens  # one nat per token more
+
+    monkeypatch.setattr(Loop, "_loss_from_generation", off_by_one)
+    loop = Loop(model, processor, config(tmp_path / "b", eval_batch_size=4))
+    with caplog.at_level("WARNING", logger="llava_loop.loop"):
+        summary = loop.evaluate(records)
+    assert loop._loss_from_cache is False and "differs from the full forward" in caplog.text, caplog.text
+    assert summary["eval/loss"] == pytest.approx(expected, rel=1e-6), "the full forward's loss is reported"
+
+
+def test_answer_continuations_are_what_each_conversation_adds_after_its_prompt(trained):
+    _, processor = trained
+    records = single_turn(mixed_records(8, seed=6))
+    gen, loss = EvalCollator(processor)(records), TrainCollator(processor)(records)
+    answers = answer_continuations(gen, loss)
+    for i in range(len(records)):
+        prompt = gen["input_ids"][i][gen["attention_mask"][i].bool()]
+        rest = answers["input_ids"][i][answers["attention_mask"][i].bool()]
+        kept = loss["attention_mask"][i].bool()
+        assert torch.equal(torch.cat([prompt, rest]), loss["input_ids"][i][kept]), f"row {i}: prompt + answer"
+        labels = answers["labels"][i][answers["attention_mask"][i].bool()]
+        assert torch.equal(labels, loss["labels"][i][kept][len(prompt) :]), f"row {i}: the answer's labels"
+        assert (labels != -100).any(), f"row {i}: the answer is trained"
+    assert (answers["labels"][answers["attention_mask"] == 0] == -100).all(), "padding is not trained"
+
+    multi = mixed_records(4, seed=6)  # record 1 has two turns
+    assert answer_continuations(EvalCollator(processor)(multi), TrainCollator(processor)(multi)) is None
+    other = TrainCollator(processor)(records[::-1])
+    assert answer_continuations(gen, other) is None, "batches of different records"
+
+
+def test_rewind_cache_cuts_back_only_what_it_can_hold(trained):
+    model, processor = trained
+    batch = tensors(EvalCollator(processor)(single_turn(mixed_records(4, seed=7))))
+    model.eval()
+    with torch.no_grad():
+        for cache in ("dynamic", "static"):
+            out = model.generate(
+                **batch, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True, cache_implementation=cache
+            )
+            kv, length = generation_cache(out), batch["input_ids"].shape[1]
+            assert int(kv.get_seq_length()) == length + 2, f"{cache}: the last new token is never cached"
+            if cache == "static":
+                assert not rewind_cache(kv, length, room=10_000), "a static cache has no room for 10,000 more"
+                assert int(kv.get_seq_length()) == length + 2, "a refused rewind leaves the cache as it was"
+            assert rewind_cache(kv, length, room=3), f"{cache}: rewinding to the prompt"
+            assert int(kv.get_seq_length()) == length, f"{cache}: the cache holds the prompt only"
+            assert not rewind_cache(kv, length + 1, room=0), "a cache cannot grow by rewinding"
 
 
 def test_generation_config_follows_loop_config(trained, tmp_path):
@@ -761,3 +893,22 @@ def test_batches_loaded_in_chunks_by_several_workers_evaluate_like_one_process(
     assert sizes == [(5, 5), (5, 5), (1, 1)], f"eval batches of eval_batch_size, joined from chunks: {sizes}"
     assert chunked_rows == alone_rows, "the same predictions, in the same order"
     assert chunked["eval/loss"] == pytest.approx(alone["eval/loss"], rel=1e-6), "the same eval loss"
+
+
+def test_eval_workers_stay_up_between_evaluations_and_end_with_fit(trained, eval_records, tmp_path):
+    model, processor = trained
+    records = as_dataset(eval_records[:6])  # one dataset object, as fit holds its eval set
+    loop = Loop(model, processor, config(tmp_path, eval_batch_size=3, num_workers=2, max_steps=1))
+    first = loop.evaluate(records)
+    loader = loop._eval_plan[2]
+    workers = [w.pid for w in loader._iterator._workers]
+    assert len(workers) == 2 and all(w.is_alive() for w in loader._iterator._workers), "two live workers"
+    second = loop.evaluate(records)
+    assert loop._eval_plan[2] is loader and [w.pid for w in loader._iterator._workers] == workers, (
+        "the second evaluation of the same data reuses the loader and its worker processes"
+    )
+    assert sample_rows(first) == sample_rows(second) and first["eval/loss"] == second["eval/loss"], "same result"
+    loop.evaluate(eval_records[:4])
+    assert loop._eval_plan[2] is not loader, "other data: another loader"
+    loop.fit(synthetic_vqa(4), records)
+    assert loop._eval_plan is None, "fit ends its eval workers"

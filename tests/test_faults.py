@@ -288,10 +288,17 @@ class PoisonedLoop(Loop):
         return loss, tokens
 
 
+# Fused AdamW skips a bad update on the device, and a step that does not log is counted only after
+# the next one is queued; the foreach AdamW is checked on the host at once.
+CHECKED = {"at once": {}, "on the device, counted late": {"fused_adamw": True, "log_steps": 0}}
+
+
+@pytest.mark.parametrize("checked", CHECKED)
 @pytest.mark.parametrize("kind", ["nan", "inf", "inf-grad"])
-def test_non_finite_step_is_skipped_with_a_warning_and_leaves_weights_unchanged(tmp_path, kind, caplog):
+def test_non_finite_step_is_skipped_with_a_warning_and_leaves_weights_unchanged(tmp_path, kind, checked, caplog):
     model, processor = tiny_llava(seed=0)
-    loop = PoisonedLoop(model, processor, make_config(tmp_path, max_steps=3, weight_decay=0.1), poison={2: kind})
+    cfg = make_config(tmp_path, max_steps=3, weight_decay=0.1, **CHECKED[checked])
+    loop = PoisonedLoop(model, processor, cfg, poison={2: kind})
     with caplog.at_level(logging.WARNING):
         loop.fit(synthetic_vqa(8))
     assert (loop.state.step, loop.attempts) == (3, 4), f"steps/attempts: {loop.state.step}/{loop.attempts}"
@@ -304,12 +311,13 @@ def test_non_finite_step_is_skipped_with_a_warning_and_leaves_weights_unchanged(
     assert loop.scheduler.last_epoch == 3, f"the scheduler stepped on a skipped step: {loop.scheduler.last_epoch}"
 
 
-def test_too_many_non_finite_steps_in_a_row_stop_with_a_clear_error(tmp_path):
+@pytest.mark.parametrize("checked", CHECKED)
+def test_too_many_non_finite_steps_in_a_row_stop_with_a_clear_error(tmp_path, checked):
     model, processor = tiny_llava(seed=0)
     loop = PoisonedLoop(
         model,
         processor,
-        make_config(tmp_path, max_steps=6, max_bad_steps=2, save_steps=1),
+        make_config(tmp_path, max_steps=6, max_bad_steps=2, save_steps=1, **CHECKED[checked]),
         poison={2: "nan", 3: "nan", 4: "nan"},
     )
     with pytest.raises(FloatingPointError, match=r"3 consecutive steps.*max_bad_steps=2"):
@@ -318,11 +326,11 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_a_clear_error(tmp_path):
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path)] == ["step_000001"], "checkpoints changed"
 
 
-def test_bad_steps_that_are_not_consecutive_are_tolerated(tmp_path):
+@pytest.mark.parametrize("checked", CHECKED)
+def test_bad_steps_that_are_not_consecutive_are_tolerated(tmp_path, checked):
     model, processor = tiny_llava(seed=0)
-    loop = PoisonedLoop(
-        model, processor, make_config(tmp_path, max_steps=3, max_bad_steps=1), poison={2: "nan", 4: "inf"}
-    )
+    cfg = make_config(tmp_path, max_steps=3, max_bad_steps=1, **CHECKED[checked])
+    loop = PoisonedLoop(model, processor, cfg, poison={2: "nan", 4: "inf"})
     loop.fit(synthetic_vqa(12))
     assert loop.state.step == 3, f"run stopped at step {loop.state.step}"
 

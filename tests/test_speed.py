@@ -164,6 +164,65 @@ def test_fused_adamw_trains_like_foreach_adamw(tmp_path):
         assert torch.allclose(a[name], b[name], atol=1e-6), f"{name} updated the same"
 
 
+class Order:
+    """The order of training forwards (``("forward", attempt)``) and ``on_step_end`` calls
+    (``("end", step)``), and whether the run stops at a step."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.events, self.stop_at = [], stop_at
+
+    def on_step_end(self, loop, logs):
+        self.events.append(("end", loop.state.step))
+        if loop.state.step == self.stop_at:
+            loop.state.should_stop = True
+
+
+class CountedAtOnce(Loop):
+    """Counts every step before the next one is queued (a wait for the GPU per step)."""
+
+    def _can_wait(self, number):
+        return False
+
+
+def ordered_run(tmp_path, name, loop_class=Loop, stop_at=None, **overrides):
+    model, processor = tiny_llava()
+    seen, order = StepLosses(), Order(stop_at)
+    settings = {"max_steps": 5, "log_steps": 0, "fused_adamw": True, "lora_dropout": 0.1, **overrides}
+
+    class Recorded(loop_class):
+        def training_step(self, batch):
+            order.events.append(("forward", len(order.events)))
+            return super().training_step(batch)
+
+    loop = Recorded(model, processor, config(tmp_path / name, **settings), callbacks=[seen, order])
+    loop.fit(uneven_records(24))
+    return loop, seen, [kind for kind, _ in order.events]
+
+
+def test_steps_counted_after_the_next_is_queued_train_exactly_like_steps_counted_at_once(tmp_path):
+    late, late_seen, late_order = ordered_run(tmp_path, "late", save_steps=3)
+    once, once_seen, once_order = ordered_run(tmp_path, "once", CountedAtOnce, save_steps=3)
+    assert once_order == ["forward", "end"] * 5, f"counted at once: {once_order}"
+    # Steps 1, 2 and 4 wait for the next forward; 3 (saves) and 5 (the last) are counted at once.
+    expected = ["forward", "forward", "end", "forward", "end", "end", "forward", "forward", "end", "end"]
+    assert late_order == expected, f"fused AdamW: steps counted after the next forward is queued: {late_order}"
+    assert late_seen.__dict__ == once_seen.__dict__, "the same steps, losses, rates and gradient norms"
+    a, b = trainable(late.model), trainable(once.model)
+    assert all(torch.equal(a[n], b[n]) for n in a), "the same weights, bit for bit"
+    assert late.state.state_dict() == once.state.state_dict() | {"wall_seconds": late.state.wall_seconds}
+
+
+def test_a_callback_stopping_at_a_step_counted_late_drops_the_queued_next_step(tmp_path):
+    late, late_seen, late_order = ordered_run(tmp_path, "late", stop_at=2)
+    once, once_seen, _ = ordered_run(tmp_path, "once", CountedAtOnce, stop_at=2)
+    assert late_order == ["forward", "forward", "end", "forward", "end"], f"step 3 was queued: {late_order}"
+    assert late.state.step == once.state.step == 2, "the run stopped after step 2"
+    assert late.state.samples_in_epoch == once.state.samples_in_epoch == 8, "the data of step 3 is not consumed"
+    a, b = trainable(late.model), trainable(once.model)
+    assert all(torch.equal(a[n], b[n]) for n in a), "step 3's gradients were not applied"
+    assert late.optimizer.state_dict()["state"][0]["step"] == 2, "the optimizer made two steps"
+
+
 def test_compiled_layers_train_like_eager_ones_and_evaluate_uncompiled(tmp_path):
     records = uneven_records(12)
     kwargs = {"gradient_checkpointing": 1, "eval_steps": 3}  # a checkpointed and a plain decoder layer
