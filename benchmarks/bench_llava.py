@@ -631,14 +631,16 @@ def train_trl_sft(args, processor, train_path: str, variant: str = "sft") -> dic
 
 # ------------------------------------------------------------------------------------ generation
 class _TimedLoop(_BenchLoop):
-    """Adds timers around the two halves of `evaluation_step` (generation, teacher-forced loss)."""
+    """Adds timers inside `Loop.evaluate`: generation (`_generate`, which the default `generate` and the
+    eval loss read off its cache both call), whole evaluation steps, waits for the next batch, and
+    merging/unmerging the adapters."""
 
     timers: dict
 
-    def generate(self, batch):
+    def _generate(self, batch, gen_config, keep=False):
         sync()
         t0 = time.perf_counter()
-        out = super().generate(batch)  # decodes, so it ends with a sync
+        out = super()._generate(batch, gen_config, keep)  # decodes, so it ends with a sync
         self.timers["generate_s"] += time.perf_counter() - t0
         return out
 
@@ -649,15 +651,56 @@ class _TimedLoop(_BenchLoop):
         self.timers["evaluation_step_s"] += time.perf_counter() - t0
         return out
 
+    def _eval_loader(self, dataset):
+        return self._timed_batches(super()._eval_loader(dataset))  # the workers start now, as in Loop
+
+    def _timed_batches(self, batches):
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            self.timers["batch_wait_s"] += time.perf_counter() - t0
+            self.timers.setdefault("batch_waits_s", []).append(round(time.perf_counter() - t0, 4))
+            if batch is None:
+                return
+            yield batch
+
+
+def _timed_merge(loop: _TimedLoop):
+    """`llava_loop.loop.merged_adapters`, timing its entry and exit into ``loop.timers["merge_s"]``."""
+    import contextlib
+
+    import llava_loop.loop as loop_module
+
+    inner = loop_module.merged_adapters
+
+    @contextlib.contextmanager
+    def timed(model, enabled=True):
+        sync()
+        t0 = time.perf_counter()
+        with inner(model, enabled=enabled):
+            sync()
+            loop.timers["merge_s"] += time.perf_counter() - t0
+            yield model
+            sync()
+            t0 = time.perf_counter()
+        sync()
+        loop.timers["merge_s"] += time.perf_counter() - t0
+
+    loop_module.merged_adapters = timed
+
 
 def loop_evaluate(loop: Loop, eval_path: str, merge: bool, reps: int, n_new: int, warmup: int = 0) -> dict:
+    """``loop.evaluate`` of the records of ``eval_path``, loaded once (as `fit` holds its eval set), so
+    the prompt-length order and the eval workers are reused from the second evaluation on, as during
+    `fit`; the ``warmup`` first evaluations are not counted."""
+    dataset = as_dataset(eval_path)
     loop.config.merge_lora_for_eval = merge
     runs = []
     for _ in range(reps):
-        loop.timers = {"generate_s": 0.0, "evaluation_step_s": 0.0}
+        loop.timers = {"generate_s": 0.0, "evaluation_step_s": 0.0, "batch_wait_s": 0.0, "merge_s": 0.0}
         sync()
         t0 = time.perf_counter()
-        summary = loop.evaluate(eval_path)
+        summary = loop.evaluate(dataset)
         sync()
         wall = time.perf_counter() - t0
         n = int(summary["eval/samples"])
@@ -668,7 +711,8 @@ def loop_evaluate(loop: Loop, eval_path: str, merge: bool, reps: int, n_new: int
                 "gen_tokens_per_s": n * n_new / wall,
                 "loop_reported_gen_tokens_per_s": summary["eval/gen_tokens_per_s"],
                 **loop.timers,
-                "eval_loss_forward_s": loop.timers["evaluation_step_s"] - loop.timers["generate_s"],
+                "eval_loss_s": loop.timers["evaluation_step_s"] - loop.timers["generate_s"],
+                "loss_from_cache": loop._loss_from_cache,
                 "outside_steps_s": wall - loop.timers["evaluation_step_s"],
             }
         )
@@ -805,6 +849,7 @@ def generation_sweep(args, results: dict, save, processor, eval_path: str, deadl
     n_lm, n_vision = language_model_params(model), vision_params(model)
     model = prepare_model(model, cfg)  # LoRA adapters, as after training
     loop = _TimedLoop(model, processor, cfg)
+    _timed_merge(loop)
     model.get_base_model().generation_config.min_new_tokens = args.new_tokens  # random weights: no early EOS
     model.eval()
     tok = processor.tokenizer
@@ -948,7 +993,7 @@ def main() -> None:
     t_start = time.perf_counter()
     big = not args.tiny
     args.batch_size = 8 if big else 2
-    args.eval_batch_size = 16 if big else 4
+    args.eval_batch_size = int(os.environ.get("BENCH_EVAL_BS", 16)) if big else 4
     args.warmup_steps = args.warmup_steps or (5 if big else 2)
     args.measured_steps = args.measured_steps or (20 if big else 3)
     warmup_run = tuple(int(x) for x in (args.warmup_run_steps or ("5,10" if big else "1,1")).split(","))

@@ -135,6 +135,7 @@ def run_minimal(args, processor, train_path: str) -> dict:
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 pixel_values=batch["pixel_values"],
+                use_cache=False,  # as fit: no KV cache in training (a cache would also recompile the layers)
             ).last_hidden_state
             logits = llava.lm_head(hidden[:, :-1].flatten(0, 1).index_select(0, positions))
             loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / count
