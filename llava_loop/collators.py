@@ -470,10 +470,7 @@ def answer_continuations(gen: dict, loss: dict) -> dict | None:
         rows.append({"input_ids": tokens[n:], "attention_mask": torch.ones_like(tokens[n:]), "labels": labels[n:]})
     longest = max(len(r["input_ids"]) for r in rows)
     fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}  # padding ids are masked out
-    return {
-        key: torch.stack([torch.nn.functional.pad(r[key], (0, longest - len(r[key])), value=fill[key]) for r in rows])
-        for key in fill
-    }
+    return {key: torch.cat([_pad(r[key][None], longest, fill[key], left=False) for r in rows]) for key in fill}
 
 
 class EvalBatchCollator:

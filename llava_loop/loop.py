@@ -560,7 +560,7 @@ class Loop:
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
         if self.accelerator.scaler is None and getattr(inner, "_step_supports_amp_scaling", False):
             mean = stats[0] / stats[1]
-            bad = ~torch.isfinite(mean) | ~torch.isfinite(stats[2]) | (stats[1] <= 0)
+            bad = ~torch.isfinite(mean) | ~torch.isfinite(stats[2]) | (stats[1] <= 0)  # `_good`, on the device
             inner.grad_scale, inner.found_inf = None, bad.float()  # what GradScaler hands the optimizer
             try:
                 self.optimizer.step()  # skipped on the device where bad (weights, moments, step count)
@@ -577,19 +577,26 @@ class Loop:
         return True
 
     def _good(self, step: _Step) -> bool:
-        """Whether ``step`` may be applied: finite loss, a positive token count, and (without fp16's
-        grad scaler, which handles it) a finite gradient norm. Waits for the GPU."""
+        """Whether ``step`` may be applied: a positive token count and nothing `_non_finite`. Waits for
+        the GPU."""
         loss_sum, num_tokens, grad_norm = step.values()
-        finite_norm = self.accelerator.scaler is not None or math.isfinite(grad_norm)
-        return num_tokens > 0 and math.isfinite(loss_sum / num_tokens) and finite_norm
+        return num_tokens > 0 and self._non_finite(loss_sum / num_tokens, grad_norm) is None
+
+    def _non_finite(self, mean_loss: float, grad_norm: float) -> str | None:
+        """Why a step must not be applied: a non-finite loss or (without fp16's grad scaler, which skips
+        such steps itself and lowers its scale) a non-finite gradient norm; None if neither."""
+        if not math.isfinite(mean_loss):
+            return f"non-finite loss ({mean_loss})"
+        if self.accelerator.scaler is None and not math.isfinite(grad_norm):
+            return f"non-finite gradient norm ({grad_norm})"
+        return None
 
     def _can_wait(self, number: int) -> bool:
         """Whether step ``number`` (its update queued) may be counted after the next step is queued: it
-        does not log, evaluate, save or end the epoch or the run."""
-        cfg, state = self.config, self.state
-        every = [cfg.log_steps, cfg.save_steps, cfg.eval_steps if self.eval_data is not None else 0]
+        does not log, evaluate, save (`_cadences`) or end the epoch or the run."""
+        state = self.state
         epoch_end = state.samples_in_epoch >= len(self.train_data)
-        return not (number >= state.max_steps or epoch_end or any(k and number % k == 0 for k in every))
+        return not (number >= state.max_steps or epoch_end or any(self._cadences(number)))
 
     def _finish_pending(self) -> None:
         """Count the step whose update is queued (`_finish_step`), if there is one, with the data
@@ -616,12 +623,9 @@ class Loop:
                 f"{counts['label_tokens']} label tokens: return (loss summed over some tokens, how many tokens)"
             )
         mean_loss = loss_sum / num_tokens
-        if not math.isfinite(mean_loss):
-            self._skip_bad_step(f"non-finite loss ({mean_loss})", step.ids)
-            return
-        # With fp16 the grad scaler skips inf/nan steps itself (and lowers its scale).
-        if self.accelerator.scaler is None and not math.isfinite(grad_norm):
-            self._skip_bad_step(f"non-finite gradient norm ({grad_norm})", step.ids)
+        reason = self._non_finite(mean_loss, grad_norm)
+        if reason is not None:
+            self._skip_bad_step(reason, step.ids)
             return
         logs = self._update(mean_loss, grad_norm, step.lr)
         self.state.samples_seen += counts["samples"]
@@ -691,19 +695,28 @@ class Loop:
 
     def _after_step(self, logs: dict) -> None:
         """Callbacks, then logging, evaluation and checkpoint at their cadences."""
-        cfg, state = self.config, self.state
         dispatch(self.callbacks, "on_step_end", self, logs=logs)
         self._throughput.losses.append(logs["train/loss"])
-        if cfg.log_steps and state.step % cfg.log_steps == 0:
+        log, evaluate, save = self._cadences(self.state.step)
+        if log:
             self._log_train(logs)
-        epoch_end = state.samples_in_epoch >= len(self.train_data)
-        if self.eval_data is not None and (
-            (cfg.eval_steps and state.step % cfg.eval_steps == 0) or (cfg.eval_each_epoch and epoch_end)
-        ):
+        if evaluate:
             self._evaluate_and_record()
-        if cfg.save_steps and state.step % cfg.save_steps == 0:
+        if save:
             self._save()
         self._throughput.restart_clock()  # evaluation and saving are not step time
+
+    def _cadences(self, number: int) -> tuple[bool, bool, bool]:
+        """Whether optimizer step ``number``, ending at the current data position, logs, evaluates and
+        saves."""
+        cfg = self.config
+        epoch_end = self.state.samples_in_epoch >= len(self.train_data)
+        log = bool(cfg.log_steps) and number % cfg.log_steps == 0
+        evaluate = self.eval_data is not None and (
+            (bool(cfg.eval_steps) and number % cfg.eval_steps == 0) or (cfg.eval_each_epoch and epoch_end)
+        )
+        save = bool(cfg.save_steps) and number % cfg.save_steps == 0
+        return log, evaluate, save
 
     def _skip_empty_step(self, skipped: int) -> None:
         """Every sample of this step was skipped: no update (AdamW on zero gradients would still
