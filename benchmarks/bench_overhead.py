@@ -61,7 +61,77 @@ class DeviceTokens:
         self.total = torch.zeros((), dtype=torch.int64, device=device)
 
 
-def run_fit(args, processor, train_path: str) -> dict:
+class Probe:
+    """What a run's measured steps spend host time on, by phase-name suffix (not in the ratio):
+    ``+syncs`` counts the device syncs by call site (the innermost frames outside torch; CUDA sync
+    debug mode), ``+profile`` runs cProfile (the functions with most own and most cumulative time)."""
+
+    def __init__(self, kind: str):
+        self.kind, self.sites, self._old, self._profile = kind, {}, None, None
+
+    @staticmethod
+    def of(name: str) -> Probe | None:
+        kind = name.partition("+")[2]
+        if kind not in ("", "syncs", "profile"):
+            raise ValueError(f"unknown phase suffix +{kind}: use +syncs or +profile")
+        return Probe(kind) if kind and (CUDA or kind == "profile") else None
+
+    def start(self) -> None:
+        if self.kind == "profile":
+            import cProfile
+
+            self._profile = cProfile.Profile()
+            self._profile.enable()
+            return
+        import warnings
+
+        self._old = warnings.showwarning
+        warnings.simplefilter("always")
+        warnings.showwarning = self._record
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        import traceback
+
+        frames = [
+            f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename
+        ]
+        site = " < ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in frames[-4:][::-1])
+        self.sites[site] = self.sites.get(site, 0) + 1
+
+    def stop(self) -> dict:
+        if self.kind == "profile":
+            import io
+            import pstats
+
+            self._profile.disable()
+            text = {}
+            for key, n in (("tottime", 35), ("cumulative", 60)):
+                stream = io.StringIO()
+                pstats.Stats(self._profile, stream=stream).sort_stats(key).print_stats(n)
+                text[f"profile_by_{key}"] = stream.getvalue()
+            return text
+        torch.cuda.set_sync_debug_mode(0)
+        warnings = __import__("warnings")
+        warnings.showwarning = self._old
+        warnings.resetwarnings()
+        return {"syncs_after_warmup": dict(sorted(self.sites.items(), key=lambda kv: -kv[1]))}
+
+
+class ProbeClock(ClockCallback):
+    """`ClockCallback` that also starts ``probe`` (a `Probe`, or None) when the warm-up steps end."""
+
+    def __init__(self, clock: StepClock, probe: Probe | None):
+        super().__init__(clock)
+        self.probe = probe
+
+    def on_step_end(self, loop, logs):
+        super().on_step_end(loop, logs)
+        if self.probe is not None and len(self.clock.times) == self.clock.warmup:
+            self.probe.start()
+
+
+def run_fit(args, processor, train_path: str, probe: Probe | None = None) -> dict:
     from bench_llava import TokenCounter
 
     cfg, unsupported = loop_config(args, OPTIONS)
@@ -71,16 +141,20 @@ def run_fit(args, processor, train_path: str) -> dict:
     counter = TokenCounter(model)
     total = args.warmup_steps + args.measured_steps
     clock = StepClock(counter, args.warmup_steps, total, sync_each_step=False)
-    loop = _BenchLoop(model, processor, cfg, callbacks=[ClockCallback(clock)])
+    loop = _BenchLoop(model, processor, cfg, callbacks=[ProbeClock(clock, probe)])
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
-    loop.fit(as_dataset(train_path))
+    try:
+        loop.fit(as_dataset(train_path))
+    finally:
+        found = probe.stop() if probe is not None else {}
     counter.remove()
     result = {"unsupported_options": unsupported, "optimizer": optimizer_name(loop.optimizer), **clock.summary()}
+    result.update(found)
     return add_mfu(result, n_params)
 
 
-def run_minimal(args, processor, train_path: str) -> dict:
+def run_minimal(args, processor, train_path: str, probe: Probe | None = None) -> dict:
     """The minimal loop: what a careful user writes by hand with the same levers."""
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
@@ -123,7 +197,9 @@ def run_minimal(args, processor, train_path: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     clock.t_start = time.perf_counter()
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    for _, batch in zip(range(total), batches):
+    for n, batch in enumerate(itertools.islice(batches, total)):
+        if probe is not None and n == args.warmup_steps:
+            probe.start()
         # The labelled positions and targets on the CPU: indexing with a device mask would wait for the GPU.
         keep = batch["labels"][:, 1:] != -100
         positions = keep.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
@@ -147,13 +223,20 @@ def run_minimal(args, processor, train_path: str) -> dict:
         tokens.total += batch["attention_mask"].sum()
         clock.tick()
     result = {"optimizer": optimizer_name(optimizer), **clock.summary()}
+    if probe is not None:
+        result.update(probe.stop())
     return add_mfu(result, n_params)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common_arguments(p, "/tmp/llava_bench_overhead")
-    p.add_argument("--phases", default="fit,minimal,fit,minimal,fit,minimal,fit", help="after a warm-up fit run")
+    p.add_argument(
+        "--phases",
+        default="fit,minimal,fit,minimal,fit,minimal,fit",
+        help="after a warm-up fit run; a name ending in +syncs or +profile (fit+syncs, minimal+profile) also counts "
+        "the device syncs after the warm-up steps by call site, or profiles them (cProfile); slower, not in the ratio",
+    )
     p.add_argument("--warmup-steps", type=int, default=None, help="default 10 (tiny: 2)")
     p.add_argument("--measured-steps", type=int, default=None, help="default 60 (tiny: 3)")
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("BENCH_BUDGET", 520)))
@@ -184,14 +267,13 @@ def main() -> None:
         with phase(results, key, limit_s=left - 10):
             row = {"name": name, "position": i + 1, "warmup_run": i == 0}
             results["runs"].append(row)
-            row.update(
-                run_fit(args, processor, train_path) if name == "fit" else run_minimal(args, processor, train_path)
-            )
+            run = run_fit if name.split("+")[0] == "fit" else run_minimal
+            row.update(run(args, processor, train_path, Probe.of(name)))
             row["status"] = "ok"
-            print(key, {k: v for k, v in row.items() if k != "all_step_s"}, flush=True)
+            print(key, {k: v for k, v in row.items() if k != "all_step_s" and not k.startswith("profile")}, flush=True)
         save()
 
-    ok = [r for r in results["runs"] if r.get("status") == "ok" and not r["warmup_run"]]
+    ok = [r for r in results["runs"] if r.get("status") == "ok" and not r["warmup_run"] and "+" not in r["name"]]
     print(f"\n==== overhead summary: {results['env'].get('device', 'cpu')}, torch {results['env']['torch']} ====")
     print(f"{'#':>2} {'run':8s} {'tok/s':>9s} {'host step med':>13s} {'peak GiB':>8s} {'MFU':>6s}  optimizer")
     for r in results["runs"]:
@@ -205,6 +287,14 @@ def main() -> None:
     if fit and minimal:
         results["ratio_fit_over_minimal"] = statistics.mean(fit) / statistics.mean(minimal)
         print(f"ratio tokens/s fit/minimal: {results['ratio_fit_over_minimal']:.3f} (target >= 0.95)")
+    for r in results["runs"]:
+        if "syncs_after_warmup" in r:
+            print(
+                f"device syncs after the warm-up, run {r['position']} {r['name']}:", r["syncs_after_warmup"] or "none"
+            )
+        for key in ("profile_by_tottime", "profile_by_cumulative"):
+            if key in r:
+                print(f"---- run {r['position']} {r['name']}: {key}\n" + r[key][:7000])
     for name, text in results.get("errors", {}).items():
         print(f"ERROR in {name}: {text.strip().splitlines()[-1][:300]}")
     results["total_s"] = time.perf_counter() - t_start

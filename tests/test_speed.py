@@ -15,10 +15,11 @@ from llava_loop.modeling import decoder_layers, label_positions, logits_at, prep
 from llava_loop.testing import synthetic_vqa, tiny_llava
 
 
-def run(tmp_path, name: str, records=None, **overrides) -> tuple[Loop, StepLosses]:
+def run(tmp_path, name: str, records=None, callbacks=(), **overrides) -> tuple[Loop, StepLosses]:
     model, processor = tiny_llava()
     seen = StepLosses()
-    loop = Loop(model, processor, config(tmp_path / name, **{"max_steps": 3, **overrides}), callbacks=[seen])
+    cfg = config(tmp_path / name, **{"max_steps": 3, **overrides})
+    loop = Loop(model, processor, cfg, callbacks=[seen, *callbacks])
     loop.fit(records or uneven_records(12), synthetic_vqa(5, seed=9) if overrides.get("eval_steps") else None)
     return loop, seen
 
@@ -221,6 +222,30 @@ def test_a_callback_stopping_at_a_step_counted_late_drops_the_queued_next_step(t
     a, b = trainable(late.model), trainable(once.model)
     assert all(torch.equal(a[n], b[n]) for n in a), "step 3's gradients were not applied"
     assert late.optimizer.state_dict()["state"][0]["step"] == 2, "the optimizer made two steps"
+
+
+class Workers:
+    """The train loader's worker processes at every ``on_step_end``, with the epoch."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, loop, logs):
+        self.seen.append((loop.state.epoch, list(loop.train_loader._iterator._workers)))
+
+
+def test_train_workers_stay_up_between_epochs_and_end_with_fit(tmp_path):
+    workers = Workers()
+    loop, seen = run(tmp_path, "w2", max_steps=0, num_epochs=3, num_workers=2, callbacks=[workers])
+    _, alone = run(tmp_path, "w0", max_steps=0, num_epochs=3)
+    assert seen.__dict__ == alone.__dict__ and len(seen.steps) == 9, "the same steps and losses as without workers"
+    assert {epoch for epoch, _ in workers.seen} == {0, 1, 2}, "three epochs"
+    processes = workers.seen[0][1]
+    assert len(processes) == 2, "two worker processes"
+    assert all([w.pid for w in ws] == [w.pid for w in processes] for _, ws in workers.seen), (
+        "every epoch is loaded by the same worker processes"
+    )
+    assert loop.train_loader._iterator is None and not any(w.is_alive() for w in processes), "fit ends the workers"
 
 
 def test_compiled_layers_train_like_eager_ones_and_evaluate_uncompiled(tmp_path):
