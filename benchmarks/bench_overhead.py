@@ -63,8 +63,8 @@ class DeviceTokens:
 
 class Probe:
     """What a run's measured steps spend host time on, by phase-name suffix (not in the ratio):
-    ``+syncs`` counts the device syncs by call site (the innermost frames outside torch; CUDA sync
-    debug mode), ``+profile`` runs cProfile (the functions with most own and most cumulative time)."""
+    ``+syncs`` counts the device syncs by call site (the innermost frames outside torch, e.g. in
+    transformers; CUDA sync debug mode), ``+profile`` runs cProfile (the functions with most own and most cumulative time)."""
 
     def __init__(self, kind: str):
         self.kind, self.sites, self._old, self._profile = kind, {}, None, None
@@ -93,8 +93,11 @@ class Probe:
     def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
         import traceback
 
+        torch_dir = str(Path(torch.__file__).parent)  # torch's own frames and the warning's are left out
         frames = [
-            f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename
+            f
+            for f in traceback.extract_stack()[:-1]
+            if not f.filename.startswith(torch_dir) and not f.filename.endswith("warnings.py")
         ]
         site = " < ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in frames[-4:][::-1])
         self.sites[site] = self.sites.get(site, 0) + 1

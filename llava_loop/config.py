@@ -168,7 +168,8 @@ class LoopConfig:
     eval_max_samples: int | None = None
     """Cap on eval samples per evaluation (the first N); None = all."""
     num_workers: int = 0
-    """DataLoader worker processes; 0 = load data in the main process."""
+    """DataLoader worker processes; 0 = load data in the main process. They stay up from one epoch
+    (and evaluation) to the next and end with fit."""
     shuffle: bool = True
     """Shuffle the training data every epoch."""
     on_bad_sample: str = "raise"
