@@ -20,11 +20,16 @@ Usage (from the repository root, PYTHONPATH=.):
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import itertools
 import json
 import os
+import pstats
 import statistics
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,7 +72,9 @@ class Probe:
     transformers; CUDA sync debug mode), ``+profile`` runs cProfile (the functions with most own and most cumulative time)."""
 
     def __init__(self, kind: str):
-        self.kind, self.sites, self._old, self._profile = kind, {}, None, None
+        self.kind, self.sites = kind, {}
+        self._profile = cProfile.Profile() if kind == "profile" else None
+        self._warnings = warnings.catch_warnings()  # restores the filters and showwarning at stop
 
     @staticmethod
     def of(name: str) -> Probe | None:
@@ -77,22 +84,15 @@ class Probe:
         return Probe(kind) if kind and (CUDA or kind == "profile") else None
 
     def start(self) -> None:
-        if self.kind == "profile":
-            import cProfile
-
-            self._profile = cProfile.Profile()
+        if self._profile is not None:
             self._profile.enable()
             return
-        import warnings
-
-        self._old = warnings.showwarning
+        self._warnings.__enter__()
         warnings.simplefilter("always")
         warnings.showwarning = self._record
         torch.cuda.set_sync_debug_mode("warn")
 
     def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
-        import traceback
-
         torch_dir = str(Path(torch.__file__).parent)  # torch's own frames and the warning's are left out
         frames = [
             f
@@ -103,10 +103,7 @@ class Probe:
         self.sites[site] = self.sites.get(site, 0) + 1
 
     def stop(self) -> dict:
-        if self.kind == "profile":
-            import io
-            import pstats
-
+        if self._profile is not None:
             self._profile.disable()
             text = {}
             for key, n in (("tottime", 35), ("cumulative", 60)):
@@ -115,9 +112,7 @@ class Probe:
                 text[f"profile_by_{key}"] = stream.getvalue()
             return text
         torch.cuda.set_sync_debug_mode(0)
-        warnings = __import__("warnings")
-        warnings.showwarning = self._old
-        warnings.resetwarnings()
+        self._warnings.__exit__(None, None, None)
         return {"syncs_after_warmup": dict(sorted(self.sites.items(), key=lambda kv: -kv[1]))}
 
 

@@ -215,6 +215,7 @@ class Loop:
         self.steps_per_epoch = 0  # optimizer steps in one epoch (the last may be short)
         self.resumed_from: str | None = None  # the checkpoint this run resumed from, if any
         self._trainable: list[torch.nn.Parameter] = []  # parameters with gradients (clipped together)
+        self._bare_of: tuple = ()  # (model, the same without accelerate's wrappers): see `_bare`
         self._signals = SignalWatcher(cfg.handle_signals)  # SIGTERM/SIGINT during fit: stop after the step
         self._lock: rundir.RunLock | None = None  # the main process's hold on output_dir during fit
         self._clock: float | None = None  # perf_counter() when state.wall_seconds was last advanced
@@ -915,10 +916,9 @@ class Loop:
         """``model`` (default: the loop's) without accelerate's wrappers. Remembered for the loop's
         model: unwrapping walks every module (2 ms a step on a 0.5B LLaVA with LoRA)."""
         model = self.model if model is None else model
-        known = self.__dict__.get("_bare_of", ())
-        if not any(model is m for m in known):
-            self._bare_of = known = (model, self.accelerator.unwrap_model(model))
-        return known[1]
+        if not any(model is m for m in self._bare_of):
+            self._bare_of = (model, self.accelerator.unwrap_model(model))
+        return self._bare_of[1]
 
     def _model_inputs(self, batch: dict, drop: tuple = ()) -> dict:
         """The batch's model inputs (meta keys and ``drop`` removed) on the loop's device."""
