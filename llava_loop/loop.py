@@ -999,6 +999,8 @@ class Loop:
             loss, tokens = self.compute_loss(self._forward(self._bare(), loss_batch), loss_batch)
             if cached is not None:  # the first cached loss: checked against the full forward once
                 self._check_loss_from_cache(cached, (loss, tokens))
+                if self._loss_from_cache:  # and then used, as in every later evaluation: a resumed run's
+                    loss, tokens = cached  # first evaluation gives the losses an uninterrupted one does
         elif cached is not None:
             loss, tokens = cached
         return {"predictions": predictions, "new_tokens": new_tokens, "loss_sum": loss.float(), "loss_tokens": tokens}
