@@ -5,8 +5,8 @@ every ```python block of README.md and docs/*.md as a test item of that file, an
 fixtures reach only the items below its folder.
 
 Every docs block runs as pasted, each in a fresh empty working directory, with the Hub names it
-uses (``llava-hf/llava-1.5-7b-hf``) found in an offline Hugging Face cache that holds the tiny
-LLaVA of `llava_loop.testing` (`fake_hub`). Blocks that read files name a fixture in their fence's info string
+uses (``llava-hf/llava-1.5-7b-hf``, ``Qwen/Qwen2-VL-2B-Instruct``) found in an offline Hugging Face
+cache that holds the tiny models of their families from `llava_loop.testing` (`fake_hub`). Blocks that read files name a fixture in their fence's info string
 (```` ```python fixture:llava_data ````): `llava_data` writes ``data/train.json``,
 ``data/val.json`` and ``data/images/``; `finished_run` provides ``out/``, a finished run with
 checkpoints up to ``step_000120``.
@@ -31,8 +31,9 @@ import torch  # noqa: E402 (after the offline switches)
 # helpers.launch_two_processes), so results never depend on the machine's core count.
 torch.set_num_threads(1)
 
-# The Hub names the docs use; each loads the tiny model and processor instead.
-FAKE_HUB_NAMES = ("llava-hf/llava-1.5-7b-hf",)
+# The Hub names the docs use; each loads the tiny model and processor of its family instead.
+FAKE_HUB = {"llava-hf/llava-1.5-7b-hf": "llava", "Qwen/Qwen2-VL-2B-Instruct": "qwen2_vl"}
+FAKE_HUB_NAMES = tuple(FAKE_HUB)
 
 
 def _is_docs_block(request: pytest.FixtureRequest) -> bool:
@@ -47,33 +48,25 @@ def _as_if_from_hub(model, name: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny LLaVA and its processor saved as a Hugging Face model folder, once per session."""
-    from llava_loop.testing import tiny_llava
+def _fake_hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face cache folder in which every `FAKE_HUB` repo holds its family's tiny model files."""
+    from llava_loop.testing import tiny_vlm
 
-    folder = tmp_path_factory.mktemp("fake_hub") / "tiny-llava"
-    model, processor = tiny_llava(seed=0)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def _fake_hub_cache(tmp_path_factory: pytest.TempPathFactory, tiny_model_folder: Path) -> Path:
-    """A Hugging Face cache folder in which every `FAKE_HUB_NAMES` repo holds the tiny model's files."""
     cache = tmp_path_factory.mktemp("hf_cache")
     commit = "0" * 40
-    for name in FAKE_HUB_NAMES:
+    for name, family in FAKE_HUB.items():
         repo = cache / f"models--{name.replace('/', '--')}"
         (repo / "refs").mkdir(parents=True)
         (repo / "refs" / "main").write_text(commit)
-        shutil.copytree(tiny_model_folder, repo / "snapshots" / commit)
+        model, processor = tiny_vlm(family, seed=0)
+        model.save_pretrained(repo / "snapshots" / commit)
+        processor.save_pretrained(repo / "snapshots" / commit)
     return cache
 
 
 @pytest.fixture
 def fake_hub(monkeypatch: pytest.MonkeyPatch, _fake_hub_cache: Path) -> Path:
-    """An offline Hugging Face cache that holds the tiny model under each `FAKE_HUB_NAMES` name.
+    """An offline Hugging Face cache that holds a tiny model under each `FAKE_HUB` name.
 
     Nothing is patched but the cache location: ``from_pretrained("llava-hf/llava-1.5-7b-hf")``,
     `llava_loop.modeling.check_model_source` and peft find the tiny model there as they would a real

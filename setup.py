@@ -9,6 +9,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["llava_loop", "llava_loop.*"]),
+    package_data={"llava_loop": ["testing_templates/*.jinja"]},  # published chat templates of the test kit
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -32,7 +33,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.2", "protobuf>=4", "pytest-markdown-docs>=0.9",
-                 "markdown-it-py>=3", "packaging>=21", "evaluate>=0.4", "pandas"],  # pandas: bert-score's reader
+                 "markdown-it-py>=3", "packaging>=21", "evaluate>=0.4", "pandas",  # pandas: bert-score's reader
+                 "num2words"],  # SmolVLM's processor (tests/test_families.py)
         "evaluate": ["evaluate>=0.4", "datasets>=2.0"],  # metrics given as evaluate.load(...) modules
         "wandb": ["wandb>=0.16"],  # report_to=["wandb"]: prediction tables
         "docs": [],

@@ -752,8 +752,8 @@ def export(
 ) -> Path:
     """Merge a checkpoint into its base model and save a standard Hugging Face model + processor.
 
-    The result loads with ``LlavaForConditionalGeneration.from_pretrained(out_dir)`` (and
-    ``AutoProcessor.from_pretrained(out_dir)``); it is what AWQ/GGUF/bitsandbytes quantisers
+    The result loads with ``AutoModelForImageTextToText.from_pretrained(out_dir)`` (and
+    ``AutoProcessor.from_pretrained(out_dir)``, or `load_model(out_dir)`); it is what AWQ/GGUF/bitsandbytes quantisers
     expect. The checkpoint is verified first (`verify_checkpoint`). Written to a temporary
     sibling and renamed, so ``out_dir`` is never half-written.
 
@@ -789,10 +789,10 @@ def export(
     else:
         load_model_weights(base_model, folder, require_all_trainable=False)
         model = base_model
-    from transformers import AutoProcessor
+    from .modeling import load_processor
 
     try:
-        processor = AutoProcessor.from_pretrained(folder)
+        processor = load_processor(folder)
     except (OSError, ValueError) as err:
         raise ValueError(f"could not load the processor saved in {folder}: {err}") from err
     tmp = out_dir.with_name(f"{_TMP}{out_dir.name}")

@@ -49,6 +49,10 @@ class ModelArgs:
     """"auto" spreads one model over all visible GPUs (one process); null = one device."""
     attn_implementation: str | None = None
     """Attention kernel, e.g. sdpa or flash_attention_2; null = the transformers default."""
+    min_pixels: int | None = None
+    """Qwen2-VL / Qwen2.5-VL: fewest pixels per image (tokens = pixels / 784); null = the processor's."""
+    max_pixels: int | None = None
+    """Qwen2-VL / Qwen2.5-VL: most pixels per image, which bounds its tokens and memory; null = the processor's."""
 
 
 @dataclass
@@ -264,6 +268,8 @@ def train(args: Any, parser: Any = None) -> None:
         load_in_4bit=model.load_in_4bit,
         device_map=model.device_map,
         attn_implementation=model.attn_implementation,
+        min_pixels=model.min_pixels,
+        max_pixels=model.max_pixels,
     )
     callbacks = [_SaveRunConfig(parser.dump(args, skip_none=False))] if parser is not None else []
     Loop(net, processor, config, metrics=metrics, callbacks=callbacks).fit(train_data, eval_data)

@@ -11,7 +11,9 @@ bugs come from).
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,27 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 # Keys that describe the batch rather than feed the model.
 META_KEYS = ("ids", "references", "prompts", "skipped", "num_truncated", "label_positions")
+# Tensors with one entry per token (dim 1), whatever their rank: padded, truncated and aligned like input_ids.
+PER_TOKEN_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "cross_attention_mask",
+)
+# Image tensors of processors whose model takes them with one row per sample, not one per image.
+BATCH_ALIGNED_IMAGE_KEYS = {"MllamaProcessor": ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+
+
+def per_token(key: str, encoded: list[dict[str, torch.Tensor]]) -> bool:
+    """Whether ``key`` holds per-token tensors in the encodings ``encoded``: one of `PER_TOKEN_KEYS`, or
+    (keys a processor adds) batch x tokens like ``input_ids`` in its first two dims in every encoding."""
+    if key in PER_TOKEN_KEYS:
+        return True
+    if key.startswith(("pixel", "image")):
+        return False
+    return all(key in e and e[key].shape[:2] == e["input_ids"].shape for e in encoded)
 
 
 @dataclass
@@ -45,6 +68,7 @@ class RenderedSample:
     images: list
     spans: list[tuple[int, int]]
     add_special_tokens: bool
+    suffix: str | None = None  # prefix/suffix families (PaliGemma): the answer, given to the processor apart
 
 
 class ChatRenderer:
@@ -59,11 +83,13 @@ class ChatRenderer:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.image_token = getattr(processor, "image_token", "<image>")
-        if getattr(processor, "chat_template", None) is None and self.tokenizer.chat_template is None:
+        self.template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
+        if self.template is None:
             raise ValueError(
                 "the processor has no chat template; set processor.chat_template (the llava-hf "
                 "template is llava_loop.testing.LLAVA_TEMPLATE)"
             )
+        self.warned_prompt = False  # a generation prompt that training does not render is warned about once
         eos = self.tokenizer.eos_token
         if eos is None:
             raise ValueError("the tokenizer has no eos_token; set one so the model can learn to stop")
@@ -100,7 +126,11 @@ class ChatRenderer:
         return messages
 
     def _apply(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        # The processor's template rendered as its `apply_chat_template` renders text (same variables),
+        # without the processor's own preparation of videos, which some processors do even for text.
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def render(self, record: dict, *, for_generation: bool = False) -> RenderedSample:
         """Render a record; with ``for_generation``, up to the generation prompt of the final answer."""
@@ -146,13 +176,14 @@ class ChatRenderer:
             # Search from the end of this turn's prompt, so an answer word that also occurs in the
             # question is not matched there.
             start, after_generation_prompt = cursor, False
-            for k, prompt in enumerate(
-                (self._apply(messages[:i], add_generation_prompt=True), self._apply(messages[:i]))
-            ):
+            generation_prompt = self._apply(messages[:i], add_generation_prompt=True)
+            for k, prompt in enumerate((generation_prompt, self._apply(messages[:i]))):
                 if original.startswith(prompt):
                     start = max(cursor, len(prompt) + inserted)
                     after_generation_prompt = k == 0
                     break
+            if not after_generation_prompt:
+                self._warn_prompt(record_id, generation_prompt, original)
             pos = text.find(answer, start)
             if pos < 0 or not answer:
                 raise ValueError(
@@ -176,6 +207,74 @@ class ChatRenderer:
             cursor = end
         return text, spans
 
+    def _warn_prompt(self, record_id: str, generation_prompt: str, rendered: str) -> None:
+        """Warn (once) that evaluation prompts with text that training never puts before an answer."""
+        if self.warned_prompt:
+            return
+        self.warned_prompt = True
+        # Both strings from a little before the point where they part.
+        start = max(0, len(os.path.commonprefix([generation_prompt, rendered])) - 24)
+        logger.warning(
+            "sample %r: the chat template's generation prompt is not what training renders before an answer. "
+            "Evaluation prompts end with %r; training renders %r there. The model is trained on one and asked "
+            "with the other: fix the chat template (its add_generation_prompt part) so that they agree.",
+            record_id,
+            generation_prompt[start:],
+            rendered[start : len(generation_prompt) + 4],
+        )
+
+
+class PrefixSuffixRenderer:
+    """Records as a prefix (the question, images first) and a suffix (the answer), the convention of
+    PaliGemma, which has no chat template: its processor joins them (``processor(text=prefix,
+    suffix=answer)``) and marks the suffix with ``token_type_ids`` 1, the part the model attends to
+    causally (the image and prefix attend both ways). Single-turn records only.
+    """
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token = processor.image_token
+        forbidden = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        forbidden |= set(self.tokenizer.all_special_tokens) | {self.image_token}
+        self.special_token_strings = sorted(forbidden - {IMAGE_TOKEN, None}, key=len, reverse=True)
+        self._special_pattern = re.compile("|".join(map(re.escape, self.special_token_strings)) or "(?!)")
+
+    def render(self, record: dict, *, for_generation: bool = False) -> RenderedSample:
+        """The record's prefix (``text``) and, unless ``for_generation``, its answer (``suffix``)."""
+        source = record.get("source", MEMORY_SOURCE)
+        check_record(record, source=source, special_tokens=self._special_pattern)
+        roles = [t["from"] for t in record["conversations"]]
+        if roles != ["human", "gpt"]:
+            raise BadSampleError(
+                record["id"],
+                source,
+                f"turns {roles}: {type(self.processor).__name__} takes one question and one answer (prefix and "
+                "suffix, no chat template); split multi-turn conversations into single-turn records",
+            )
+        question, answer = (t["value"] for t in record["conversations"])
+        images = record_images(record)
+        if not images:
+            raise BadSampleError(
+                record["id"], source, f"no image: {type(self.processor).__name__} needs at least one image per sample"
+            )
+        prefix = self.image_token * len(images) + " ".join(question.replace(IMAGE_TOKEN, " ").split())
+        return RenderedSample(
+            id=record["id"],
+            text=prefix,
+            images=images,
+            spans=[],
+            add_special_tokens=False,  # the processor puts BOS after the images itself
+            suffix=None if for_generation else answer.strip(),
+        )
+
+
+def renderer_for(processor: Any) -> ChatRenderer | PrefixSuffixRenderer:
+    """The renderer of ``processor``'s family: prefix/suffix for PaliGemma, the chat template otherwise."""
+    from transformers import PaliGemmaProcessor
+
+    return PrefixSuffixRenderer(processor) if isinstance(processor, PaliGemmaProcessor) else ChatRenderer(processor)
+
 
 class _Collator:
     left_padded = False  # the padding side of this collator's batches
@@ -189,7 +288,7 @@ class _Collator:
     ):
         check_on_bad_sample(on_bad_sample)
         self.processor = processor
-        self.renderer = ChatRenderer(processor)
+        self.renderer = renderer_for(processor)
         self.tokenizer = self.renderer.tokenizer
         if pad_token_id is None:
             pad_token_id = self.tokenizer.pad_token_id
@@ -198,42 +297,50 @@ class _Collator:
         self.pad_token_id = pad_token_id
         self.on_bad_sample = on_bad_sample
         self.image_token_id = getattr(processor, "image_token_id", None)
+        # Image tensors with one row per sample (zeros for a sample without images).
+        self.batch_aligned = BATCH_ALIGNED_IMAGE_KEYS.get(type(processor).__name__, ())
 
     def _encode(self, sample: RenderedSample) -> dict[str, torch.Tensor]:
         """Run the processor on one sample (it expands image markers and processes images)."""
         kwargs = {"text": [sample.text], "return_tensors": "pt", "add_special_tokens": sample.add_special_tokens}
         if sample.images:
-            kwargs["images"] = sample.images
-        return dict(self.processor(**kwargs))
+            kwargs["images"] = [sample.images]  # the images of the one text
+        if sample.suffix is not None:
+            kwargs["suffix"] = [sample.suffix]
+        enc = dict(self.processor(**kwargs))
+        enc.pop("labels", None)  # PaliGemma's processor makes some; TrainCollator makes its own
+        return enc
 
-    def _token_mask(self, sample: RenderedSample, input_ids: torch.Tensor) -> torch.Tensor:
-        """True for tokens of ``input_ids`` (processor output) overlapping a loss span."""
-        enc = self.tokenizer(sample.text, add_special_tokens=sample.add_special_tokens, return_offsets_mapping=True)
-        flags = [any(s < b and e > a for s, e in sample.spans) and b > a for a, b in enc["offset_mapping"]]
-        # The processor repeats each image token N times; walk both sequences with runs collapsed.
-        out = torch.zeros(len(input_ids), dtype=torch.bool)
-        j = 0
-        ids = enc["input_ids"]
-        full = input_ids.tolist()
-        i = 0
-        while i < len(ids):
-            if j >= len(full) or ids[i] != full[j]:
-                raise ValueError(
-                    f"sample {sample.id!r}: the processor's tokens differ from the tokenizer's at "
-                    f"token {i}; cannot place the labels safely"
-                )
-            if ids[i] == self.image_token_id:
-                while i < len(ids) and ids[i] == self.image_token_id:
-                    i += 1
-                while j < len(full) and full[j] == self.image_token_id:
-                    j += 1
-                continue
-            out[j] = flags[i]
-            i += 1
-            j += 1
-        if j != len(full):
-            raise ValueError(f"sample {sample.id!r}: processor output is longer than the tokenized text")
-        return out
+    def _label_mask(self, sample: RenderedSample, enc: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which tokens of the processor's ``input_ids`` carry a loss (overlap a span of the sample), and
+        which the processor inserted (image expansions: the image token repeated, and whatever a family
+        puts around it, e.g. ``<fake_token_around_image>``, ``<row_1_col_1>``, ``\\n\\n<start_of_image>``).
+
+        The text is tokenized alone (with character offsets, to find the spans) and aligned with the
+        processor's tokens; tokens only the processor has are insertions. Every labelled token of the text
+        must be found unchanged in the processor's tokens, or the sample is refused: a label is never
+        placed on a token the answer does not have.
+        """
+        input_ids = enc["input_ids"][0]
+        if sample.suffix is not None:  # prefix/suffix: the processor marks the suffix itself
+            return enc["token_type_ids"][0] == 1, input_ids == self.image_token_id
+        text = self.tokenizer(sample.text, add_special_tokens=sample.add_special_tokens, return_offsets_mapping=True)
+        flags = [b > a and any(s < b and e > a for s, e in sample.spans) for a, b in text["offset_mapping"]]
+        labelled = torch.zeros(len(input_ids), dtype=torch.bool)
+        inserted = torch.ones(len(input_ids), dtype=torch.bool)
+        placed = 0
+        matcher = difflib.SequenceMatcher(None, text["input_ids"], input_ids.tolist(), autojunk=False)
+        for i, j, n in matcher.get_matching_blocks():
+            inserted[j : j + n] = False
+            labelled[j : j + n] = torch.tensor(flags[i : i + n], dtype=torch.bool)
+            placed += sum(flags[i : i + n])
+        if placed != sum(flags):
+            raise ValueError(
+                f"sample {sample.id!r}: the processor ({type(self.processor).__name__}) changed "
+                f"{sum(flags) - placed} of the {sum(flags)} tokens of its answers, so the labels cannot be placed "
+                "safely; look for text next to an image marker in the answers, or tokens the processor rewrites"
+            )
+        return labelled, inserted
 
     def merge(self, batches: list[dict]) -> dict[str, Any]:
         """The batch this collator makes of all the records of ``batches`` (its own batches of consecutive
@@ -249,16 +356,33 @@ class _Collator:
         return self._batch(tensors, left=self.left_padded, extra=extra)
 
     def _batch(self, encoded: list[dict[str, torch.Tensor]], left: bool, extra: dict) -> dict[str, Any]:
-        """Pad per-token tensors (same shape as ``input_ids``), concatenate image tensors along dim 0."""
+        """Pad per-token tensors (`per_token`) on the side ``left`` says, concatenate image tensors along dim 0.
+
+        A sample without a key the others have (a text-only sample among images) gets zeros there where
+        the model needs one row per sample: every per-token tensor, and the image tensors of families
+        whose images are aligned with the batch (Mllama).
+        """
         batch: dict[str, Any] = {}
         longest = max((e["input_ids"].shape[-1] for e in encoded), default=0)
         for key in dict.fromkeys(k for e in encoded for k in e):
-            values = [e[key] for e in encoded if key in e]
-            if all(key in e and e[key].shape == e["input_ids"].shape for e in encoded):
+            values = [e.get(key) for e in encoded]
+            like = next(v for v in values if v is not None)
+            if per_token(key, encoded):
                 fill = {"input_ids": self.pad_token_id, "labels": self.ignore_index}.get(key, 0)
-                batch[key] = torch.cat([_pad(v, longest, fill, left) for v in values])
+                values = [
+                    v if v is not None else like.new_zeros(*e["input_ids"].shape, *like.shape[2:])
+                    for v, e in zip(values, encoded)
+                ]
+                batch[key] = _cat_padded([_pad(v, longest, fill, left) for v in values], key)
             else:
-                batch[key] = _cat_images(values, key)
+                if key in self.batch_aligned:
+                    rows = [e["input_ids"].shape[0] for e in encoded]
+                    values = [v if v is not None else like.new_zeros(n, *like.shape[1:]) for v, n in zip(values, rows)]
+                batch[key] = _cat_padded([v for v in values if v is not None], key)
+        if "aspect_ratio_mask" in batch:
+            # Mllama: the first tile of every image slot counts, padding slots too, as MllamaProcessor
+            # pads them (a slot without a single tile would leave its vision attention without keys).
+            batch["aspect_ratio_mask"][..., 0] = 1
         batch.update(extra)
         return batch
 
@@ -320,19 +444,19 @@ class TrainCollator(_Collator):
                 continue
             enc = self._encode(sample)
             input_ids = enc["input_ids"][0]
-            mask = self._token_mask(sample, input_ids)
+            mask, inserted = self._label_mask(sample, enc)
             labels = torch.where(mask, input_ids, torch.full_like(input_ids, self.ignore_index))
             if self.max_length is not None and len(input_ids) > self.max_length:
                 cut, source = self.max_length, record.get("source", MEMORY_SOURCE)
                 reason = None
-                if self.image_token_id is not None and (input_ids[cut:] == self.image_token_id).any():
+                if (inserted | (input_ids == self.image_token_id))[cut:].any():
                     reason = f"{len(input_ids)} tokens with image tokens beyond max_length={cut}"
                 elif not mask[:cut].any():
                     reason = f"answer entirely truncated: {len(input_ids)} tokens > max_length={cut}"
                 if reason is not None:
                     skipped.append(skip_or_raise(BadSampleError(sample.id, source, reason), self.on_bad_sample))
                     continue
-                enc = {k: (v[:, :cut] if v.dim() == 2 and v.shape[-1] == len(input_ids) else v) for k, v in enc.items()}
+                enc = {k: (v[:, :cut] if per_token(k, [enc]) else v) for k, v in enc.items()}
                 labels = labels[:cut]
                 truncated += 1
                 if not self.warned_truncation:
@@ -422,17 +546,25 @@ def references(record: dict) -> list[str]:
 
 
 def _pad(t: torch.Tensor, length: int, fill: int, left: bool) -> torch.Tensor:
-    pad = t.new_full((t.shape[0], length - t.shape[-1]), fill)
-    return torch.cat([pad, t] if left else [t, pad], dim=-1)
+    """Pad dim 1 (tokens) of ``t`` to ``length`` with ``fill``, on the left or the right."""
+    pad = t.new_full((t.shape[0], length - t.shape[1], *t.shape[2:]), fill)
+    return torch.cat([pad, t] if left else [t, pad], dim=1)
 
 
-def _cat_images(values: list[torch.Tensor], key: str) -> torch.Tensor:
-    """Concatenate per-sample image tensors, zero-padding dim 1 where sizes differ (tiled images)."""
-    if values[0].dim() >= 2 and len({v.shape[1:] for v in values}) > 1:
-        if len({v.shape[2:] for v in values}) > 1:
+def _cat_padded(values: list[torch.Tensor], key: str) -> torch.Tensor:
+    """Concatenate per-sample tensors along dim 0, zero-padding the other dims (except the last three: an
+    image's channels and pixels) on the right where sizes differ (tiles, images per sample)."""
+    shapes = {v.shape[1:] for v in values}
+    if len(shapes) > 1:
+        if len({len(s) for s in shapes}) > 1 or len({s[-3:] for s in shapes if len(s) >= 4}) > 1:
             raise ValueError(f"cannot batch {key!r}: per-sample shapes {[tuple(v.shape) for v in values]}")
-        most = max(v.shape[1] for v in values)
-        values = [torch.cat([v, v.new_zeros(v.shape[0], most - v.shape[1], *v.shape[2:])], 1) for v in values]
+        most = [max(sizes) for sizes in zip(*shapes)]
+        padded = []
+        for v in values:
+            out = v.new_zeros(v.shape[0], *most)
+            out[(slice(None), *(slice(0, n) for n in v.shape[1:]))] = v
+            padded.append(out)
+        values = padded
     return torch.cat(values)
 
 

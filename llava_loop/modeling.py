@@ -6,6 +6,7 @@ import contextlib
 import copy
 import importlib.util
 import inspect
+import json
 import logging
 import os
 import re
@@ -19,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "visual.merger", "connector")
 VISION_NAMES = ("vision_tower", "vision_model", "visual")
+# The language model's submodule: `language_model` in most families, `text_model` in Idefics3 and SmolVLM.
+LANGUAGE_MODEL_NAMES = ("language_model", "text_model")
 # transformers 5 deprecation warning that peft triggers on every LoRA model it wraps (see prepare_model).
 _GC_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
 
@@ -103,8 +106,12 @@ def load_model(
     load_in_4bit: bool = False,
     device_map: str | dict | None = None,
     attn_implementation: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[nn.Module, Any]:
-    """Load an image-text-to-text model and its processor (Hub name or local folder).
+    """Load an image-text-to-text model and its processor (Hub name or local folder), any family
+    `AutoModelForImageTextToText` knows (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
+    Idefics3, SmolVLM, Gemma 3, PaliGemma, Mllama, ...); the processor as `load_processor` loads it.
 
     The arguments are checked first (`check_model_args`), so a wrong path or dtype fails before
     any weights are read.
@@ -116,6 +123,9 @@ def load_model(
         load_in_4bit: QLoRA: NF4 4-bit base weights via bitsandbytes (needs a CUDA GPU).
         device_map: ``"auto"`` spreads one model over all visible GPUs (single process only).
         attn_implementation: e.g. ``"sdpa"`` or ``"flash_attention_2"``.
+        min_pixels, max_pixels: Qwen2-VL / Qwen2.5-VL: bounds on each image's pixels, which set its
+            number of image tokens (pixels / 28², so they bound memory); None keeps the processor's
+            (see `set_image_pixels`).
 
     Raises:
         FileNotFoundError, ValueError, ImportError: see `check_model_args`.
@@ -124,7 +134,7 @@ def load_model(
     Example:
         >>> model, processor = load_model("llava-hf/llava-1.5-7b-hf", dtype="bfloat16")  # doctest: +SKIP
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     check_model_args(name_or_path, dtype=dtype, load_in_4bit=load_in_4bit)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -144,11 +154,117 @@ def load_model(
             llm_int8_skip_modules=[*VISION_NAMES, *PROJECTOR_NAMES, "lm_head"],
         )
     try:
+        processor = load_processor(name_or_path)
+        set_image_pixels(processor, min_pixels, max_pixels)  # before the long load: a wrong family fails now
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
-        processor = AutoProcessor.from_pretrained(name_or_path)
     except OSError as err:
         raise OSError(f"could not load model {name_or_path!r}: {err}") from err
     return model, processor
+
+
+def load_processor(name_or_path: str | os.PathLike) -> Any:
+    """``AutoProcessor.from_pretrained(name_or_path)``, or, where its video processor cannot be loaded
+    (transformers builds them with torchvision only; a processor saved without one has no
+    video_preprocessor_config.json), the processor without it (`image_only_processor`: images and text
+    are processed the same) for families that have one (Qwen2-VL, LLaVA-OneVision, SmolVLM, ...).
+
+    Example:
+        >>> processor = load_processor("Qwen/Qwen2-VL-2B-Instruct")  # doctest: +SKIP
+    """
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(name_or_path)
+    except (ImportError, OSError) as err:
+        if "video" not in str(err).lower():
+            raise
+        processor_class = _processor_class(name_or_path)
+        if processor_class is None or "video_processor" not in processor_class.get_attributes():
+            raise
+        logger.info("%s is loaded without its video processor: %s", processor_class.__name__, str(err).strip()[:200])
+        return image_only_processor(processor_class).from_pretrained(name_or_path)
+
+
+def _processor_class(name_or_path: str | os.PathLike) -> type | None:
+    """The processor class saved with ``name_or_path`` (its processor_config.json), else its model type's;
+    None if neither names one."""
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    from transformers.utils import cached_file
+
+    path = cached_file(name_or_path, "processor_config.json", _raise_exceptions_for_missing_entries=False)
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            name = json.load(f).get("processor_class")
+    else:
+        name = PROCESSOR_MAPPING_NAMES.get(transformers.AutoConfig.from_pretrained(name_or_path).model_type)
+    return getattr(transformers, name, None) if name else None
+
+
+def set_image_pixels(processor: Any, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
+    """Bound the pixels of each image of a dynamic-resolution processor (Qwen2-VL, Qwen2.5-VL) in place.
+
+    Images are resized to keep their aspect ratio with ``min_pixels <= height x width <= max_pixels``
+    (rounded to multiples of 28); each 28 x 28 block is one image token, so ``max_pixels`` bounds the
+    tokens, and the memory, an image takes (Qwen's defaults: 3,136 to 1,003,520 pixels, 4 to 1,280 tokens).
+    None leaves a bound as it is.
+
+    Raises:
+        ValueError: the processor has no such bounds (a fixed-resolution family), or min > max.
+
+    Example:
+        >>> from llava_loop.testing import tiny_vlm
+        >>> _, processor = tiny_vlm("qwen2_vl")
+        >>> set_image_pixels(processor, max_pixels=32 * 32)
+        >>> processor.image_processor.size["longest_edge"]
+        1024
+    """
+    if min_pixels is None and max_pixels is None:
+        return
+    image_processor = getattr(processor, "image_processor", None)
+    size = dict(getattr(image_processor, "size", None) or {})
+    if not hasattr(image_processor, "merge_size") or "longest_edge" not in size:
+        raise ValueError(
+            f"min_pixels/max_pixels bound the images of dynamic-resolution processors (Qwen2-VL, Qwen2.5-VL); "
+            f"{type(processor).__name__} resizes images to a fixed size: leave them unset"
+        )
+    size["shortest_edge"] = min_pixels if min_pixels is not None else size["shortest_edge"]
+    size["longest_edge"] = max_pixels if max_pixels is not None else size["longest_edge"]
+    if not 0 < size["shortest_edge"] <= size["longest_edge"]:
+        raise ValueError(f"need 0 < min_pixels <= max_pixels, got {size['shortest_edge']} and {size['longest_edge']}")
+    image_processor.size = size
+
+
+def image_only_processor(processor_class: type) -> type:
+    """``processor_class`` without its video processor: a subclass of the same name whose processors
+    are built, saved and loaded without one.
+
+    transformers 5 builds video processors (Qwen2-VL, LLaVA-OneVision, SmolVLM, ...) with torchvision
+    only; without torchvision the processor cannot be made at all, although images need none of it.
+    The subclass keeps the class name, so what it saves loads as ``processor_class`` where torchvision
+    is installed.
+
+    Example:
+        >>> from transformers import Qwen2VLProcessor
+        >>> image_only_processor(Qwen2VLProcessor).get_attributes()
+        ['image_processor', 'tokenizer']
+    """
+    attributes = [a for a in processor_class.get_attributes() if a != "video_processor"]
+    # Where the video processor goes among the positional arguments (after self).
+    position = list(inspect.signature(processor_class.__init__).parameters).index("video_processor") - 1
+
+    class ImageOnly(processor_class):
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return list(attributes)
+
+        @classmethod
+        def from_args_and_dict(cls, args, processor_dict, **kwargs):
+            return super().from_args_and_dict([*args[:position], None, *args[position:]], processor_dict, **kwargs)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__
+    ImageOnly.__doc__ = processor_class.__doc__
+    return ImageOnly
 
 
 def _module_prefix(model: nn.Module, names: tuple[str, ...]) -> str | None:
@@ -165,11 +281,12 @@ def language_model_lora_targets(model: nn.Module) -> str:
     The vision tower, the projector and ``lm_head`` are left out (a bare ``"all-linear"`` or
     ``["q_proj", ...]`` would also wrap the vision tower's layers).
     """
-    prefix = _module_prefix(model, ("language_model",))
-    if prefix is None:
+    prefix = _module_prefix(model, LANGUAGE_MODEL_NAMES)
+    vision = _module_prefix(model, VISION_NAMES)
+    if prefix is None or (vision and prefix.startswith(vision + ".")):
         raise ValueError(
-            "could not find the language model (a submodule named 'language_model'); pass "
-            "lora_target_modules explicitly"
+            f"could not find the language model (a submodule named {' or '.join(LANGUAGE_MODEL_NAMES)} outside the "
+            "vision tower); pass lora_target_modules explicitly"
         )
     leaves = sorted(
         {

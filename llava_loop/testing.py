@@ -59,28 +59,45 @@ _CORPUS = [
 ]
 
 
-@lru_cache(maxsize=4)
-def _tokenizer_json(vocab_size: int) -> str:
-    """Train the byte-level BPE once per process; training is deterministic for a fixed corpus."""
+# Words of the families' chat templates, so that their tiny tokenizers keep the rendered prompts short.
+_TEMPLATE_CORPUS = [
+    "system user assistant model User: Assistant: You are a helpful assistant. [INST] [/INST]",
+    "user\n assistant\n model\n User:Assistant: Answer briefly.",
+]
+
+
+@lru_cache(maxsize=16)
+def _tokenizer_json(vocab_size: int, specials: tuple[str, ...] = tuple(SPECIAL_TOKENS), bos: str | None = "<s>") -> str:
+    """Train the byte-level BPE once per process; training is deterministic for a fixed corpus.
+
+    ``specials`` get the first ids (the first is the unknown token); ``bos`` (one of them, or None)
+    is put in front of every sequence, as Llama and Gemma tokenizers do. A text pair gets token type
+    ids 0 and 1 (PaliGemma's prefix and suffix).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok = Tokenizer(models.BPE(unk_token=specials[0]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     # Frequent enough that the demo's answer words and the template words become single tokens.
     answers = " ".join(["USER: ASSISTANT:", *COLORS, *SHAPES, *POSITIONS])
-    tok.train_from_iterator(_CORPUS * 4 + [answers] * 50, trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    # Like Llama: BOS in front of every sequence, no EOS at the end.
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-    )
+    corpus = _CORPUS * 4 + [answers] * 50
+    if specials != tuple(SPECIAL_TOKENS):  # the family tokenizers (tiny_llava's stays as it was)
+        corpus += _TEMPLATE_CORPUS * 20
+    tok.train_from_iterator(corpus, trainer=trainer)
+    if bos is None:
+        tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A:0 $B:1")
+    else:
+        # Like Llama: BOS in front of every sequence, no EOS at the end.
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A:0 $B:1", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     return tok.to_str()
 
 
@@ -288,3 +305,407 @@ def llava15_processor(tokenizer_dir, generation_markers: bool = True):
         num_additional_image_tokens=1,
         chat_template=LLAVA_TEMPLATE if generation_markers else LLAVA_TEMPLATE_NO_MARKERS,
     )
+
+
+# --- One tiny model per VLM family --------------------------------------------------------------
+# Each is the family's real classes (processor, image processor, model) at toy size, with the
+# family's published chat template (llava_loop/testing_templates/, sources in `TEMPLATE_SOURCES`)
+# and a tokenizer with the family's special tokens. Images are 32 px; the PIL image processors are
+# used and no video processor (transformers 5 builds those with torchvision only).
+
+FAMILIES = (
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "idefics3",
+    "smolvlm",
+    "gemma3",
+    "paligemma",
+    "mllama",
+)
+
+
+# Where each template in llava_loop/testing_templates/ was read, verbatim (the Hub model it ships with).
+# TRL keeps its copies byte-exact (it compares them with the models' tokenizer.chat_template).
+TEMPLATE_SOURCES = {
+    "llava_next": "llava-hf/llava-v1.6-mistral-7b-hf; huggingface/trl trl/chat_templates/llava_next.jinja @ f2cd577",
+    "llava_onevision": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf; huggingface/transformers "
+    "tests/models/llava_onevision/test_processor_llava_onevision.py @ 20b13d8 (renders what the Hub processor does)",
+    "llava_onevision_variant": "the llava-onevision conversion script's template; huggingface/transformers "
+    "src/transformers/models/llava_onevision/convert_llava_onevision_weights_to_hf.py @ 01080c6",
+    "qwen2_vl": "Qwen/Qwen2-VL-2B-Instruct; huggingface/transformers tests/models/qwen2_vl/test_processor_qwen2_vl.py "
+    "@ 00368c1 (byte-identical to Qwen2.5-VL's)",
+    "qwen2_5_vl": "Qwen/Qwen2.5-VL-3B-Instruct; huggingface/trl trl/chat_templates/qwen2_5_vl.jinja @ f2cd577",
+    "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3; huggingface/trl trl/chat_templates/idefics3.jinja @ f2cd577",
+    "smolvlm": "HuggingFaceTB/SmolVLM-Instruct (and -256M-Instruct); huggingface/huggingface.js "
+    "packages/jinja/test/e2e.test.js @ fe42e68",
+    "gemma3": "google/gemma-3-4b-it; huggingface/trl trl/chat_templates/gemma3.jinja @ f2cd577 (= transformers' "
+    "convert_gemma3_weights.py _CHAT_TEMPLATE)",
+    "mllama": "meta-llama/Llama-3.2-11B-Vision-Instruct (with tool calling); huggingface/huggingface.js "
+    "packages/jinja/test/e2e.test.js @ fe42e68",
+}
+
+
+def chat_template(family: str) -> str:
+    """The published chat template of ``family`` (see `TEMPLATE_SOURCES`), as shipped in llava_loop."""
+    from importlib.resources import files
+
+    return files("llava_loop").joinpath("testing_templates", f"{family}.jinja").read_text(encoding="utf-8")
+
+
+def _family_tokenizer(specials: list[str], *, bos=None, eos, pad, extra=None, added=()):
+    """A tiny BPE tokenizer whose first ids are ``specials`` (the first is the unknown token)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(400 + len(specials), tuple(specials), bos)),
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=specials[0],
+        extra_special_tokens=extra or {},
+        padding_side="right",
+    )
+    if added:
+        tok.add_tokens(list(added), special_tokens=True)
+    return tok
+
+
+def _text_config(tok, **kwargs) -> dict:
+    """A two-layer decoder's config for ``tok`` (64 wide, like `tiny_llava`)."""
+    return {
+        "vocab_size": len(tok),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        # Larger than the usual 0.02 so that a LoRA-tuned toy model can reach confident logits.
+        "initializer_range": 0.1,
+        **kwargs,
+    }
+
+
+_SIGLIP = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+}
+_CLIP = {**_SIGLIP, "model_type": "clip_vision_model", "projection_dim": 32}
+_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_LLAMA3_SPECIALS = [
+    "<|reserved_special_token_0|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|python_tag|>",
+    "<|finetune_right_pad_id|>",
+]
+_GEMMA_SPECIALS = ["<unk>", "<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def _llava_next():
+    from transformers import LlavaNextConfig, LlavaNextProcessor
+    from transformers.models.llava_next import LlavaNextImageProcessorPil
+
+    tok = _family_tokenizer(SPECIAL_TOKENS, bos="<s>", eos="</s>", pad="<pad>", extra={"image_token": IMAGE_TOKEN})
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template("llava_next"),
+    )
+    config = LlavaNextConfig(
+        vision_config=_CLIP,
+        text_config={"model_type": "mistral", **_text_config(tok)},
+        image_token_index=processor.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=16,
+        vision_feature_layer=-1,
+    )
+    return config, processor
+
+
+def _llava_onevision():
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionProcessor
+    from transformers.models.llava_onevision import LlavaOnevisionImageProcessorPil
+
+    from .modeling import image_only_processor
+
+    tok = _family_tokenizer(
+        [*_QWEN_SPECIALS, IMAGE_TOKEN, "<video>"],
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        extra={"image_token": IMAGE_TOKEN, "video_token": "<video>"},
+    )
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+    processor = image_only_processor(LlavaOnevisionProcessor)(
+        image_processor=image_processor,
+        tokenizer=tok,
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+        chat_template=chat_template("llava_onevision"),
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=_SIGLIP,
+        text_config={"model_type": "qwen2", **_text_config(tok)},
+        image_token_index=processor.image_token_id,
+        video_token_index=processor.video_token_id,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+    )
+    return config, processor
+
+
+def _qwen2_vl(version: str = "2"):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLConfig, Qwen2VLProcessor
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .modeling import image_only_processor
+
+    vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = _family_tokenizer([*_QWEN_SPECIALS, *vision_tokens], eos="<|im_end|>", pad="<|endoftext|>")
+    # 8 px patches merged 2 x 2: a 32 px image is 16 patches, 4 image tokens.
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64
+    )
+    processor_class, config_class = (
+        (Qwen2VLProcessor, Qwen2VLConfig) if version == "2" else (Qwen2_5_VLProcessor, Qwen2_5_VLConfig)
+    )
+    processor = image_only_processor(processor_class)(
+        image_processor=image_processor,
+        tokenizer=tok,
+        chat_template=chat_template(f"qwen{version}_vl".replace(".", "_")),
+    )
+    vision = {"depth": 2, "num_heads": 4, "patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if version == "2":
+        vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+    else:
+        vision.update(
+            hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=32, fullatt_block_indexes=[1]
+        )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in vision_tokens}
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    config = config_class(
+        text_config=_text_config(tok, rope_parameters=rope),
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    return config, processor
+
+
+def _idefics3(family: str = "idefics3"):
+    from transformers import Idefics3Config, Idefics3Processor, SmolVLMConfig, SmolVLMProcessor
+    from transformers.models.idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.smolvlm import SmolVLMImageProcessorPil
+
+    from .modeling import image_only_processor
+
+    grid = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+    image_tokens = ["<fake_token_around_image>", IMAGE_TOKEN, "<end_of_utterance>", "<global-img>"]
+    # The vision encoder sees 32 px tiles (4 x 4 patches, pixel-shuffled by 2: 4 tokens per tile); an
+    # image is resized to at most 64 px and split into up to 2 x 2 tiles plus a global view.
+    sizes = {"size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32}}
+    if family == "idefics3":  # Llama 3 tokenizer
+        tok = _family_tokenizer(
+            _LLAMA3_SPECIALS,
+            bos="<|begin_of_text|>",
+            eos="<end_of_utterance>",
+            pad="<|finetune_right_pad_id|>",
+            added=[*image_tokens, *grid],
+        )
+        processor = Idefics3Processor(
+            image_processor=Idefics3ImageProcessorPil(**sizes),
+            tokenizer=tok,
+            image_seq_len=4,
+            chat_template=chat_template("idefics3"),
+        )
+        config_class = Idefics3Config
+    else:  # SmolLM2 tokenizer
+        tok = _family_tokenizer(
+            [*_QWEN_SPECIALS, *image_tokens, *grid],
+            eos="<end_of_utterance>",
+            pad="<|im_end|>",
+            extra={
+                "fake_image_token": "<fake_token_around_image>",
+                "image_token": IMAGE_TOKEN,
+                "end_of_utterance_token": "<end_of_utterance>",
+                "global_image_token": "<global-img>",
+            },
+        )
+        processor = image_only_processor(SmolVLMProcessor)(
+            image_processor=SmolVLMImageProcessorPil(**sizes),
+            tokenizer=tok,
+            video_processor=None,
+            image_seq_len=4,
+            chat_template=chat_template("smolvlm"),
+        )
+        config_class = SmolVLMConfig
+    config = config_class(
+        vision_config={k: v for k, v in _SIGLIP.items() if k != "model_type"},
+        text_config={"model_type": "llama", **_text_config(tok)},
+        image_token_id=processor.image_token_id,
+        scale_factor=2,
+    )
+    return config, processor
+
+
+def _gemma3():
+    from transformers import Gemma3Config, Gemma3Processor
+    from transformers.models.gemma3 import Gemma3ImageProcessorPil
+
+    image_tokens = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tok = _family_tokenizer(
+        [*_GEMMA_SPECIALS, *image_tokens.values()], bos="<bos>", eos="<eos>", pad="<pad>", extra=image_tokens
+    )
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}),
+        tokenizer=tok,
+        image_seq_length=4,
+        chat_template=chat_template("gemma3"),
+    )
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in image_tokens.items()}
+    config = Gemma3Config(
+        text_config={
+            "model_type": "gemma3_text",
+            **_text_config(tok, head_dim=16, query_pre_attn_scalar=16, sliding_window=64),
+        },
+        vision_config=_SIGLIP,
+        mm_tokens_per_image=4,
+        boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"],
+    )
+    return config, processor
+
+
+def _paligemma():
+    from transformers import PaliGemmaConfig, PaliGemmaProcessor
+    from transformers.models.siglip import SiglipImageProcessorPil
+
+    tok = _family_tokenizer(
+        ["<unk>", "<pad>", "<eos>", "<bos>", IMAGE_TOKEN],
+        bos="<bos>",
+        eos="<eos>",
+        pad="<pad>",
+        extra={"image_token": IMAGE_TOKEN},
+    )
+    image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    image_processor.image_seq_length = 16  # (32 / 8) ** 2 patches, one token each
+    # No chat template: PaliGemma is trained on prefix -> suffix (`processor(text=prefix, suffix=...)`).
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
+    config = PaliGemmaConfig(
+        vision_config={**_SIGLIP, "projection_dim": 64},
+        text_config={"model_type": "gemma", **_text_config(tok, head_dim=16)},
+        image_token_index=processor.image_token_id,
+        projection_dim=64,
+        hidden_size=64,
+        vocab_size=len(tok),
+    )
+    return config, processor
+
+
+def _mllama():
+    from transformers import MllamaConfig, MllamaProcessor
+    from transformers.models.mllama import MllamaImageProcessorPil
+
+    tok = _family_tokenizer(
+        [*_LLAMA3_SPECIALS, "<|image|>"], bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|finetune_right_pad_id|>"
+    )
+    processor = MllamaProcessor(
+        image_processor=MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=2),
+        tokenizer=tok,
+        chat_template=chat_template("mllama"),
+    )
+    config = MllamaConfig(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_global_layers": 1,
+            "attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+            "max_num_tiles": 2,
+            "intermediate_layers_indices": [0],
+            "vision_output_dim": 64,
+            "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]],
+        },
+        text_config=_text_config(tok, num_hidden_layers=3, cross_attention_layers=[1]),
+        image_token_index=processor.image_token_id,
+    )
+    return config, processor
+
+
+_BUILDERS = {
+    "llava_next": _llava_next,
+    "llava_onevision": _llava_onevision,
+    "qwen2_vl": _qwen2_vl,
+    "qwen2_5_vl": lambda: _qwen2_vl("2.5"),
+    "idefics3": _idefics3,
+    "smolvlm": lambda: _idefics3("smolvlm"),
+    "gemma3": _gemma3,
+    "paligemma": _paligemma,
+    "mllama": _mllama,
+}
+
+
+def tiny_vlm(family: str = "llava", seed: int = 0):
+    """A random tiny model of one VLM family and its processor, offline (see `FAMILIES`).
+
+    Args:
+        family: One of `FAMILIES`; ``"llava"`` is `tiny_llava`.
+        seed: Seed for the weight initialisation (same seed, same weights).
+
+    Returns:
+        ``(model, processor)``, the model in fp32 on the CPU, in eval mode.
+
+    Example:
+        >>> model, processor = tiny_vlm("qwen2_vl")
+        >>> type(model).__name__
+        'Qwen2VLForConditionalGeneration'
+    """
+    if family == "llava":
+        return tiny_llava(seed)
+    if family not in _BUILDERS:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    from transformers import AutoModelForImageTextToText
+
+    config, processor = _BUILDERS[family]()
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                # Mllama's gates start closed (0), which would hide the images; a trained model's are open.
+                param.fill_(1.0)
+    tok = processor.tokenizer
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.eval()
+    return model, processor
