@@ -162,7 +162,8 @@ class LoopConfig:
     """Nucleus-sampling probability mass in (0, 1]; 1 = off; only with do_sample."""
     generation_cache: str | None = None
     """KV cache of eval generation: "static" (preallocated; transformers compiles the decoding step
-    on a GPU) or "dynamic"; None = static on a GPU, dynamic on the CPU."""
+    on a GPU) or "dynamic"; None = static on a GPU (dynamic there for weights in another dtype than
+    the precision's and for cross-attention models such as Mllama), dynamic on the CPU."""
     merge_lora_for_eval: bool = True
     """Merge LoRA adapters before generating and unmerge after (faster eval)."""
     eval_max_samples: int | None = None

@@ -545,10 +545,21 @@ def generation_config(model: nn.Module, tokenizer: Any, config: Any) -> Any:
     )
     if gen.eos_token_id is None:
         gen.eos_token_id = tokenizer.eos_token_id
+    # "static": a preallocated cache, whose decoding step transformers compiles on a GPU. It is made in the
+    # weights' dtype, so it takes no keys of another one (fp32 weights under bf16 autocast), and one length
+    # for every layer, which cross-attention layers (Mllama: one entry per image patch) can exceed.
+    device = next(model.parameters()).device
+    weights = (model.get_base_model() if hasattr(model, "get_base_model") else model).dtype
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.resolved_precision(device), weights)
+    cross_attention = getattr(model.config.get_text_config(), "cross_attention_layers", None)
     cache = config.generation_cache
     if cache is None:
-        cache = "static" if next(model.parameters()).device.type == "cuda" else "dynamic"
-    # "static": a preallocated cache, whose decoding step transformers compiles on a GPU.
+        cache = "static" if device.type == "cuda" and compute == weights and not cross_attention else "dynamic"
+    elif cache == "static" and compute != weights:
+        raise ValueError(
+            f'generation_cache="static" keeps keys in the weights\' dtype ({weights}), but the model computes in '
+            f'{compute} (precision={config.precision!r}): load the model in {compute} or use generation_cache="dynamic"'
+        )
     gen.cache_implementation = "static" if cache == "static" else None
     return gen
 

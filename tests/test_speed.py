@@ -155,6 +155,15 @@ def test_cpu_defaults_compile_nothing_use_foreach_adamw_and_the_dynamic_cache(tm
     assert Loop(*tiny_llava(), cfg).generation_config().cache_implementation == "static"
 
 
+def test_a_static_cache_is_refused_for_weights_in_another_dtype_than_the_compute_dtype():
+    # fp32 weights under bf16 autocast: the static cache is made in fp32 and bf16 keys cannot go in it.
+    cfg = LoopConfig(generation_cache="static", precision="bf16")
+    with pytest.raises(ValueError, match=r'load the model in torch.bfloat16 or use generation_cache="dynamic"'):
+        Loop(*tiny_llava(), cfg).generation_config()
+    model, processor = tiny_llava()
+    assert Loop(model.to(torch.bfloat16), processor, cfg).generation_config().cache_implementation == "static"
+
+
 def test_fused_adamw_trains_like_foreach_adamw(tmp_path):
     fused, fused_seen = run(tmp_path, "fused", fused_adamw=True)
     plain, plain_seen = run(tmp_path, "foreach", fused_adamw=False)
