@@ -1,9 +1,11 @@
-"""A tiny, fully offline LLaVA kit for tests, the demo and notebooks.
+"""A tiny, fully offline kit of VLMs for tests, the demo and notebooks.
 
 Everything here is built from configs on the spot: a byte-level BPE tokenizer trained on a fixed
 corpus, a PIL CLIP image processor, the llava-hf chat template and a randomly initialised
-`LlavaForConditionalGeneration` (CLIP vision tower + Llama language model). Nothing touches the
-Hub, so it works with ``HF_HUB_OFFLINE=1``.
+`LlavaForConditionalGeneration` (CLIP vision tower + Llama language model): `tiny_llava`; and the
+same for every family of `FAMILIES` (LLaVA-NeXT, Qwen2-VL, Idefics3, Gemma 3, PaliGemma, Mllama, ...),
+each with its own classes and published chat template: `tiny_vlm`. Nothing touches the Hub, so it
+works with ``HF_HUB_OFFLINE=1``.
 
 Example:
     >>> from llava_loop.testing import tiny_llava, synthetic_vqa
@@ -478,7 +480,7 @@ def _llava_onevision():
     return config, processor
 
 
-def _qwen2_vl(version: str = "2"):
+def _qwen2_vl(family: str = "qwen2_vl"):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLConfig, Qwen2VLProcessor
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -491,15 +493,15 @@ def _qwen2_vl(version: str = "2"):
         patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64
     )
     processor_class, config_class = (
-        (Qwen2VLProcessor, Qwen2VLConfig) if version == "2" else (Qwen2_5_VLProcessor, Qwen2_5_VLConfig)
+        (Qwen2VLProcessor, Qwen2VLConfig) if family == "qwen2_vl" else (Qwen2_5_VLProcessor, Qwen2_5_VLConfig)
     )
     processor = image_only_processor(processor_class)(
         image_processor=image_processor,
         tokenizer=tok,
-        chat_template=chat_template(f"qwen{version}_vl".replace(".", "_")),
+        chat_template=chat_template(family),
     )
     vision = {"depth": 2, "num_heads": 4, "patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2}
-    if version == "2":
+    if family == "qwen2_vl":
         vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
     else:
         vision.update(
@@ -665,7 +667,7 @@ _BUILDERS = {
     "llava_next": _llava_next,
     "llava_onevision": _llava_onevision,
     "qwen2_vl": _qwen2_vl,
-    "qwen2_5_vl": lambda: _qwen2_vl("2.5"),
+    "qwen2_5_vl": lambda: _qwen2_vl("qwen2_5_vl"),
     "idefics3": _idefics3,
     "smolvlm": lambda: _idefics3("smolvlm"),
     "gemma3": _gemma3,
