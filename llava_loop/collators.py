@@ -59,6 +59,19 @@ def per_token(key: str, encoded: list[dict[str, torch.Tensor]]) -> bool:
     return all(key in e and e[key].shape[:2] == e["input_ids"].shape for e in encoded)
 
 
+def _control_tokens(tokenizer: Any) -> set[str]:
+    """The strings the tokenizer turns into control tokens: its special and added special tokens."""
+    return {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(tokenizer.all_special_tokens)
+
+
+def _forbidden_strings(tokenizer: Any, image_token: str) -> tuple[list[str], re.Pattern[str]]:
+    """The strings record text may not hold, because the tokenizer turns them into control tokens wherever
+    they appear (the processor's image token too; only the `<image>` marker, counted against the images,
+    is data), longest first, and a pattern that finds the leftmost, at one position the longest."""
+    strings = sorted((_control_tokens(tokenizer) | {image_token}) - {IMAGE_TOKEN, None}, key=len, reverse=True)
+    return strings, re.compile("|".join(map(re.escape, strings)) or "(?!)")
+
+
 @dataclass
 class RenderedSample:
     """One record rendered to text, with the character spans that carry a loss."""
@@ -94,18 +107,10 @@ class ChatRenderer:
         if eos is None:
             raise ValueError("the tokenizer has no eos_token; set one so the model can learn to stop")
         self.eos_token = eos
-        specials = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
-        specials.update(self.tokenizer.all_special_tokens)
-        specials.discard(self.image_token)
-        specials.discard(self.tokenizer.pad_token)
+        specials = _control_tokens(self.tokenizer) - {self.image_token, self.tokenizer.pad_token}
         # Longest first so "<|im_end|>" wins over a shorter token it starts with.
         self.end_of_turn_tokens = sorted(specials, key=len, reverse=True)
-        # Strings the tokenizer turns into control tokens wherever they appear in the text; only
-        # the `<image>` marker (human turns, counted against the images) is data.
-        forbidden = specials | {self.tokenizer.pad_token, self.image_token} - {None}
-        self.special_token_strings = sorted(forbidden - {IMAGE_TOKEN}, key=len, reverse=True)
-        # Leftmost match first; at one position the longest (the list is sorted longest first).
-        self._special_pattern = re.compile("|".join(map(re.escape, self.special_token_strings)) or "(?!)")
+        self.special_token_strings, self._special_pattern = _forbidden_strings(self.tokenizer, self.image_token)
 
     def messages(self, record: dict) -> list[dict]:
         """Convert LLaVA ``conversations`` to chat-template messages, images at their markers.
@@ -235,10 +240,7 @@ class PrefixSuffixRenderer:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token = processor.image_token
-        forbidden = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
-        forbidden |= set(self.tokenizer.all_special_tokens) | {self.image_token}
-        self.special_token_strings = sorted(forbidden - {IMAGE_TOKEN, None}, key=len, reverse=True)
-        self._special_pattern = re.compile("|".join(map(re.escape, self.special_token_strings)) or "(?!)")
+        self.special_token_strings, self._special_pattern = _forbidden_strings(self.tokenizer, self.image_token)
 
     def render(self, record: dict, *, for_generation: bool = False) -> RenderedSample:
         """The record's prefix (``text``) and, unless ``for_generation``, its answer (``suffix``)."""

@@ -69,12 +69,13 @@ _TEMPLATE_CORPUS = [
 
 
 @lru_cache(maxsize=16)
-def _tokenizer_json(vocab_size: int, specials: tuple[str, ...] = tuple(SPECIAL_TOKENS), bos: str | None = "<s>") -> str:
+def _tokenizer_json(vocab_size: int, specials: tuple[str, ...], bos: str | None, template_words: bool) -> str:
     """Train the byte-level BPE once per process; training is deterministic for a fixed corpus.
 
     ``specials`` get the first ids (the first is the unknown token); ``bos`` (one of them, or None)
     is put in front of every sequence, as Llama and Gemma tokenizers do. A text pair gets token type
-    ids 0 and 1 (PaliGemma's prefix and suffix).
+    ids 0 and 1 (PaliGemma's prefix and suffix). ``template_words`` adds the families' template words
+    to the corpus.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -90,7 +91,7 @@ def _tokenizer_json(vocab_size: int, specials: tuple[str, ...] = tuple(SPECIAL_T
     # Frequent enough that the demo's answer words and the template words become single tokens.
     answers = " ".join(["USER: ASSISTANT:", *COLORS, *SHAPES, *POSITIONS])
     corpus = _CORPUS * 4 + [answers] * 50
-    if specials != tuple(SPECIAL_TOKENS):  # the family tokenizers (tiny_llava's stays as it was)
+    if template_words:
         corpus += _TEMPLATE_CORPUS * 20
     tok.train_from_iterator(corpus, trainer=trainer)
     if bos is None:
@@ -105,17 +106,14 @@ def _tokenizer_json(vocab_size: int, specials: tuple[str, ...] = tuple(SPECIAL_T
 
 def tiny_tokenizer(vocab_size: int = 400):
     """A `PreTrainedTokenizerFast` with Llama-like specials: BOS added, ``</s>`` EOS, ``<pad>``."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        padding_side="right",
+    return _tokenizer(
+        SPECIAL_TOKENS,
+        vocab_size=vocab_size,
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>",
+        extra={"image_token": IMAGE_TOKEN},
+        template_words=False,
     )
 
 
@@ -142,6 +140,14 @@ def tiny_processor(*, image_size: int = 32, patch_size: int = 8, generation_mark
         num_additional_image_tokens=1,
         chat_template=LLAVA_TEMPLATE if generation_markers else LLAVA_TEMPLATE_NO_MARKERS,
     )
+
+
+def _ready(model, tokenizer):
+    """``model`` with the tokenizer's pad, EOS and BOS ids in its generation config, in eval mode."""
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model.eval()
 
 
 def tiny_llava(
@@ -208,12 +214,7 @@ def tiny_llava(
         vision_feature_layer=-1,
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.bos_token_id = tok.bos_token_id
-    model.eval()
-    return model, processor
+    return _ready(LlavaForConditionalGeneration(config), tok), processor
 
 
 def draw_scene(color: str, shape: str, position: str, count: int = 1, size: int = 32) -> Image.Image:
@@ -357,13 +358,16 @@ def chat_template(family: str) -> str:
     return files("llava_loop").joinpath("testing_templates", f"{family}.jinja").read_text(encoding="utf-8")
 
 
-def _family_tokenizer(specials: list[str], *, bos=None, eos, pad, extra=None, added=()):
-    """A tiny BPE tokenizer whose first ids are ``specials`` (the first is the unknown token)."""
+def _tokenizer(specials, *, vocab_size=None, bos=None, eos, pad, extra=None, added=(), template_words=True):
+    """A tiny BPE tokenizer whose first ids are ``specials`` (the first is the unknown token), trained with
+    the families' template words unless ``template_words`` is False (`tiny_llava`'s); ``added`` special
+    tokens come after the vocabulary."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
+    vocab_size = vocab_size or 400 + len(specials)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json(400 + len(specials), tuple(specials), bos)),
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size, tuple(specials), bos, template_words)),
         bos_token=bos,
         eos_token=eos,
         pad_token=pad,
@@ -424,7 +428,7 @@ def _llava_next():
     from transformers import LlavaNextConfig, LlavaNextProcessor
     from transformers.models.llava_next import LlavaNextImageProcessorPil
 
-    tok = _family_tokenizer(SPECIAL_TOKENS, bos="<s>", eos="</s>", pad="<pad>", extra={"image_token": IMAGE_TOKEN})
+    tok = _tokenizer(SPECIAL_TOKENS, bos="<s>", eos="</s>", pad="<pad>", extra={"image_token": IMAGE_TOKEN})
     pinpoints = [[32, 64], [64, 32], [64, 64]]
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
@@ -454,7 +458,7 @@ def _llava_onevision():
 
     from .modeling import image_only_processor
 
-    tok = _family_tokenizer(
+    tok = _tokenizer(
         [*_QWEN_SPECIALS, IMAGE_TOKEN, "<video>"],
         eos="<|im_end|>",
         pad="<|endoftext|>",
@@ -487,7 +491,7 @@ def _qwen2_vl(family: str = "qwen2_vl"):
     from .modeling import image_only_processor
 
     vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tok = _family_tokenizer([*_QWEN_SPECIALS, *vision_tokens], eos="<|im_end|>", pad="<|endoftext|>")
+    tok = _tokenizer([*_QWEN_SPECIALS, *vision_tokens], eos="<|im_end|>", pad="<|endoftext|>")
     # 8 px patches merged 2 x 2: a 32 px image is 16 patches, 4 image tokens.
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64
@@ -533,7 +537,7 @@ def _idefics3(family: str = "idefics3"):
     # image is resized to at most 64 px and split into up to 2 x 2 tiles plus a global view.
     sizes = {"size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32}}
     if family == "idefics3":  # Llama 3 tokenizer
-        tok = _family_tokenizer(
+        tok = _tokenizer(
             _LLAMA3_SPECIALS,
             bos="<|begin_of_text|>",
             eos="<end_of_utterance>",
@@ -548,7 +552,7 @@ def _idefics3(family: str = "idefics3"):
         )
         config_class = Idefics3Config
     else:  # SmolLM2 tokenizer
-        tok = _family_tokenizer(
+        tok = _tokenizer(
             [*_QWEN_SPECIALS, *image_tokens, *grid],
             eos="<end_of_utterance>",
             pad="<|im_end|>",
@@ -581,7 +585,7 @@ def _gemma3():
     from transformers.models.gemma3 import Gemma3ImageProcessorPil
 
     image_tokens = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-    tok = _family_tokenizer(
+    tok = _tokenizer(
         [*_GEMMA_SPECIALS, *image_tokens.values()], bos="<bos>", eos="<eos>", pad="<pad>", extra=image_tokens
     )
     processor = Gemma3Processor(
@@ -609,7 +613,7 @@ def _paligemma():
     from transformers import PaliGemmaConfig, PaliGemmaProcessor
     from transformers.models.siglip import SiglipImageProcessorPil
 
-    tok = _family_tokenizer(
+    tok = _tokenizer(
         ["<unk>", "<pad>", "<eos>", "<bos>", IMAGE_TOKEN],
         bos="<bos>",
         eos="<eos>",
@@ -635,7 +639,7 @@ def _mllama():
     from transformers import MllamaConfig, MllamaProcessor
     from transformers.models.mllama import MllamaImageProcessorPil
 
-    tok = _family_tokenizer(
+    tok = _tokenizer(
         [*_LLAMA3_SPECIALS, "<|image|>"], bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|finetune_right_pad_id|>"
     )
     processor = MllamaProcessor(
@@ -705,9 +709,4 @@ def tiny_vlm(family: str = "llava", seed: int = 0):
             if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
                 # Mllama's gates start closed (0), which would hide the images; a trained model's are open.
                 param.fill_(1.0)
-    tok = processor.tokenizer
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.bos_token_id = tok.bos_token_id
-    model.eval()
-    return model, processor
+    return _ready(model, processor.tokenizer), processor
