@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import inspect
 import json
@@ -235,9 +236,10 @@ def set_image_pixels(processor: Any, min_pixels: int | None = None, max_pixels: 
     image_processor.size = size
 
 
+@functools.cache
 def image_only_processor(processor_class: type) -> type:
     """``processor_class`` without its video processor: a subclass of the same name whose processors
-    are built, saved and loaded without one.
+    are built, saved, loaded and pickled (DataLoader workers) without one; one class per processor class.
 
     transformers 5 builds video processors (Qwen2-VL, LLaVA-OneVision, SmolVLM, ...) with torchvision
     only; without torchvision the processor cannot be made at all, although images need none of it.
@@ -262,9 +264,20 @@ def image_only_processor(processor_class: type) -> type:
         def from_args_and_dict(cls, args, processor_dict, **kwargs):
             return super().from_args_and_dict([*args[:position], None, *args[position:]], processor_dict, **kwargs)
 
+        def __reduce_ex__(self, protocol):
+            # By the processor class it is made from: pickle cannot find this class by its name.
+            return _image_only_instance, (processor_class, self.__dict__)
+
     ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__
     ImageOnly.__doc__ = processor_class.__doc__
     return ImageOnly
+
+
+def _image_only_instance(processor_class: type, state: dict) -> Any:
+    """An unpickled `image_only_processor` instance."""
+    processor = object.__new__(image_only_processor(processor_class))
+    processor.__dict__.update(state)
+    return processor
 
 
 def _module_prefix(model: nn.Module, names: tuple[str, ...]) -> str | None:

@@ -4,6 +4,7 @@ per family (`llava_loop.testing.tiny_vlm`), built from its real classes with its
 from __future__ import annotations
 
 import logging
+import pickle
 from functools import cache
 
 import pytest
@@ -111,8 +112,7 @@ def test_labels_are_exactly_each_answer_and_its_end_of_turn(family):
             f"{family}: labels differ from the input ids they sit on"
         )
         assert not labelled[batch["attention_mask"][row] == 0].any(), f"{family}: a padding token is labelled"
-    image_ids = {processor.image_token_id, getattr(model.config, "image_token_id", None)}
-    image_ids.add(getattr(model.config, "image_token_index", None))
+    image_ids = {processor.image_token_id, model.config.image_token_id}  # Gemma 3: <start_of_image>, soft token
     assert not any(int(t) in image_ids for t in batch["labels"][batch["labels"] != IGNORE_INDEX]), (
         f"{family}: an image token is labelled"
     )
@@ -139,6 +139,21 @@ def test_every_per_token_tensor_is_padded_on_the_side_of_input_ids(family, colla
                 f"(a per-token tensor padded on the other side than input_ids?)"
             )
     assert set(keys) <= set(PER_TOKEN_KEYS), f"{family}: per-token keys outside PER_TOKEN_KEYS: {keys}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_collators_survive_pickling_for_dataloader_workers(family):
+    # Workers started by spawn or forkserver (macOS; Linux from Python 3.14) get the collator pickled;
+    # the processors built without a video processor are classes of their own.
+    _, processor = model_of(family)
+    records = conversations(family)
+    for collator in (TrainCollator(processor), EvalCollator(processor)):
+        copy = pickle.loads(pickle.dumps(collator))
+        assert type(copy.processor).__name__ == type(processor).__name__, f"{family}: {type(copy.processor)}"
+        expected, got = collator(records), copy(records)
+        for key, value in expected.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(got[key], value), f"{family} {type(collator).__name__}: {key} differs unpickled"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -282,10 +297,10 @@ def test_an_answer_whose_tokens_the_processor_changes_is_refused():
 
 @pytest.mark.parametrize("family", ["gemma3", "idefics3", "qwen2_vl"])
 def test_max_length_inside_an_image_expansion_is_a_bad_sample_not_a_cut_image(family):
-    _, processor = model_of(family)
+    model, processor = model_of(family)
     rec = record("a", ("human", "What color is the shape?"), ("gpt", "red"))
     ids = TrainCollator(processor)([rec])["input_ids"][0].tolist()
-    image_ids = {processor.image_token_id, processor.tokenizer.convert_tokens_to_ids("<image_soft_token>")}
+    image_ids = {processor.image_token_id, model.config.image_token_id}
     last_image = max(i for i, t in enumerate(ids) if t in image_ids)
     with pytest.raises(BadSampleError, match="image tokens beyond max_length"):
         TrainCollator(processor, max_length=last_image)([rec])
