@@ -34,9 +34,13 @@ setup(
     extras_require={
         "test": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.2", "protobuf>=4", "pytest-markdown-docs>=0.9",
                  "markdown-it-py>=3", "packaging>=21", "evaluate>=0.4", "pandas",  # pandas: bert-score's reader
-                 "num2words"],  # SmolVLM's processor (tests/test_families.py)
+                 "num2words",  # SmolVLM's processor (tests/test_families.py)
+                 # the trackers extra (tests/test_trackers.py); wandb 0.31 for `wandb-core leet inspect`, the
+                 # offline reader the tests use
+                 "tensorboard>=2.15", "wandb>=0.31", "mlflow>=3.0", "trackio>=0.43", "aim>=3.17"],
         "evaluate": ["evaluate>=0.4", "datasets>=2.0"],  # metrics given as evaluate.load(...) modules
-        "wandb": ["wandb>=0.16"],  # report_to=["wandb"]: prediction tables
+        # report_to: docs/logging.md (trackio: 0.43's Markdown and auto_log_cpu; mlflow 3: SQLite store default)
+        "trackers": ["tensorboard>=2.15", "wandb>=0.18", "mlflow>=3.0", "trackio>=0.43", "aim>=3.17"],
         "docs": [],
         "gpu": ["bitsandbytes>=0.43"],
     },
