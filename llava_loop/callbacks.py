@@ -28,7 +28,8 @@ EVENTS: dict[str, str] = {
     "on_epoch_start": "At the start of each epoch, including the epoch a resumed run re-enters.",
     "on_step_end": "After each optimizer step, not per micro-batch; with fused AdamW, a step that does not log, "
     "evaluate, save or end the epoch gets it once the next step's forward and backward are queued (the loop "
-    "state is the step's own). [logs: this step's train/loss, train/lr (the rate the step used), train/grad_norm]",
+    "state is the step's own). [logs: this step's train/loss, train/lr (the rate the step used; "
+    "train/lr/<kind> for the other kinds of optimizer groups, e.g. projector), train/grad_norm]",
     "on_log": "Whenever a record is written to metrics.jsonl: train every log_steps, eval after each evaluation. [logs]",
     "on_evaluate": "After each evaluation, on every process. [metrics: summary dict; samples: a few predictions]",
     "on_save": "After a checkpoint is completely written and renamed into place, main process. [path]",

@@ -244,6 +244,7 @@ def train(args: Any, parser: Any = None) -> None:
     from .loop import Loop
     from .metrics import check_metrics, resolve_metrics
     from .modeling import check_model_args, load_model
+    from .trackers import check_trackers
 
     config = loop_config(args)
     model, data = args.model, args.data
@@ -252,6 +253,7 @@ def train(args: Any, parser: Any = None) -> None:
     config.check_eval_data(data.eval is not None)
     metrics = resolve_metrics(args.metrics)
     check_metrics(metrics, config.metric_for_best, config.eval_loss)
+    check_trackers(config.report_to, config.tracker_init_kwargs)
     checkpointing.check_output_dir(config.output_dir)
     rundir.RunLock.acquire(config.output_dir).release()  # another live run in it is an error now
     rundir.resolve_resume(config.output_dir, config.resume_from, config.overwrite_output_dir)

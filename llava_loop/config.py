@@ -182,7 +182,21 @@ class LoopConfig:
     """Consecutive non-finite-loss steps tolerated (each skipped with a warning) before
     stopping with an error; 0 = stop at the first."""
     report_to: list[str] = field(default_factory=list)
-    """Trackers via accelerate, e.g. ["tensorboard"], ["wandb"]; [] or "none" = none."""
+    """Experiment trackers besides metrics.jsonl and the console (always on): "tensorboard", "wandb",
+    "mlflow", "trackio", "aim" (pip install 'llava_loop[trackers]'), another Accelerate tracker's name, or
+    "all" (every one installed); [] or "none" = none. A tracker that fails is warned about once and
+    dropped; training goes on. See docs/logging.md."""
+    tracker_project: str = "llava_loop"
+    """Project the trackers file the run under (wandb and trackio project, MLflow and Aim experiment)."""
+    run_name: str | None = None
+    """The run's name in the trackers (TensorBoard: its folder); None = the name of output_dir's folder."""
+    tracker_init_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Extra init arguments per tracker of report_to, e.g. {"wandb": {"tags": ["lora"], "mode": "offline"}}:
+    for wandb.init, trackio.init, aim.Run, TensorBoard's SummaryWriter, Accelerate's MLflowTracker; plain
+    data only (str, number, bool, None, list, dict)."""
+    peak_tflops: float | None = None
+    """Dense bf16/fp16 peak TFLOP/s of one GPU, for train/mfu; None = looked up by the GPU's name (see
+    docs/logging.md); train/mfu is not logged on the CPU or an unknown GPU."""
     handle_signals: bool = True
     """On SIGTERM/SIGINT finish the current step, save a checkpoint and exit cleanly."""
 
@@ -227,6 +241,12 @@ class LoopConfig:
         _check_choice("lr_scheduler", self.lr_scheduler, _scheduler_names())
         for tracker in self.report_to:
             _check_choice("report_to", tracker, _tracker_names())
+        for name in ("tracker_project", "run_name"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                _fail(name, getattr(self, name), "a non-empty name")
+        _check_tracker_init_kwargs(self.tracker_init_kwargs, self.report_to)
+        if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
+            _fail("peak_tflops", self.peak_tflops, "a finite number > 0 or None")
         targets = self.lora_target_modules
         if targets is not None and not (targets and all(targets)):
             _fail("lora_target_modules", targets, "None, a regex or module names")
@@ -415,6 +435,8 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
                 return float(value)
             except ValueError:
                 continue
+        if typing.get_origin(member) is dict and isinstance(value, Mapping):
+            return dict(value)  # its contents are checked by the field's own validation
         is_list = typing.get_origin(member) is list and isinstance(value, list | tuple)
         if is_list and all(isinstance(item, str) for item in value):
             return list(value)
@@ -457,8 +479,32 @@ def _scheduler_names() -> tuple[str, ...]:
     return tuple(s.value for s in SchedulerType)
 
 
-@functools.cache
 def _tracker_names() -> tuple[str, ...]:
+    """Accelerate's tracker names, "all" and those registered with accelerate's `register_tracker_class`."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
     from accelerate.utils import LoggerType
 
-    return tuple(t.value for t in LoggerType)
+    return tuple(dict.fromkeys([*(t.value for t in LoggerType), *LOGGER_TYPE_TO_CLASS]))
+
+
+def _check_tracker_init_kwargs(kwargs: dict, report_to: list[str]) -> None:
+    """tracker_init_kwargs: {tracker of report_to: {argument name: plain data}}."""
+    for name, arguments in kwargs.items():
+        if name not in report_to and "all" not in report_to:
+            _fail("tracker_init_kwargs", kwargs, f"keys among the trackers of report_to {report_to} (got {name!r})")
+        if not isinstance(arguments, Mapping) or not all(isinstance(k, str) for k in arguments):
+            _fail("tracker_init_kwargs", kwargs, f"a dict of argument names for {name!r}")
+        for key, value in arguments.items():
+            if not _plain_data(value):
+                raise ValueError(
+                    f"tracker_init_kwargs[{name!r}][{key!r}]={value!r} is invalid: expected plain data (str, number, "
+                    "bool, None, list, dict), which the saved config.yaml can hold; e.g. wandb settings as a dict"
+                )
+
+
+def _plain_data(value: Any) -> bool:
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_plain_data(v) for v in value)
+    return isinstance(value, Mapping) and all(isinstance(k, str) and _plain_data(v) for k, v in value.items())

@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def make_accelerator(precision: str, report_to: list[str], project_dir: str) -> Any:
+def make_accelerator(precision: str, project_dir: str) -> Any:
     """An `accelerate.Accelerator` for this process: CPU or the visible GPU, ``precision`` one of
-    fp32/bf16/fp16, trackers ``report_to``.
+    fp32/bf16/fp16. (Trackers are `llava_loop.trackers.TrackerLogger`'s, on the main process.)
 
     Raises:
         RuntimeError: ``WORLD_SIZE`` says more processes than accelerate set up (a launcher problem:
@@ -52,7 +52,6 @@ def make_accelerator(precision: str, report_to: list[str], project_dir: str) -> 
         # single-process runs, all writing the same output_dir.
         cpu=not torch.cuda.is_available(),
         mixed_precision=mixed_precision,
-        log_with=report_to or None,
         project_dir=project_dir,
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))

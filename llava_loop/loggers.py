@@ -1,8 +1,9 @@
 """Loggers: ``metrics.jsonl``, the tqdm progress bar, the start banner and end summary
-(``summary.json``) and Accelerate trackers, as callbacks.
+(``summary.json``) as callbacks, and what the loop measures for them (throughput, MFU, learning rates).
 
 `Loop` adds `JSONLLogger`, `ProgressBar` and `RunSummary` itself (main process only; a `RunSummary`
-passed in ``callbacks`` replaces the default one) and `TrackerLogger` when ``report_to`` names trackers.
+passed in ``callbacks`` replaces the default one), and `llava_loop.trackers.TrackerLogger` when
+``report_to`` names experiment trackers. docs/logging.md lists every key.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -67,12 +69,35 @@ def write_predictions(path: str | Path, rows: list[dict]) -> None:
 
 class Throughput:
     """Training speed over one logging window: the time of the optimizer steps (loading and collating
-    their data included; evaluation and saving not), their tokens, samples and losses."""
+    their data included; evaluation and saving not), their tokens, samples and losses, and the model FLOPs
+    utilisation when the GPU's peak is known (`setup_mfu`)."""
 
     def __init__(self) -> None:
         self.seconds, self.tokens, self.samples = 0.0, 0.0, 0.0  # sums over the window's steps
         self.losses: list[float] = []  # each step's mean training loss
         self._clock = time.perf_counter()  # when the current step's time started
+        self.flops_per_token = 0.0  # model FLOPs of one trained token (`model_flops_per_token`)
+        self.peak_flops: float | None = None  # dense peak FLOP/s of all processes together; None: no train/mfu
+
+    def setup_mfu(self, model: Any, device: Any, num_processes: int, peak_tflops: float | None = None) -> None:
+        """Enable ``train/mfu`` on a GPU whose peak is known: ``peak_tflops`` (one GPU's dense bf16/fp16
+        TFLOP/s) or the `gpu_peak_tflops` of ``torch.cuda.get_device_name(device)``. Nothing on the CPU;
+        an unknown GPU is reported once, at info level."""
+        import torch
+
+        self.peak_flops = None
+        if torch.device(device).type != "cuda":
+            return
+        name = torch.cuda.get_device_name(device)
+        tflops = peak_tflops or gpu_peak_tflops(name)
+        if tflops is None:
+            logger.info(
+                "train/mfu is not logged: no dense bf16/fp16 peak is known for GPU %r; set peak_tflops (TFLOP/s of one GPU)",
+                name,
+            )
+            return
+        self.flops_per_token = model_flops_per_token(model)
+        self.peak_flops = tflops * 1e12 * num_processes
 
     def restart_clock(self) -> None:
         """The next step's time starts now (after an evaluation or save, at an epoch's start)."""
@@ -85,17 +110,85 @@ class Throughput:
         self.samples += samples
 
     def window(self, steps_left: int) -> dict[str, float]:
-        """``train/loss`` (mean over the window), ``train/tokens_per_s``, ``train/samples_per_s`` and
-        ``train/eta_s`` (at this window's speed); the window then starts again."""
+        """``train/loss`` (mean over the window), ``train/tokens_per_s``, ``train/samples_per_s``,
+        ``train/eta_s`` (at this window's speed) and ``train/mfu`` (see `setup_mfu`); the window then
+        starts again."""
         steps = max(len(self.losses), 1)
+        tokens_per_s = self.tokens / max(self.seconds, 1e-9)
         record = {
             "train/loss": sum(self.losses) / steps,
-            "train/tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+            "train/tokens_per_s": tokens_per_s,
             "train/samples_per_s": self.samples / max(self.seconds, 1e-9),
             "train/eta_s": steps_left * self.seconds / steps,
         }
+        if self.peak_flops:
+            record["train/mfu"] = self.flops_per_token * tokens_per_s / self.peak_flops
         self.seconds, self.tokens, self.samples, self.losses = 0.0, 0.0, 0.0, []
         return record
+
+
+# Dense (no sparsity) bf16/fp16 tensor-core peak of one GPU in TFLOP/s, with fp32 accumulation (what
+# PyTorch's bf16/fp16 matmuls use), from NVIDIA's datasheets and architecture whitepapers. The first
+# pattern found in the lower-cased ``torch.cuda.get_device_name`` wins.
+GPU_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    (r"\bgb200\b", 2500.0),
+    (r"\bb200\b", 2250.0),
+    (r"\bb100\b", 1750.0),
+    (r"\bh100\b.*\bnvl\b", 835.0),
+    (r"\bh100\b.*\bpcie\b", 756.0),
+    (r"\bh100\b", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    (r"\bh800\b.*\bpcie\b", 756.0),
+    (r"\bh800\b", 989.0),
+    (r"\bh200\b.*\bnvl\b", 835.0),
+    (r"\bgh200\b", 989.0),
+    (r"\bh200\b", 989.0),
+    (r"\ba100\b", 312.0),
+    (r"\ba800\b", 312.0),
+    (r"\ba30\b", 165.0),
+    (r"\ba40\b", 149.7),
+    (r"\ba10g\b", 125.0),  # AWS's A10 variant; NVIDIA publishes the A10's figure
+    (r"\ba10\b", 125.0),
+    (r"\bl40s\b", 362.0),
+    (r"\bl40\b", 181.0),
+    (r"\bl4\b", 121.0),
+    (r"\brtx a6000\b", 154.8),
+    (r"\b4090\b", 165.2),
+    (r"\b3090 ti\b", 80.0),
+    (r"\b3090\b", 71.0),
+    (r"\bv100s\b", 130.0),
+    (r"\bv100\b.*\bpcie\b", 112.0),
+    (r"\bv100\b", 125.0),  # SXM2
+    (r"\bt4\b", 65.0),
+)
+
+
+def gpu_peak_tflops(device_name: str) -> float | None:
+    """Dense bf16/fp16 peak TFLOP/s of one GPU from its ``torch.cuda.get_device_name`` (`GPU_PEAK_TFLOPS`),
+    or None for a GPU not in the table.
+
+    Example:
+        >>> gpu_peak_tflops("NVIDIA H100 80GB HBM3"), gpu_peak_tflops("NVIDIA A100-SXM4-80GB")
+        (989.0, 312.0)
+        >>> gpu_peak_tflops("Some New GPU") is None
+        True
+    """
+    name = device_name.lower()
+    return next((tflops for pattern, tflops in GPU_PEAK_TFLOPS if re.search(pattern, name)), None)
+
+
+def model_flops_per_token(model: Any) -> float:
+    """Model FLOPs of training on one token: 6 x all parameters (2 for the forward pass, 4 for the
+    backward), frozen and embedding parameters included, attention's sequence-length term not.
+
+    The convention of PaLM's MFU, kept fixed so that runs compare; with LoRA the hardware does less
+    (frozen weights get no weight gradient), with gradient checkpointing more (the forward is redone).
+
+    Example:
+        >>> import torch
+        >>> model_flops_per_token(torch.nn.Linear(10, 10))  # 110 parameters
+        660.0
+    """
+    return 6.0 * _parameter_counts(model)[1]
 
 
 def new_token_count(new_tokens: Any, eos_token_id: int | list[int] | None) -> int:
@@ -241,7 +334,7 @@ def start_facts(loop: Any) -> dict:
         "precision": {"no": "fp32"}.get(str(acc.mixed_precision), str(acc.mixed_precision)),
         "weight_dtype": _main_dtype(model),
         **_finetune_facts(model),
-        "learning_rates": _base_learning_rates(loop.optimizer),
+        "learning_rates": learning_rates(loop.optimizer, base=True),
         "lr_scheduler": cfg.lr_scheduler if loop.scheduler is not None else None,
         "warmup_steps": _warmup_steps(loop.scheduler),
         "eval_steps": cfg.eval_steps if loop.eval_data is not None else None,
@@ -485,16 +578,28 @@ def _finetune_facts(model: Any) -> dict:
     }
 
 
-def _base_learning_rates(optimizer: Any) -> dict[str, float]:
-    """Base (peak) learning rate per kind of optimizer group: ``{"main": 2e-4, "projector": 1e-4}``.
+def learning_rates(optimizer: Any, base: bool = False) -> dict[str, float]:
+    """Learning rate per kind of optimizer group, now (or with ``base``, the peak rate the schedule
+    started from): ``{"main": 2e-4, "projector": 1e-4}``.
 
     Groups named ``main_no_decay`` count as ``main``; unnamed groups as ``group0``, ``group1``, ....
     """
     rates: dict[str, float] = {}
     for i, group in enumerate(getattr(optimizer, "param_groups", [])):
         kind = str(group.get("name", f"group{i}")).removesuffix("_no_decay")
-        rates.setdefault(kind, float(group.get("initial_lr", group["lr"])))  # initial_lr: set by the scheduler
+        # initial_lr: set by the scheduler
+        rates.setdefault(kind, float(group.get("initial_lr", group["lr"]) if base else group["lr"]))
     return rates
+
+
+def learning_rate_logs(optimizer: Any) -> dict[str, float]:
+    """``train/lr``: the rate of the first kind of group (the language model's, "main"), and
+    ``train/lr/<kind>`` for each other kind when the optimizer has several (e.g. ``train/lr/projector``)."""
+    rates = learning_rates(optimizer)
+    kinds = list(rates)
+    logs = {"train/lr": rates[kinds[0]] if kinds else 0.0}
+    logs.update({f"train/lr/{kind}": rates[kind] for kind in kinds[1:]})
+    return logs
 
 
 def _warmup_steps(scheduler: Any) -> int | None:
@@ -513,35 +618,3 @@ def _plain_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain_json(v) for v in value]
     return _jsonable(value)
-
-
-class TrackerLogger(Callback):
-    """Forwards log events to the trackers Accelerate was set up with (``report_to``)."""
-
-    def on_fit_start(self, loop: Any) -> None:
-        loop.accelerator.init_trackers("llava_loop", config=loop.config.to_dict())
-
-    def on_log(self, loop: Any, logs: dict) -> None:
-        values = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and k != "step"}
-        loop.accelerator.log(values, step=logs.get("step"))
-
-    def on_evaluate(self, loop: Any, metrics: dict, samples: list[dict]) -> None:
-        for tracker in loop.accelerator.trackers:
-            if tracker.name == "wandb" and samples:
-                import wandb
-
-                columns = ["id", "image", "prompt", "prediction", "references"]
-                rows = [
-                    [
-                        s["id"],
-                        wandb.Image(s["image"]) if s.get("image") is not None else None,
-                        s["prompt"],
-                        s["prediction"],
-                        " | ".join(s["references"]),
-                    ]
-                    for s in samples
-                ]
-                tracker.log({"eval/samples": wandb.Table(columns=columns, data=rows)}, step=loop.state.step)
-
-    def on_fit_end(self, loop: Any) -> None:
-        loop.accelerator.end_training()

@@ -46,7 +46,15 @@ from .distributed import (
     set_rng_state,
     shard_batches,
 )
-from .loggers import JSONLLogger, ProgressBar, RunSummary, Throughput, TrackerLogger, new_token_count, write_predictions
+from .loggers import (
+    JSONLLogger,
+    ProgressBar,
+    RunSummary,
+    Throughput,
+    learning_rate_logs,
+    new_token_count,
+    write_predictions,
+)
 from .memory import layers_to_checkpoint, memory_budget
 from .metrics import check_metrics, compute_metrics, resolve_metrics
 from .modeling import (
@@ -65,6 +73,7 @@ from .modeling import (
     rewind_cache,
     uncompiled_layers,
 )
+from .trackers import TrackerLogger, check_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -140,11 +149,11 @@ class _EvalInterrupted(Exception):
 
 class _Step:
     """An optimizer step whose update is queued: its loss sum, token count and gradient norm on the
-    device (read once, when needed), its CPU counts, sample ids, learning rate and the data position
-    after it (``samples_in_epoch``)."""
+    device (read once, when needed), its CPU counts, sample ids, learning rates (`learning_rate_logs`)
+    and the data position after it (``samples_in_epoch``)."""
 
-    def __init__(self, stats: torch.Tensor, counts: dict, ids: list[str], lr: float, position: int) -> None:
-        self.stats, self.counts, self.ids, self.lr, self.position = stats, counts, ids, lr, position
+    def __init__(self, stats: torch.Tensor, counts: dict, ids: list[str], lrs: dict, position: int) -> None:
+        self.stats, self.counts, self.ids, self.lrs, self.position = stats, counts, ids, lrs, position
         self._values: list[float] | None = None
 
     @property
@@ -236,6 +245,7 @@ class Loop:
         # metric_for_best that none of the metrics reports.
         cfg.resolved_precision("cuda" if torch.cuda.is_available() else "cpu")
         check_metrics(self.metrics, cfg.metric_for_best, cfg.eval_loss)
+        check_trackers(cfg.report_to, cfg.tracker_init_kwargs)  # installed, and init arguments they take
         if cfg.early_stopping_patience:
             self.callbacks.append(EarlyStopping(cfg.early_stopping_patience))
         if not any(isinstance(c, DivergenceWarning) for c in self.callbacks):
@@ -309,7 +319,7 @@ class Loop:
         if self.accelerator is None:
             cfg = self.config
             precision = cfg.resolved_precision("cuda" if torch.cuda.is_available() else "cpu")
-            self.accelerator = make_accelerator(precision, cfg.report_to, cfg.output_dir)
+            self.accelerator = make_accelerator(precision, cfg.output_dir)
 
     def _setup_data(self, train_data: Any, eval_data: Any) -> None:
         cfg = self.config
@@ -381,6 +391,7 @@ class Loop:
         self.train_loader = acc.prepare_data_loader(loader, device_placement=False)
         if cfg.gradient_checkpointing == "auto":
             self._plan_checkpointing()
+        self._throughput.setup_mfu(self._bare(), acc.device, acc.num_processes, cfg.peak_tflops)
 
     def _plan_checkpointing(self) -> None:
         """gradient_checkpointing="auto": checkpoint as few decoder layers as fit the memory budget,
@@ -448,9 +459,11 @@ class Loop:
             # keeps summary.json but prints nothing).
             summary = [] if any(isinstance(c, RunSummary) for c in self.callbacks) else [RunSummary()]
             jsonl = JSONLLogger(os.path.join(cfg.output_dir, "metrics.jsonl"))
-            self.callbacks = [jsonl, ProgressBar(), *summary, *self.callbacks]
-        if cfg.report_to:
-            self.callbacks.append(TrackerLogger())
+            # Trackers last (they never stop the run); a TrackerLogger among the user's callbacks (one with
+            # trackers of their own) serves report_to too.
+            has_trackers = any(isinstance(c, TrackerLogger) for c in self.callbacks)
+            trackers = [TrackerLogger()] if cfg.report_to and not has_trackers else []
+            self.callbacks = [jsonl, ProgressBar(), *summary, *self.callbacks, *trackers]
 
     def _resume(self, path: Any) -> None:
         """Continue from the checkpoint ``path``: refuse what cannot continue exactly, restore the rest."""
@@ -570,7 +583,7 @@ class Loop:
         grad_norm = torch.as_tensor(grad_norm, dtype=torch.float64).to(loss_sum.device)
         stats = torch.stack([loss_sum.double(), num_tokens.double(), grad_norm])  # read together, once
         ids = [i for b in micro_batches for i in b["ids"]]
-        step = _Step(stats, counts, ids, self.optimizer.param_groups[0]["lr"], self.state.samples_in_epoch)
+        step = _Step(stats, counts, ids, learning_rate_logs(self.optimizer), self.state.samples_in_epoch)
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
         if self.accelerator.scaler is None and getattr(inner, "_step_supports_amp_scaling", False):
             mean = stats[0] / stats[1]
@@ -641,7 +654,7 @@ class Loop:
         if reason is not None:
             self._skip_bad_step(reason, step.ids)
             return
-        logs = self._update(mean_loss, grad_norm, step.lr)
+        logs = self._update(mean_loss, grad_norm, step.lrs)
         self.state.samples_seen += counts["samples"]
         self.state.tokens_seen += counts["tokens"]
         self.state.label_tokens_seen += int(num_tokens)
@@ -698,14 +711,14 @@ class Loop:
                 torch._foreach_mul_(grads, (label_tokens / num_tokens).to(grads[0].dtype))
         return loss_sum, num_tokens
 
-    def _update(self, mean_loss: float, grad_norm: float, lr: float) -> dict:
+    def _update(self, mean_loss: float, grad_norm: float, lrs: dict) -> dict:
         """Count an applied step (its optimizer update is queued) and advance the schedule; return the
-        step's logs (``lr``: the rate the update used)."""
+        step's logs (``lrs``: the rates the update used, `learning_rate_logs`)."""
         self.state.bad_steps_in_a_row = 0
         if self.scheduler is not None:
             self.scheduler.step()
         self.state.step += 1
-        return {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm}
+        return {"train/loss": mean_loss, **lrs, "train/grad_norm": grad_norm}
 
     def _after_step(self, logs: dict) -> None:
         """Callbacks, then logging, evaluation and checkpoint at their cadences."""

@@ -3,7 +3,7 @@
 Panels, x = optimizer step:
 
 - ``loss``: ``train/loss`` and, on the same axes, ``eval/loss`` when the run evaluated;
-- ``learning rate``: ``train/lr`` and every per-group ``train/lr_*`` key;
+- ``learning rate``: ``train/lr`` and every per-group ``train/lr/<kind>`` key;
 - one panel per other ``eval/*`` metric, in the order they first appear (``eval/exact_match``,
   ``eval/rougeL``, a custom metric's keys...), except the bookkeeping in `EVAL_BOOKKEEPING`.
 
@@ -122,7 +122,7 @@ def _panels(series: dict[str, list]) -> list[tuple[str, list[str]]]:
     losses = [k for k in ("train/loss", "eval/loss") if k in series]
     if losses:
         panels.append(("loss", losses))
-    rates = [k for k in series if k == "train/lr" or k.startswith("train/lr_")]
+    rates = [k for k in series if k == "train/lr" or k.startswith("train/lr/")]
     if rates:
         panels.append(("learning rate", rates))
     for key in series:

@@ -61,7 +61,7 @@ OPTIMIZER_FIELDS = ("learning_rate", "projector_lr", "weight_decay")
 SCHEDULE_FIELDS = ("learning_rate", "projector_lr", "lr_scheduler", "warmup_ratio", "warmup_steps")
 # Where the run is or how it reports: never a difference worth a line.
 IGNORED_FIELDS = ("output_dir", "resume_from", "overwrite_output_dir", "resume_with_new_data", "report_to")
-IGNORED_FIELDS += ("handle_signals",)
+IGNORED_FIELDS += ("handle_signals", "tracker_project", "run_name", "tracker_init_kwargs", "peak_tflops")
 
 
 # ---------------------------------------------------------------------- lock

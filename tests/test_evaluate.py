@@ -30,6 +30,7 @@ from llava_loop.modeling import (
     rewind_cache,
 )
 from llava_loop.testing import COLORS, synthetic_vqa, tiny_llava
+from llava_loop.trackers import TrackerLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_KEYS = {"id", "image", "prompt", "prediction", "references", "scores"}
@@ -537,10 +538,13 @@ def _fit_in_two_processes(train, evals, output_dir: str) -> None:
     model, processor = tiny_llava(seed=0)
     cfg = config(output_dir, max_steps=3, batch_size=4, eval_steps=1, eval_batch_size=3)
     cfg.metric_for_best = "eval/loss"
+    cfg.report_to, cfg.run_name = ["tensorboard"], "ddp"  # trackers: the main process's only
     loop = Loop(model, processor, cfg)
     loop.fit(train, evals)
     rank = loop.accelerator.process_index
     Path(output_dir, f"history_{rank}.json").write_text(json.dumps(loop.state.history))
+    trackers = sum(isinstance(c, TrackerLogger) for c in loop.callbacks)
+    Path(output_dir, f"tracker_loggers_{rank}.json").write_text(json.dumps(trackers))
 
 
 def test_evaluations_during_two_process_training_agree_and_keep_the_best(tmp_path):
@@ -558,6 +562,16 @@ def test_evaluations_during_two_process_training_agree_and_keep_the_best(tmp_pat
     best_step = min(histories[0], key=lambda h: h["eval/loss"])["step"]
     best = best_checkpoint(str(tmp_path))
     assert best and Path(best["path"]).name == f"step_{best_step:06d}", f"best.json {best} should name step {best_step}"
+
+    loggers = [json.loads((tmp_path / f"tracker_loggers_{rank}.json").read_text()) for rank in (0, 1)]
+    assert loggers == [1, 0], f"TrackerLoggers on processes 0 and 1: {loggers}; trackers belong to the main process"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_files = sorted(p.name for p in (tmp_path / "tensorboard" / "ddp").glob("events.out.tfevents.*"))
+    assert len(event_files) == 1, f"one TensorBoard writer expected, found event files {event_files}"
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "ddp"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/loss")] == [1, 2, 3], "TensorBoard: eval/loss once per step"
 
 
 # --------------------------------------------------------------------------- outputs

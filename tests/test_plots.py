@@ -21,15 +21,15 @@ BOOKKEEPING = {"eval/samples": 4.0, "eval/samples_per_s": 3.0, "eval/gen_tokens_
 # Written as JSONLLogger writes them: NaN as "nan", a resumed attempt marked on its first record.
 # The first attempt's steps 3-4 (loss 99) were redone after resuming from step 2 and must not be drawn.
 RECORDS = [
-    {"step": 1, "train/loss": 2.0, "train/lr": 1e-3, "train/lr_projector": 1e-4, "train/grad_norm": 1.0},
-    {"step": 2, "train/loss": 1.8, "train/lr": 9e-4, "train/lr_projector": 9e-5, "train/tokens_per_s": 50.0},
+    {"step": 1, "train/loss": 2.0, "train/lr": 1e-3, "train/lr/projector": 1e-4, "train/grad_norm": 1.0},
+    {"step": 2, "train/loss": 1.8, "train/lr": 9e-4, "train/lr/projector": 9e-5, "train/tokens_per_s": 50.0},
     {"step": 2, "eval/loss": 1.9, "eval/exact_match": 0.1, "eval/bleu": "nan", **BOOKKEEPING},
-    {"step": 3, "train/loss": 99.0, "train/lr": 8e-4, "train/lr_projector": 8e-5},
-    {"step": 4, "train/loss": 99.0, "train/lr": 7e-4, "train/lr_projector": 7e-5},
+    {"step": 3, "train/loss": 99.0, "train/lr": 8e-4, "train/lr/projector": 8e-5},
+    {"step": 4, "train/loss": 99.0, "train/lr": 7e-4, "train/lr/projector": 7e-5},
     {"step": 4, "eval/loss": 99.0, "eval/exact_match": 0.0, "eval/bleu": 0.0, **BOOKKEEPING},
-    {"step": 3, "train/loss": 1.5, "train/lr": 8e-4, "train/lr_projector": 8e-5, "resumed": True,
+    {"step": 3, "train/loss": 1.5, "train/lr": 8e-4, "train/lr/projector": 8e-5, "resumed": True,
      "resumed_from_step": 2},
-    {"step": 4, "train/loss": 1.2, "train/lr": 7e-4, "train/lr_projector": 7e-5, "train/eta_s": 0.0},
+    {"step": 4, "train/loss": 1.2, "train/lr": 7e-4, "train/lr/projector": 7e-5, "train/eta_s": 0.0},
     {"step": 4, "eval/loss": 1.3, "eval/exact_match": 0.5, "eval/bleu": 12.0, "eval/answer_f1": 0.4, **BOOKKEEPING},
 ]  # fmt: skip
 
@@ -55,7 +55,7 @@ def test_plot_has_a_panel_for_loss_lr_and_every_eval_metric_and_none_for_bookkee
     assert set(drawn) == {"loss", "learning rate"} | evals, f"panels drawn {sorted(drawn)}; metrics present {evals}"
     assert list(drawn)[:2] == ["loss", "learning rate"], f"loss and lr should come first: {list(drawn)}"
     assert set(drawn["loss"]) == {"train/loss", "eval/loss"}, f"loss panel lines: {list(drawn['loss'])}"
-    assert set(drawn["learning rate"]) == {"train/lr", "train/lr_projector"}, (
+    assert set(drawn["learning rate"]) == {"train/lr", "train/lr/projector"}, (
         f"learning-rate panel lines: {list(drawn['learning rate'])}"
     )
     assert all(set(lines) == {title} for title, lines in drawn.items() if title.startswith("eval/")), (
