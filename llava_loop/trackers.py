@@ -64,6 +64,7 @@ ADVICE = {
 RUN_IDS_FILE = "trackers.json"  # {tracker: its run id}, in output_dir: a resumed run continues those runs
 PREDICTION_COLUMNS = ["id", "image", "prompt", "prediction", "references", "scores"]
 _LOCAL_MLFLOW_STORES: set[str] = set()  # tracking URIs that a TrackerLogger set (not the user)
+_OPEN: list[TrackerLogger] = []  # loggers whose fit started trackers and has not ended them (it raised, so far)
 
 
 def tracker_config(values: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
@@ -176,7 +177,8 @@ class TrackerLogger(Callback):
     (naming it, the error and what to check) and dropped for the rest of the run; training and the other
     trackers go on. A resumed run continues the wandb, MLflow and Aim runs it started (ids kept in
     ``{output_dir}/trackers.json``), the trackio run of the same name, and TensorBoard's run folder,
-    where the steps after the checkpoint are replaced.
+    where the steps after the checkpoint are replaced. After a fit that raised, the next one in the process
+    first finishes the trackers it left open, as failed.
 
     The started trackers are also in ``loop.accelerator.trackers``, so a callback can reach one with
     ``loop.accelerator.get_tracker("wandb", unwrap=True)``.
@@ -202,6 +204,10 @@ class TrackerLogger(Callback):
         self.trackers, self._loop = {}, loop
         if not loop.accelerator.is_main_process:
             return
+        for earlier in [t for t in _OPEN if t is not self]:  # a fit that raised (a notebook runs the next)
+            logger.info("finishing the trackers %s of an earlier fit that raised, as failed", list(earlier.trackers))
+            earlier._close(failed=True)
+        _OPEN.append(self)
         cfg = loop.config
         self._start = start_facts(loop)
         saved = _read_run_ids(cfg.output_dir) if loop.resumed_from is not None else {}
@@ -237,7 +243,12 @@ class TrackerLogger(Callback):
         if self.trackers:
             facts = _plain_json(end_facts(loop, self._start or start_facts(loop)))
             self._each("to log the run summary", lambda name, t: _log_summary(name, t, facts, loop.state.step))
-        self._each("to finish", lambda name, tracker: tracker.finish())
+        self._close(failed=False)
+
+    def _close(self, failed: bool) -> None:
+        """Finish every tracker (``failed``: marked so where the tracker can, after a fit that raised) and
+        give MLflow's tracking URI back."""
+        self._each("to finish", _finish_failed if failed else lambda name, tracker: tracker.finish())
         self.trackers = {}
         self._sync()
         if self._mlflow_store:
@@ -245,6 +256,8 @@ class TrackerLogger(Callback):
 
             mlflow.set_tracking_uri(None)  # back to the user's (unset) choice
             self._mlflow_store = False
+        if self in _OPEN:
+            _OPEN.remove(self)
 
     # ------------------------------------------------------------------ tracker set-up
     def _make(self, name: str, loop: Any, run_id: str | None) -> Any:
@@ -365,6 +378,18 @@ class TrackerLogger(Callback):
         """``accelerator.trackers``: the trackers still logging (for ``accelerator.get_tracker``)."""
         if self._loop is not None and self._loop.accelerator is not None:
             self._loop.accelerator.trackers = list(self.trackers.values())
+
+
+def _finish_failed(name: str, tracker: Any) -> None:
+    """Finish a tracker whose fit raised: an MLflow run as FAILED, a wandb run with exit code 1."""
+    if name == "mlflow":
+        import mlflow
+
+        mlflow.end_run(status="FAILED")
+    elif name == "wandb":
+        tracker.run.finish(exit_code=1)
+    else:
+        tracker.finish()
 
 
 def _numeric(item: tuple[str, Any]) -> tuple[str, float | int | None]:

@@ -1,8 +1,9 @@
 """Experiment trackers end to end: a tiny `fit` logs to TensorBoard, wandb (offline), MLflow (SQLite store),
 trackio (local) and Aim, and each tracker's own reader finds every metrics.jsonl value at its step, the config,
 the predictions tables and the run summary. A tracker that fails (starting, logging, a table, finishing) is
-warned about once and dropped while training and the other trackers go on; a resumed run continues the same
-tracker runs. Plus the pieces: config flattening, MFU, per-group learning rates, Markdown escaping, checks.
+warned about once and dropped while training and the other trackers go on; after a fit that raised the next
+one finishes the runs it left open; a resumed run continues the same tracker runs. Plus the pieces: config
+flattening, MFU, per-group learning rates, Markdown escaping, checks before training.
 """
 
 from __future__ import annotations
@@ -390,6 +391,32 @@ def test_trackers_failing_at_start_or_mid_run_are_warned_once_and_dropped_while_
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == every_step, "TensorBoard stopped with the others"
     assert read_metrics(str(out / "metrics.jsonl"))[-1]["step"] == 4, "metrics.jsonl stopped"
+
+
+class RaisesAtStep2(Callback):
+    def on_step_end(self, loop, logs):
+        if loop.state.step == 2:
+            raise RuntimeError("a bug in the user's callback")
+
+
+def test_after_a_fit_that_raised_the_next_fit_in_the_process_finishes_its_runs_and_logs_again(
+    offline, tmp_path, caplog
+):
+    import mlflow
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="a bug in the user's callback"):
+        tracker_run(out, report_to=["mlflow"], callbacks=[RaisesAtStep2()])  # its MLflow run stays active
+    with caplog.at_level(logging.WARNING, logger="llava_loop"):
+        tracker_run(out, report_to=["mlflow"], overwrite_output_dir=True)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "llava_loop.trackers"]
+    assert not warnings, f"the second fit's MLflow run should start cleanly: {warnings}"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("llava_loop").experiment_id], order_by=["start_time"])
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"], f"MLflow runs {[r.info for r in runs]}"
+    steps = [m.step for m in client.get_metric_history(runs[1].info.run_id, "train/loss")]
+    assert steps == [1, 2, 3, 4], f"the second run's train/loss steps {steps}"
+    assert mlflow.active_run() is None and not mlflow.is_tracking_uri_set(), "MLflow state left behind"
 
 
 # ---------------------------------------------------------------------- resume
