@@ -512,7 +512,7 @@ def check_record(
         >>> check_record({"id": "a", "image": None, "conversations": [
         ...     {"from": "human", "value": "<image> Hi"}, {"from": "gpt", "value": "Yo"}]})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        BadSampleError: bad sample 'a' (<memory>): text has 1 <image> marker(s) but the record has no image. ...
+        llava_loop.data.BadSampleError: bad sample 'a' (<memory>): text has 1 <image> marker(s) but the record has no image. ...
     """
     sample_id = record.get("id", "<no id>")
 
@@ -572,7 +572,7 @@ def check_conversation(conversations: list[dict[str, str]], *, sample_id: str, s
         >>> check_conversation([{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "Yo"}],
         ...                    sample_id="a")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        BadSampleError: bad sample 'a' (<memory>): turn order: turn 0 is 'gpt' where a 'human' ...
+        llava_loop.data.BadSampleError: bad sample 'a' (<memory>): turn order: turn 0 is 'gpt' where a 'human' ...
     """
 
     def bad(reason: str) -> BadSampleError:
