@@ -524,7 +524,7 @@ def to_llava_json(
     splits = dict(dataset) if kind == "dict" else {str(dataset.split) if dataset.split is not None else "data": dataset}
     options = dict(task=task, image_column=image_column, question_column=question_column,
                    answers_column=answers_column, caption_column=caption_column, id_column=id_column, prompt=prompt)  # fmt: skip
-    plans = {name: plan_conversion(split.features, name, **options) for name, split in splits.items()}
+    plans = {name: plan_conversion(split.features, name, options) for name, split in splits.items()}
     for name, split in splits.items():
         _check_unique_ids(split, plans[name], name)
     out = Path(out_dir)
@@ -623,7 +623,7 @@ def convert_source(
     else:
         features = datasets.load_dataset_builder(os.fspath(source), config_name).info.features
         if features is not None:  # the Hub metadata knows the columns: check them before the download
-            plan_conversion(features, split or "any", **_plan_options(options))
+            plan_conversion(features, split or "any", options)
         data = datasets.load_dataset(os.fspath(source), config_name, split=split)
     if image_folder is None and folder is not None:
         image_folder = folder
@@ -639,12 +639,6 @@ def import_datasets() -> Any:
     return datasets
 
 
-def _plan_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The options of `to_llava_json` that `plan_conversion` takes (columns, task, prompt)."""
-    names = ("task", "image_column", "question_column", "answers_column", "caption_column", "id_column", "prompt")
-    return {k: v for k, v in options.items() if k in names}
-
-
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty output folder unless ``overwrite`` (before any work is done)."""
     if out.exists() and not out.is_dir():
@@ -656,22 +650,15 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         )
 
 
-def plan_conversion(
-    features: Any,
-    split: str = "data",
-    *,
-    task: str = "auto",
-    image_column: str | None = None,
-    question_column: str | None = None,
-    answers_column: str | None = None,
-    caption_column: str | None = None,
-    id_column: str | None = None,
-    prompt: str | None = None,
-) -> _Plan:
+def plan_conversion(features: Any, split: str, options: dict[str, Any]) -> _Plan:
     """Decide the columns and prompt of `to_llava_json` from a split's features (no data read), so a
-    wrong column name fails before a download or any writing. Raises `ValueError` naming the columns."""
+    wrong column name fails before a download or any writing. ``options`` are `to_llava_json`'s
+    keyword arguments (``task``, ``*_column``, ``prompt``; others are ignored). Raises `ValueError`
+    naming the split's columns."""
     import datasets
 
+    task, prompt = options.get("task", "auto"), options.get("prompt")
+    question_column, caption_column = options.get("question_column"), options.get("caption_column")
     columns = list(features)
     where = f"split {split!r} (columns: {', '.join(columns)})"
 
@@ -693,7 +680,7 @@ def plan_conversion(
     if task == "auto":
         task = "vqa" if question_col is not None else "caption"
     if task == "vqa":
-        answers_col = pick(answers_column, ANSWERS_COLUMNS, "answers", "answers_column")
+        answers_col = pick(options.get("answers_column"), ANSWERS_COLUMNS, "answers", "answers_column")
         if question_col is None or answers_col is None:
             missing = "question" if question_col is None else "answers"
             raise ValueError(
@@ -709,7 +696,7 @@ def plan_conversion(
                 f"{where}: found neither a question column (VQA: {', '.join(QUESTION_COLUMNS)}) nor a caption column "
                 f"({', '.join(CAPTION_COLUMNS)}); pass question_column and answers_column, or caption_column"
             )
-    image_col = image_column
+    image_col = options.get("image_column")
     if image_col is None:
         stored = [c for c in columns if isinstance(features[c], datasets.Image)]
         if len(stored) > 1:
@@ -723,6 +710,7 @@ def plan_conversion(
             f"{where}: image column {image_col!r} is {features[image_col]}; expected one datasets.Image or one image "
             "path per row"
         )
+    id_column = options.get("id_column")
     id_col = None if id_column == "" else pick(id_column, ID_COLUMNS[task], "id", "id_column")
     prompt = prompt if prompt is not None else VQA_PROMPT if task == "vqa" else CAPTION_PROMPT
     if task == "vqa" and "{question}" not in prompt:

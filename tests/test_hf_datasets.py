@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import pickle
 import subprocess
 import sys
 
@@ -117,6 +118,8 @@ def test_trl_layout_trains_and_evaluates_end_to_end(tmp_path):
     ], f"the TRL content list should become one marker then the text: {first['conversations']}"
     assert first["id"] == "row[0]" and first["answers"] == records[0]["answers"], first
     assert first["image"].tobytes() == records[0]["image"].convert("RGB").tobytes(), "row 0 came with another image"
+    copy = pickle.loads(pickle.dumps(data))  # as DataLoader workers started by spawn get it
+    assert copy[3]["image"].tobytes() == data[3]["image"].tobytes(), "a pickled copy reads other images"
     loop = run_fit(tmp_path, ds, ds.select(range(4)))
     assert loop.state.step == 2, "the TRL-layout dataset did not train"
     assert loop.state.history[-1]["eval/samples"] == 4, f"evaluation should see 4 rows: {loop.state.history}"
@@ -183,7 +186,12 @@ def test_messages_mixing_string_and_list_content_stored_as_json_are_read():
 
 
 def test_rows_keep_their_own_images_after_shuffle_select_filter_and_split():
-    ds = datasets.Dataset.from_list(color_rows(12))
+    rows = color_rows(12)
+    for row in rows:  # stored with a file name, which the fingerprint reads
+        png = io.BytesIO()
+        row["image"].save(png, "PNG")
+        row["image"] = {"bytes": png.getvalue(), "path": f"{row['id']}.png"}
+    ds = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
     views = {
         "shuffle": ds.shuffle(seed=1),
         "select range": ds.select(range(3, 9)),
@@ -198,6 +206,8 @@ def test_rows_keep_their_own_images_after_shuffle_select_filter_and_split():
             expected = COLORS[record["conversations"][1]["value"]]
             assert record["image"].getpixel((0, 0)) == expected, f"{what}: row {i} ({record['id']}) got another image"
             assert record["id"] == view[i]["id"], f"{what}: row {i} is {record['id']}, the dataset says {view[i]['id']}"
+            name = data.parsed_records[i]["image"].name
+            assert name == f"{record['id']}.png", f"{what}: row {i} ({record['id']}) has the file name {name!r}"
 
 
 # ---------------------------------------------------------------------- validation, laziness, splits, resume
