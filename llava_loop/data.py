@@ -120,7 +120,7 @@ class StoredImage:
     Arrow table until ``dataset[i]``.
 
     Attributes:
-        row: The row of the dataset's table.
+        row: The dataset's row, as ``dataset[row]`` indexes it (after any select/shuffle).
         column: The column holding the image.
         position: Its position in a list-of-images column; None for a one-image column.
         name: The stored file name, if any ("" otherwise), for fingerprints and messages.
