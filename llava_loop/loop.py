@@ -46,6 +46,7 @@ from .distributed import (
     set_rng_state,
     shard_batches,
 )
+from .hf_datasets import eval_split, fit_splits
 from .loggers import JSONLLogger, ProgressBar, RunSummary, Throughput, TrackerLogger, new_token_count, write_predictions
 from .memory import layers_to_checkpoint, memory_budget
 from .metrics import check_metrics, compute_metrics, resolve_metrics
@@ -246,8 +247,10 @@ class Loop:
         """Train on ``train_data``; evaluate on ``eval_data`` at the cadences and once at the end.
 
         Args:
-            train_data: Records, a LLaVA JSON/JSONL path, or a torch Dataset of records.
-            eval_data: Same kinds, or None.
+            train_data: Records, a LLaVA JSON/JSONL path, a Hugging Face ``datasets.Dataset``, or a
+                torch Dataset of records; or a ``DatasetDict``: its ``"train"`` split, and its
+                ``"validation"`` split as eval data when ``eval_data`` is None (docs/data.md).
+            eval_data: Same kinds (a ``DatasetDict``: its ``"validation"`` split), or None.
 
         Returns:
             The final `LoopState` (``history`` holds every evaluation).
@@ -313,6 +316,7 @@ class Loop:
 
     def _setup_data(self, train_data: Any, eval_data: Any) -> None:
         cfg = self.config
+        train_data, eval_data = fit_splits(train_data, eval_data)  # a DatasetDict: its train/validation splits
         self.train_data = self._dataset(train_data)
         # Records rejected while loading (skip mode); a resumed run restores the count instead.
         self.state.skipped_samples = len(getattr(self.train_data, "skipped", ()))
@@ -1083,7 +1087,8 @@ class Loop:
         the loop then records the result (history, predictions file, best checkpoint, ``on_evaluate``).
 
         Args:
-            eval_data: Records (any form `fit` accepts) to evaluate on; default: `fit`'s ``eval_data``.
+            eval_data: Records (any form `fit` accepts; a ``DatasetDict``: its ``"validation"`` split) to
+                evaluate on; default: `fit`'s ``eval_data``.
 
         Returns:
             An `EvalResult`: ``eval/<metric key>`` for each metric, ``eval/loss`` (teacher-forced,
@@ -1096,7 +1101,7 @@ class Loop:
             >>> loop.evaluate(synthetic_vqa(8))["eval/exact_match"]  # doctest: +SKIP
             0.0
         """
-        dataset = self._dataset(eval_data) if eval_data is not None else self.eval_data
+        dataset = self._dataset(eval_split(eval_data)) if eval_data is not None else self.eval_data
         if dataset is None:
             raise ValueError("nothing to evaluate: pass evaluate(eval_data) or fit(train_data, eval_data)")
         try:
