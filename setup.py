@@ -30,12 +30,15 @@ setup(
         "docstring-parser>=0.15",  # LoopConfig field docstrings (also a jsonargparse[signatures] dependency)
         "numpy",
         "matplotlib>=3.7",
+        "regex>=2022.1",  # the COCO caption tokenizer (cider): longest-match rules (POSIX mode)
+        "rapidfuzz>=3.0",  # Levenshtein distances (anls)
     ],
     extras_require={
         "test": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.2", "protobuf>=4", "pytest-markdown-docs>=0.9",
                  "markdown-it-py>=3", "packaging>=21", "evaluate>=0.4", "pandas",  # pandas: bert-score's reader
                  "num2words",  # SmolVLM's processor (tests/test_families.py)
-                 "datasets>=3.0"],  # Hugging Face datasets as input, llava-loop convert (tests/test_hf_datasets.py)
+                 "datasets>=3.0",  # Hugging Face datasets as input, llava-loop convert (tests/test_hf_datasets.py)
+                 "pycocoevalcap>=1.2", "anls>=0.0.2"],  # references of cider and anls (tests/test_metrics_caption_ocr.py)
         "evaluate": ["evaluate>=0.4", "datasets>=2.0"],  # metrics given as evaluate.load(...) modules
         "datasets": ["datasets>=3.0"],  # llava-loop convert / to_llava_json (a datasets.Dataset input needs no extra)
         "wandb": ["wandb>=0.16"],  # report_to=["wandb"]: prediction tables
