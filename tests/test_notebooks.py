@@ -114,9 +114,9 @@ def run_notebook(path: Path, workdir: Path, parameters: dict = PARAMETERS) -> nb
     try:
         client.execute(env=env)
     except CellExecutionError as err:
-        failed = next(c for c in notebook.cells if any(o.output_type == "error" for o in c.get("outputs", [])))
-        message = ANSI_CODES.sub("", str(err))
-        raise AssertionError(f"{path.name}: {_where(failed, saved)} failed:\n{message}") from None
+        failed = [c for c in notebook.cells if any(o.output_type == "error" for o in c.get("outputs", []))]
+        where = _where(failed[0], saved) if failed else "a cell"
+        raise AssertionError(f"{path.name}: {where} failed:\n{ANSI_CODES.sub('', str(err))}") from None
     return notebook
 
 
