@@ -34,10 +34,12 @@ setup(
     extras_require={
         "test": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.2", "protobuf>=4", "pytest-markdown-docs>=0.9",
                  "markdown-it-py>=3", "packaging>=21", "evaluate>=0.4", "pandas",  # pandas: bert-score's reader
-                 "num2words"],  # SmolVLM's processor (tests/test_families.py)
+                 "num2words",  # SmolVLM's processor (tests/test_families.py)
+                 "mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0"],  # the docs extra
         "evaluate": ["evaluate>=0.4", "datasets>=2.0"],  # metrics given as evaluate.load(...) modules
         "wandb": ["wandb>=0.16"],  # report_to=["wandb"]: prediction tables
-        "docs": [],
+        # The documentation site (mkdocs.yml); tests/test_docs_site.py builds it with --strict.
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0"],
         "gpu": ["bitsandbytes>=0.43"],
     },
     entry_points={"console_scripts": ["llava-loop=llava_loop.cli:main"]},
