@@ -39,14 +39,16 @@ setup(
                  "num2words",  # SmolVLM's processor (tests/test_families.py)
                  "datasets>=3.0",  # Hugging Face datasets as input, llava-loop convert (tests/test_hf_datasets.py)
                  "pycocoevalcap>=1.2", "anls>=0.0.2",  # references of cider and anls (tests/test_metrics_caption_ocr.py)
-                 "llava_loop[notebooks]"],  # tests/test_notebooks.py runs notebooks/ in a Jupyter kernel
+                 "llava_loop[notebooks]",  # tests/test_notebooks.py runs notebooks/ in a Jupyter kernel
+                 "llava_loop[docs]"],  # tests/test_docs_site.py builds the site
         "evaluate": ["evaluate>=0.4", "datasets>=2.0"],  # metrics given as evaluate.load(...) modules
         "datasets": ["datasets>=3.0"],  # llava-loop convert / to_llava_json (a datasets.Dataset input needs no extra)
         "wandb": ["wandb>=0.16"],  # report_to=["wandb"]: prediction tables
-        "docs": [],
         # Running notebooks/ (and tests/test_notebooks.py): a Jupyter kernel, nbclient; ipywidgets for tqdm's
         # notebook bars (without it tqdm.auto warns "IProgress not found" in every notebook that trains).
         "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "jupyter_client>=8", "ipykernel>=6.29", "ipywidgets>=8"],
+        # The documentation site (mkdocs.yml); tests/test_docs_site.py builds it with --strict.
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0"],
         "gpu": ["bitsandbytes>=0.43"],
     },
     entry_points={"console_scripts": ["llava-loop=llava_loop.cli:main"]},
