@@ -5,6 +5,8 @@
   ``docs_dir``. Each such nav entry is added as a page at its repository path (``benchmarks/RESULTS/``),
   so the same links resolve on the site, and so do the links between such files. A link to a file
   outside ``docs/`` that is not in the nav stays an error of ``--strict`` builds.
+- The notebooks (``notebooks/*.ipynb``, `DOWNLOADS`) are copied to the site as files to download, at their
+  repository path, so the pages' links to them resolve too.
 - Code-fence words meant for the test runner are dropped before the fences are parsed (after
   pymdownx.snippets has included other files, so included fences are cleaned too). pytest-markdown-docs
   reads ```` ```python fixture:llava_data ```` (run with that fixture); pymdownx.superfences takes only
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import glob
 import posixpath
 import re
 from typing import Any
@@ -23,6 +26,9 @@ from markdown.preprocessors import Preprocessor
 from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File, Files, InclusionLevel
+
+# Repository files outside ``docs/`` that pages link to and the site serves as downloads (not pages).
+DOWNLOADS = ("../notebooks/*.ipynb",)
 
 # An opening or closing fence: indent, ``` or ~~~ (3 or more), the info string.
 _FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
@@ -41,7 +47,12 @@ def nav_paths(nav: Any) -> list[str]:
 
 def on_files(files: Files, config: MkDocsConfig) -> Files:
     taken = {file.dest_uri for file in files}
-    for path in nav_paths(config.nav):
+    downloads = [
+        posixpath.relpath(found, config.docs_dir)
+        for pattern in DOWNLOADS
+        for found in sorted(glob.glob(posixpath.join(config.docs_dir, pattern)))
+    ]
+    for path in nav_paths(config.nav) + downloads:
         if not path.startswith("../") or files.get_file_from_path(path) is not None:
             continue
         inside = posixpath.normpath(path)
