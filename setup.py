@@ -34,7 +34,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.2", "protobuf>=4", "pytest-markdown-docs>=0.9",
                  "markdown-it-py>=3", "packaging>=21", "evaluate>=0.4", "pandas",  # pandas: bert-score's reader
-                 "num2words"],  # SmolVLM's processor (tests/test_families.py)
+                 "num2words",  # SmolVLM's processor (tests/test_families.py)
+                 "selenium>=4.11"],  # drives headless Chromium (tests/test_report_browser.py)
         "evaluate": ["evaluate>=0.4", "datasets>=2.0"],  # metrics given as evaluate.load(...) modules
         "wandb": ["wandb>=0.16"],  # report_to=["wandb"]: prediction tables
         "docs": [],

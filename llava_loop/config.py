@@ -121,6 +121,11 @@ class LoopConfig:
     """Evaluate once before the first step (a step-0 baseline in metrics.jsonl)."""
     eval_loss: bool = True
     """Also compute the teacher-forced eval loss (eval/loss) on the eval set; False saves one forward per eval batch."""
+    predictions_html: bool = True
+    """Also write each evaluation's predictions as a self-contained HTML page beside its JSONL file
+    (predictions/step_XXXXXX.html: thumbnails, prompt, prediction, references, per-sample scores;
+    sortable). Costs about 8 KB per distinct eval photo per page, and once per fit loading every
+    eval image again for its thumbnail (main process)."""
     save_steps: int = 0
     """Optimizer steps between checkpoints; 0 = only the final checkpoint."""
     save_total_limit: int | None = None
