@@ -154,7 +154,7 @@ class LoopConfig:
     read from its start. Without it such a resume is refused."""
     overwrite_output_dir: bool = False
     """Start fresh in an output_dir that holds an earlier run, deleting its checkpoints,
-    predictions and metrics.jsonl. Only with resume_from=None."""
+    predictions, metrics.jsonl and curves.png. Only with resume_from=None."""
     max_new_tokens: int = 64
     """Maximum tokens generated per eval sample."""
     num_beams: int = 1

@@ -65,6 +65,7 @@ from .modeling import (
     rewind_cache,
     uncompiled_layers,
 )
+from .plots import RunPlot
 from .report import Thumbnails, write_predictions_page
 
 logger = logging.getLogger(__name__)
@@ -451,7 +452,8 @@ class Loop:
             # keeps summary.json but prints nothing).
             summary = [] if any(isinstance(c, RunSummary) for c in self.callbacks) else [RunSummary()]
             jsonl = JSONLLogger(os.path.join(cfg.output_dir, "metrics.jsonl"))
-            self.callbacks = [jsonl, ProgressBar(), *summary, *self.callbacks]
+            # RunPlot after JSONLLogger: it redraws curves.png once an eval record is in metrics.jsonl.
+            self.callbacks = [jsonl, RunPlot(), ProgressBar(), *summary, *self.callbacks]
         if cfg.report_to:
             self.callbacks.append(TrackerLogger())
 
