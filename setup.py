@@ -40,7 +40,8 @@ setup(
                  "datasets>=3.0",  # Hugging Face datasets as input, llava-loop convert (tests/test_hf_datasets.py)
                  "pycocoevalcap>=1.2", "anls>=0.0.2",  # references of cider and anls (tests/test_metrics_caption_ocr.py)
                  "llava_loop[notebooks]",  # tests/test_notebooks.py runs notebooks/ in a Jupyter kernel
-                 "llava_loop[docs]"],  # tests/test_docs_site.py builds the site
+                 "llava_loop[docs]",  # tests/test_docs_site.py builds the site
+                 "selenium>=4.11"],  # drives headless Chromium (tests/test_report_browser.py)
         "evaluate": ["evaluate>=0.4", "datasets>=2.0"],  # metrics given as evaluate.load(...) modules
         "datasets": ["datasets>=3.0"],  # llava-loop convert / to_llava_json (a datasets.Dataset input needs no extra)
         "wandb": ["wandb>=0.16"],  # report_to=["wandb"]: prediction tables

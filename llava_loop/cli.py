@@ -223,7 +223,6 @@ def demo(args: Any) -> dict:
     import torch
 
     from .loop import Loop
-    from .plots import plot_run
     from .testing import synthetic_vqa, tiny_llava
 
     # The toy model's matrices are too small for intra-op threads to pay off: extra threads only
@@ -239,7 +238,6 @@ def demo(args: Any) -> dict:
     before_kinds = _per_kind(os.path.join(args.output_dir, "predictions", "step_000000.jsonl"))
     after = loop.state.history[-1]
     after_kinds = _per_kind(os.path.join(args.output_dir, "predictions", f"step_{loop.state.step:06d}.jsonl"))
-    plot = plot_run(args.output_dir)
     elapsed = time.perf_counter() - t0
     lines = [
         "",
@@ -250,7 +248,7 @@ def demo(args: Any) -> dict:
         f"eval loss  {before['eval/loss']:>7.3f} {after['eval/loss']:>7.3f}",
         "",
         (f"{loop.state.step} steps in {elapsed:.0f} s; outputs in {args.output_dir}/ (checkpoints/, "
-         f"metrics.jsonl, summary.json, predictions/, {os.path.basename(plot)})"),
+         "metrics.jsonl, summary.json, predictions/ (JSONL and HTML pages), curves.png)"),
     ]  # fmt: skip
     print("\n".join(lines))
     return {"before": before, "after": after, "seconds": elapsed, "steps": loop.state.step}
