@@ -30,18 +30,29 @@ setup(
         "docstring-parser>=0.15",  # LoopConfig field docstrings (also a jsonargparse[signatures] dependency)
         "numpy",
         "matplotlib>=3.7",
+        "regex>=2022.1",  # the COCO caption tokenizer (cider): longest-match rules (POSIX mode)
+        "rapidfuzz>=3.0",  # Levenshtein distances (anls)
     ],
     extras_require={
         "test": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.2", "protobuf>=4", "pytest-markdown-docs>=0.9",
                  "markdown-it-py>=3", "packaging>=21", "evaluate>=0.4", "pandas",  # pandas: bert-score's reader
                  "num2words",  # SmolVLM's processor (tests/test_families.py)
-                 # the trackers extra (tests/test_trackers.py); wandb 0.31 for `wandb-core leet inspect`, the
-                 # offline reader the tests use
-                 "tensorboard>=2.15", "wandb>=0.31", "mlflow>=3.0", "trackio>=0.43", "aim>=3.17"],
+                 "datasets>=3.0",  # Hugging Face datasets as input, llava-loop convert (tests/test_hf_datasets.py)
+                 "pycocoevalcap>=1.2", "anls>=0.0.2",  # references of cider and anls (tests/test_metrics_caption_ocr.py)
+                 "llava_loop[notebooks]",  # tests/test_notebooks.py runs notebooks/ in a Jupyter kernel
+                 "llava_loop[docs]",  # tests/test_docs_site.py builds the site
+                 "selenium>=4.11",  # drives headless Chromium (tests/test_report_browser.py)
+                 # tests/test_trackers.py; wandb 0.31 for `wandb-core leet inspect`, the offline reader it uses
+                 "llava_loop[trackers]", "wandb>=0.31"],
         "evaluate": ["evaluate>=0.4", "datasets>=2.0"],  # metrics given as evaluate.load(...) modules
+        "datasets": ["datasets>=3.0"],  # llava-loop convert / to_llava_json (a datasets.Dataset input needs no extra)
         # report_to: docs/logging.md (trackio: 0.43's Markdown and auto_log_cpu; mlflow 3: SQLite store default)
         "trackers": ["tensorboard>=2.15", "wandb>=0.18", "mlflow>=3.0", "trackio>=0.43", "aim>=3.17"],
-        "docs": [],
+        # Running notebooks/ (and tests/test_notebooks.py): a Jupyter kernel, nbclient; ipywidgets for tqdm's
+        # notebook bars (without it tqdm.auto warns "IProgress not found" in every notebook that trains).
+        "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "jupyter_client>=8", "ipykernel>=6.29", "ipywidgets>=8"],
+        # The documentation site (mkdocs.yml); tests/test_docs_site.py builds it with --strict.
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0"],
         "gpu": ["bitsandbytes>=0.43"],
     },
     entry_points={"console_scripts": ["llava-loop=llava_loop.cli:main"]},

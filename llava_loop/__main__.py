@@ -1,3 +1,4 @@
 from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # python -m llava_loop (an import, e.g. by doctest collection, runs nothing)
+    raise SystemExit(main())

@@ -37,6 +37,7 @@ EVENTS: dict[str, str] = {
     "not when the run stops mid-epoch.",
     "on_fit_end": "Once, after the final evaluation and checkpoint, also when stopped early or by a signal.",
 }
+"""Every callback event, in the order a run meets them: name -> when it fires [its payload arguments]."""
 
 
 class Callback:

@@ -1,4 +1,4 @@
-"""The ``llava-loop`` command (also ``python -m llava_loop``): demo, train, plot, export.
+"""The ``llava-loop`` command (also ``python -m llava_loop``): demo, train, plot, export, convert.
 
 ``train`` reads one YAML file that can hold the whole run, and flags override it:
 
@@ -131,7 +131,47 @@ def build_parser() -> Any:
     export_p.add_argument("--base_model", default=None, help="Base model; default: the one the checkpoint names.")
     export_p.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT_DIR.")
     commands.add_subcommand("export", export_p, help="merge a LoRA checkpoint into a plain HF model")
-    root.command_parsers = {"demo": demo_p, "train": train_p, "plot": plot_p, "export": export_p}
+
+    convert_p = parser(
+        "Convert a VQA dataset (question, answers, image) or a caption dataset (image, captions) to LLaVA JSON "
+        "(SPLIT.json per split) plus an images/ folder, which train reads. The output folder, the columns of every "
+        "split and, for a Hub dataset, its metadata are checked before anything is downloaded or written."
+    )
+    convert_p.add_argument(
+        "source",
+        help="A folder written by save_to_disk, a .json/.jsonl/.parquet/.csv/.arrow file, a folder of such files "
+        "(or of images with metadata.jsonl), or a Hugging Face Hub dataset name.",
+    )
+    convert_p.add_argument("out_dir", help="Output folder for SPLIT.json and images/ (empty, unless --overwrite).")
+    convert_p.add_argument("--split", default=None, help="Convert only this split; for a single file: its split name "
+                           "(default: all splits; train for a single file).")  # fmt: skip
+    convert_p.add_argument("--config_name", default=None, help="Configuration (subset) of a Hub dataset.")
+    convert_p.add_argument("--task", choices=["auto", "vqa", "caption"], default="auto",
+                           help="vqa, caption, or auto: vqa when there is a question column.")  # fmt: skip
+    convert_p.add_argument("--image_column", default=None, help="Image column; default: the one datasets.Image "
+                           "column, else image/images/image_path/file_name (paths).")  # fmt: skip
+    convert_p.add_argument("--question_column", default=None, help="VQA question column; default: question/query.")
+    convert_p.add_argument("--answers_column", default=None, help="VQA answers column (strings, or dicts with "
+                           "'answer'); default: answers/answer.")  # fmt: skip
+    convert_p.add_argument("--caption_column", default=None, help="Caption(s) column; default: captions/caption/"
+                           "caption_str/sentences/text.")  # fmt: skip
+    convert_p.add_argument("--id_column", default=None, help="Column of unique ids; default: question_id/id (VQA), "
+                           "id/image_id (captions), else SPLIT-ROW; '' for SPLIT-ROW.")  # fmt: skip
+    convert_p.add_argument("--prompt", default=None, help="Human turn with {question} and one <image> (a \\n in it "
+                           "is a newline); default: LLaVA-1.5's short-answer VQA prompt, or its one-sentence caption "
+                           "prompt.")  # fmt: skip
+    convert_p.add_argument("--one_record_per", choices=["image", "caption"], default="image",
+                           help="Captions: one record per image (trained on the first caption) or one per caption; "
+                           "all captions are the references either way.")  # fmt: skip
+    convert_p.add_argument("--image_folder", default=None, help="Folder that relative image paths resolve against; "
+                           "default: the folder of a local source.")  # fmt: skip
+    convert_p.add_argument("--allow_external_images", type=bool, default=False,
+                           help="Accept image paths outside the image folder (trusted data only).")  # fmt: skip
+    convert_p.add_argument("--on_bad_sample", choices=["raise", "skip"], default="raise",
+                           help="raise: stop at a bad row; skip: log, count and skip it.")  # fmt: skip
+    convert_p.add_argument("--overwrite", action="store_true", help="Write into a non-empty OUT_DIR.")
+    commands.add_subcommand("convert", convert_p, help="convert a VQA or caption dataset to LLaVA JSON + images")
+    root.command_parsers = {"demo": demo_p, "train": train_p, "plot": plot_p, "export": export_p, "convert": convert_p}
     return root
 
 
@@ -183,7 +223,6 @@ def demo(args: Any) -> dict:
     import torch
 
     from .loop import Loop
-    from .plots import plot_run
     from .testing import synthetic_vqa, tiny_llava
 
     # The toy model's matrices are too small for intra-op threads to pay off: extra threads only
@@ -199,7 +238,6 @@ def demo(args: Any) -> dict:
     before_kinds = _per_kind(os.path.join(args.output_dir, "predictions", "step_000000.jsonl"))
     after = loop.state.history[-1]
     after_kinds = _per_kind(os.path.join(args.output_dir, "predictions", f"step_{loop.state.step:06d}.jsonl"))
-    plot = plot_run(args.output_dir)
     elapsed = time.perf_counter() - t0
     lines = [
         "",
@@ -210,7 +248,7 @@ def demo(args: Any) -> dict:
         f"eval loss  {before['eval/loss']:>7.3f} {after['eval/loss']:>7.3f}",
         "",
         (f"{loop.state.step} steps in {elapsed:.0f} s; outputs in {args.output_dir}/ (checkpoints/, "
-         f"metrics.jsonl, summary.json, predictions/, {os.path.basename(plot)})"),
+         "metrics.jsonl, summary.json, predictions/ (JSONL and HTML pages), curves.png)"),
     ]  # fmt: skip
     print("\n".join(lines))
     return {"before": before, "after": after, "seconds": elapsed, "steps": loop.state.step}
@@ -290,6 +328,29 @@ def export_cmd(args: Any) -> None:
     print(f"merged model written to {out}")
 
 
+def convert(args: Any) -> None:
+    """Convert a VQA/caption dataset to LLaVA JSON; ``args`` is the parsed ``convert`` namespace."""
+    from .hf_datasets import convert_source
+
+    options = ("task", "image_column", "question_column", "answers_column", "caption_column", "id_column", "prompt",
+               "one_record_per", "allow_external_images", "on_bad_sample")  # fmt: skip
+    if args.prompt is not None:
+        args.prompt = args.prompt.replace("\\n", "\n")  # typed in a shell, \n is two characters
+    paths = convert_source(
+        args.source,
+        args.out_dir,
+        split=args.split,
+        config_name=args.config_name,
+        image_folder=args.image_folder,
+        overwrite=args.overwrite,
+        **{name: args[name] for name in options},
+    )
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    train = paths.get("train", path)
+    print(f"images in {os.path.join(args.out_dir, 'images')}; train with: llava-loop train --data.train {train} ...")
+
+
 # ---------------------------------------------------------------------- entry point
 
 
@@ -333,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sub = args[args.command]
     commands = {"demo": demo, "train": lambda a: train(a, parser.command_parsers["train"]),
-                "plot": plot, "export": export_cmd}  # fmt: skip
+                "plot": plot, "export": export_cmd, "convert": convert}  # fmt: skip
     try:
         commands[args.command](sub)
     except (*USER_ERRORS, RunDirError) as err:

@@ -121,6 +121,11 @@ class LoopConfig:
     """Evaluate once before the first step (a step-0 baseline in metrics.jsonl)."""
     eval_loss: bool = True
     """Also compute the teacher-forced eval loss (eval/loss) on the eval set; False saves one forward per eval batch."""
+    predictions_html: bool = True
+    """Also write each evaluation's predictions as a self-contained HTML page beside its JSONL file
+    (predictions/step_XXXXXX.html: thumbnails, prompt, prediction, references, per-sample scores;
+    sortable). Costs about 8 KB per distinct eval photo per page, and once per fit loading every
+    eval image again for its thumbnail (main process)."""
     save_steps: int = 0
     """Optimizer steps between checkpoints; 0 = only the final checkpoint."""
     save_total_limit: int | None = None
@@ -149,7 +154,7 @@ class LoopConfig:
     read from its start. Without it such a resume is refused."""
     overwrite_output_dir: bool = False
     """Start fresh in an output_dir that holds an earlier run, deleting its checkpoints,
-    predictions and metrics.jsonl. Only with resume_from=None."""
+    predictions, metrics.jsonl and curves.png. Only with resume_from=None."""
     max_new_tokens: int = 64
     """Maximum tokens generated per eval sample."""
     num_beams: int = 1

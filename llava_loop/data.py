@@ -1,6 +1,7 @@
 """Datasets: LLaVA JSON / HF messages / in-memory records -> uniform records.
 
-Every dataset here yields *records*, the one format the collators consume::
+(Hugging Face ``datasets`` objects are read by `llava_loop.hf_datasets`, through the same
+`normalize_record` rules.) Every dataset here yields *records*, the one format the collators consume::
 
     {
         "id": "abc",                                  # always a str
@@ -27,13 +28,14 @@ image fails to decode; collators drop and report those. Nothing is ever dropped 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import re
 import struct
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -109,6 +111,31 @@ class SkippedSample:
     reason: str
 
 
+@dataclass(frozen=True)
+class StoredImage:
+    """An image that a dataset reads from its own storage when the record is indexed.
+
+    Parsed records (`VLDataset.parsed_records`) hold it where a JSON record holds a path: e.g. the
+    images of a Hugging Face dataset row (`llava_loop.hf_datasets.HFDataset`) stay in the dataset's
+    Arrow table until ``dataset[i]``.
+
+    Attributes:
+        row: The dataset's row, as ``dataset[row]`` indexes it (after any select/shuffle).
+        column: The column holding the image.
+        position: Its position in a list-of-images column; None for a one-image column.
+        name: The stored file name, if any ("" otherwise), for fingerprints and messages.
+
+    Example:
+        >>> StoredImage(row=3, column="images", position=0, name="cat.jpg").name
+        'cat.jpg'
+    """
+
+    row: int
+    column: str
+    position: int | None = None
+    name: str = ""
+
+
 def check_on_bad_sample(on_bad_sample: str) -> None:
     """Raise `ValueError` unless ``on_bad_sample`` is ``"raise"`` or ``"skip"``; the one home of this check.
 
@@ -182,7 +209,7 @@ class VLDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        records: Sequence[Any],
+        records: Iterable[Any],
         *,
         image_folder: str | os.PathLike[str] | None = None,
         source: str = MEMORY_SOURCE,
@@ -232,12 +259,7 @@ class VLDataset(torch.utils.data.Dataset):
         record = self._records[index]
         sample_id = record["id"]
         try:
-            if isinstance(record["image"], list):
-                image: Any = [load_image(x, sample_id=sample_id, source=self.source) for x in record["image"]]
-            elif record["image"] is not None:
-                image = load_image(record["image"], sample_id=sample_id, source=self.source)
-            else:
-                image = None
+            image = self._decoded_image(record)
         except BadSampleError as err:
             return skip_or_raise(err, self.on_bad_sample)
         # A fresh dict (and fresh turn dicts) every time: collators may mutate what they get.
@@ -252,6 +274,14 @@ class VLDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(source={self.source!r}, records={len(self)}, skipped={len(self.skipped)})"
+
+    def _decoded_image(self, record: dict[str, Any]) -> Image.Image | list[Image.Image] | None:
+        """The record's image(s), decoded (`load_image`); a dataset with its own image storage
+        (`StoredImage`) overrides this to fetch them first."""
+        stored = record["image"]
+        if isinstance(stored, list):
+            return [load_image(x, sample_id=record["id"], source=self.source) for x in stored]
+        return None if stored is None else load_image(stored, sample_id=record["id"], source=self.source)
 
     @property
     def parsed_records(self) -> Sequence[dict[str, Any]]:
@@ -326,7 +356,11 @@ def as_dataset(
 
     Args:
         data: A ``.json``/``.jsonl`` path, a list of raw records (any supported format;
-            images as paths or PIL images), or a torch ``Dataset`` (returned unchanged).
+            images as paths or PIL images), a Hugging Face ``datasets.Dataset``
+            (`llava_loop.hf_datasets.HFDataset`: validated row by row, images read lazily), or a
+            torch ``Dataset`` (returned unchanged). A ``DatasetDict`` is refused: pass one split
+            (`fit` picks ``"train"`` and ``"validation"`` itself); so is a streaming
+            ``IterableDataset`` (no length, no random access).
         image_folder: Folder that relative image paths are relative to.
         on_bad_sample: ``"raise"`` (default) or ``"skip"``.
         allow_external_images: Accept image paths that lead outside the image folder; only for
@@ -336,7 +370,8 @@ def as_dataset(
         A map-style dataset yielding records (or `SkippedSample` in skip mode).
 
     Raises:
-        TypeError: ``data`` is none of the above.
+        TypeError: ``data`` is none of the above, or a streaming ``IterableDataset``.
+        ValueError: A ``DatasetDict``.
 
     Example:
         >>> ds = as_dataset([{"messages": [
@@ -345,6 +380,10 @@ def as_dataset(
         {'from': 'gpt', 'value': 'Hey'}
     """
     check_on_bad_sample(on_bad_sample)
+    from .hf_datasets import datasets_kind, from_hf
+
+    if datasets_kind(data) is not None:
+        return from_hf(data, image_folder, on_bad_sample=on_bad_sample, allow_external_images=allow_external_images)
     if isinstance(data, torch.utils.data.Dataset):
         return data
     if isinstance(data, (str, os.PathLike)):
@@ -363,7 +402,7 @@ def as_dataset(
         )
     raise TypeError(
         f"cannot make a dataset from {type(data).__name__}; pass a .json/.jsonl path, "
-        "a list of records, or a torch.utils.data.Dataset."
+        "a list of records, a datasets.Dataset, or a torch.utils.data.Dataset."
     )
 
 
@@ -512,7 +551,7 @@ def check_record(
         >>> check_record({"id": "a", "image": None, "conversations": [
         ...     {"from": "human", "value": "<image> Hi"}, {"from": "gpt", "value": "Yo"}]})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        BadSampleError: bad sample 'a' (<memory>): text has 1 <image> marker(s) but the record has no image. ...
+        llava_loop.data.BadSampleError: bad sample 'a' (<memory>): text has 1 <image> marker(s) but the record has no image. ...
     """
     sample_id = record.get("id", "<no id>")
 
@@ -572,7 +611,7 @@ def check_conversation(conversations: list[dict[str, str]], *, sample_id: str, s
         >>> check_conversation([{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "Yo"}],
         ...                    sample_id="a")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        BadSampleError: bad sample 'a' (<memory>): turn order: turn 0 is 'gpt' where a 'human' ...
+        llava_loop.data.BadSampleError: bad sample 'a' (<memory>): turn order: turn 0 is 'gpt' where a 'human' ...
     """
 
     def bad(reason: str) -> BadSampleError:
@@ -603,7 +642,9 @@ def check_conversation(conversations: list[dict[str, str]], *, sample_id: str, s
             raise bad(f"turn {t} ({turn['from']}) has an {IMAGE_TOKEN} marker; only human turns may")
 
 
-def load_image(path_or_image: str | os.PathLike[str] | Image.Image, *, sample_id: str, source: str) -> Image.Image:
+def load_image(
+    path_or_image: str | os.PathLike[str] | Image.Image | bytes, *, sample_id: str, source: str
+) -> Image.Image:
     """Decode an image fully and return it as a new RGB image, upright as a viewer shows it.
 
     * The EXIF orientation is applied (``PIL.ImageOps.exif_transpose``, as
@@ -621,7 +662,8 @@ def load_image(path_or_image: str | os.PathLike[str] | Image.Image, *, sample_id
     Truncated files are errors (``ImageFile.LOAD_TRUNCATED_IMAGES`` is never enabled here).
 
     Args:
-        path_or_image: An image file path, or a PIL image (copied, never modified).
+        path_or_image: An image file path, a PIL image (copied, never modified), or the bytes of
+            an image file (as a Hugging Face ``datasets.Image`` column stores them).
         sample_id: Id of the record, for error messages.
         source: File the record came from, for error messages.
 
@@ -640,6 +682,8 @@ def load_image(path_or_image: str | os.PathLike[str] | Image.Image, *, sample_id
     _warn_if_truncated_images_allowed()
     if isinstance(path_or_image, Image.Image):
         path, what = None, "in-memory image"
+    elif isinstance(path_or_image, bytes):
+        path, what = io.BytesIO(path_or_image), f"image ({len(path_or_image):,} bytes in the dataset)"
     else:
         path = os.fspath(path_or_image)
         what = f"image {path}"
@@ -758,9 +802,9 @@ def _content_to_text(items: list[Any], inline_images: list[Any], bad: Any, t: in
 
 
 def _resolve_image(image: Any, folder: str | None, confine: str | None, bad: Any) -> Any:
-    """Keep PIL images; resolve a path against `folder`, check it stays inside `confine` (symlinks
-    followed) and that the file exists."""
-    if isinstance(image, Image.Image):
+    """Keep PIL images and `StoredImage` references; resolve a path against `folder`, check it stays
+    inside `confine` (symlinks followed) and that the file exists."""
+    if isinstance(image, (Image.Image, StoredImage)):
         return image
     if not isinstance(image, (str, os.PathLike)):
         raise bad(f"an image must be a path or a PIL image, got {type(image).__name__}")

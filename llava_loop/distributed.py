@@ -8,7 +8,7 @@ dataset order on every process. Metrics are computed once, on the main process, 
 
 Example:
     >>> shard_batches(list(range(7)), batch_size=2, process_index=1, num_processes=2)
-    [[2, 3]]
+    [[2, 3], [6]]
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def make_accelerator(precision: str, project_dir: str) -> Any:
     fp32/bf16/fp16. (Trackers are `llava_loop.trackers.TrackerLogger`'s, on the main process.)
 
     Raises:
-        RuntimeError: ``WORLD_SIZE`` says more processes than accelerate set up (a launcher problem:
-            the processes would train independently and overwrite each other's checkpoints).
+        RuntimeError: The processes that started are not the ones the launcher was asked for (see
+            `check_process_count`).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -54,13 +54,113 @@ def make_accelerator(precision: str, project_dir: str) -> Any:
         mixed_precision=mixed_precision,
         project_dir=project_dir,
     )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != accelerator.num_processes:
-        raise RuntimeError(
-            f"WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es): the "
-            "processes would train independently and overwrite each other's checkpoints; check the launcher"
-        )
+    check_process_count(accelerator.num_processes)
     return accelerator
+
+
+def check_process_count(num_processes: int) -> None:
+    """Refuse a run whose processes are not the ones its launcher was asked for.
+
+    Two launcher mistakes start the wrong number of processes without any error of their own:
+
+    - ``WORLD_SIZE`` (set by torchrun and accelerate's multi-process launchers) differs from the
+      processes accelerate set up: each process would train alone and overwrite the others' checkpoints.
+    - ``accelerate launch`` was configured for N processes (``--num_processes`` or ``num_processes``
+      in its config file) but started fewer: with ``use_cpu: true``, or ``distributed_type: NO``,
+      accelerate's launcher runs ONE process and says nothing, so a "2-process" run is silently a
+      1-process run with half the effective batch.
+
+    The launcher's request is read from its own command line (this process's parent or grandparent)
+    with accelerate's own argument parser and config loader.
+
+    Args:
+        num_processes: The processes accelerate set up (``Accelerator.num_processes``).
+
+    Raises:
+        RuntimeError: Naming both numbers, where each comes from, and the launch command to use.
+
+    Example:
+        >>> check_process_count(1)  # a plain `python train.py`: nothing to check
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != num_processes:
+        raise RuntimeError(
+            f"WORLD_SIZE={world} but accelerate set up {num_processes} process(es): the processes would "
+            "train independently and overwrite each other's checkpoints; check the launcher"
+        )
+    requested = accelerate_launch_request()
+    if requested is None or requested["num_processes"] == num_processes:
+        return
+    if requested["use_cpu"]:
+        fix = (
+            f"on CPUs accelerate launch has no multi-process launcher (it needs mpirun); start the "
+            f"processes with `torchrun --nproc_per_node {requested['num_processes']} <script>` (gloo DDP) instead"
+        )
+    else:
+        fix = (
+            "for several GPUs set `distributed_type: MULTI_GPU` in the config (or pass --multi_gpu), "
+            "or ask for the processes that run"
+        )
+    raise RuntimeError(
+        f"accelerate launch was asked for {requested['num_processes']} processes ({requested['source']}) "
+        f"but {num_processes} started, so the run would silently train with "
+        f"{num_processes} of {requested['num_processes']} processes: {fix}"
+    )
+
+
+def accelerate_launch_request() -> dict | None:
+    """What ``accelerate launch`` was asked for, when it started this process: ``{"num_processes",
+    "use_cpu", "source"}`` (``source`` says where the number came from), else None.
+
+    Read from the launcher's command line (the parent process, or the grandparent under a wrapper)
+    with accelerate's ``launch_command_parser`` and ``load_config_from_file``, so flags and config file
+    combine exactly as accelerate combines them (a flag wins over the file).
+    """
+    import psutil
+
+    try:
+        ancestors = psutil.Process().parents()[:2]
+    except psutil.Error:
+        return None
+    for process in ancestors:
+        try:
+            args = _accelerate_launch_args(process.cmdline())
+        except psutil.Error:
+            continue
+        if args is not None:
+            return _launch_request(args)
+    return None
+
+
+def _accelerate_launch_args(cmdline: list[str]) -> list[str] | None:
+    """The arguments after ``launch`` of an ``accelerate launch`` command line (``accelerate launch``,
+    ``accelerate-launch`` or ``python -m accelerate.commands.launch``), else None."""
+    for i, token in enumerate(cmdline):
+        name = os.path.basename(token)
+        if name in ("accelerate-launch", "accelerate.commands.launch"):
+            return cmdline[i + 1 :]
+        if name in ("accelerate", "accelerate.commands.accelerate_cli"):
+            return cmdline[i + 2 :] if cmdline[i + 1 : i + 2] == ["launch"] else None
+    return None
+
+
+def _launch_request(args: list[str]) -> dict | None:
+    from accelerate.commands.config import default_config_file, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        parsed = launch_command_parser().parse_args(args)
+    except SystemExit:  # not a command line accelerate itself would accept: nothing to compare
+        return None
+    config_file = parsed.config_file or (default_config_file if os.path.isfile(default_config_file) else None)
+    config = load_config_from_file(config_file) if config_file else None
+    use_cpu = bool(parsed.cpu or getattr(parsed, "use_cpu", False) or getattr(config, "use_cpu", False))
+    if parsed.num_processes is not None:
+        return {"num_processes": parsed.num_processes, "use_cpu": use_cpu, "source": "--num_processes"}
+    if getattr(config, "num_processes", None) is not None:
+        source = f"num_processes: {config.num_processes} in {config_file}"
+        return {"num_processes": config.num_processes, "use_cpu": use_cpu, "source": source}
+    return None
 
 
 class SignalWatcher:
@@ -159,7 +259,7 @@ def shard_batches(order: list[int], batch_size: int, process_index: int, num_pro
 
     Example:
         >>> shard_batches(list(range(7)), batch_size=2, process_index=0, num_processes=2)
-        [[0, 1], [4, 5], [6]]
+        [[0, 1], [4, 5]]
     """
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     return batches[process_index::num_processes]

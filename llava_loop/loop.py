@@ -35,7 +35,7 @@ from .collators import (
     loss_token_count,
 )
 from .config import LoopConfig
-from .data import EpochSampler, Indexed, SkippedSample, WithSource, as_dataset, longest_prompts_first
+from .data import BadSampleError, EpochSampler, Indexed, SkippedSample, WithSource, as_dataset, longest_prompts_first
 from .distributed import (
     SignalWatcher,
     gather_in_order,
@@ -46,6 +46,7 @@ from .distributed import (
     set_rng_state,
     shard_batches,
 )
+from .hf_datasets import eval_split, fit_splits
 from .loggers import (
     JSONLLogger,
     ProgressBar,
@@ -73,6 +74,8 @@ from .modeling import (
     rewind_cache,
     uncompiled_layers,
 )
+from .plots import RunPlot
+from .report import Thumbnails, write_predictions_page
 from .trackers import TrackerLogger, check_trackers
 
 logger = logging.getLogger(__name__)
@@ -219,6 +222,7 @@ class Loop:
         self.scheduler: Any = None  # idem; None when configure_optimizers returns no scheduler
         self.train_data: Any = None  # fit's training Dataset
         self.eval_data: Any = None  # fit's eval Dataset, or None
+        self._thumbnails: Thumbnails | None = None  # fit's eval images, shrunk once for every predictions page
         self.sampler: EpochSampler | None = None  # the training order, resumable mid-epoch
         self.train_loader: Any = None  # the prepared DataLoader of TrainCollator batches
         self.steps_per_epoch = 0  # optimizer steps in one epoch (the last may be short)
@@ -256,8 +260,10 @@ class Loop:
         """Train on ``train_data``; evaluate on ``eval_data`` at the cadences and once at the end.
 
         Args:
-            train_data: Records, a LLaVA JSON/JSONL path, or a torch Dataset of records.
-            eval_data: Same kinds, or None.
+            train_data: Records, a LLaVA JSON/JSONL path, a Hugging Face ``datasets.Dataset``, or a
+                torch Dataset of records; or a ``DatasetDict``: its ``"train"`` split, and its
+                ``"validation"`` split as eval data when ``eval_data`` is None (docs/data.md).
+            eval_data: Same kinds (a ``DatasetDict``: its ``"validation"`` split), or None.
 
         Returns:
             The final `LoopState` (``history`` holds every evaluation).
@@ -323,10 +329,12 @@ class Loop:
 
     def _setup_data(self, train_data: Any, eval_data: Any) -> None:
         cfg = self.config
+        train_data, eval_data = fit_splits(train_data, eval_data)  # a DatasetDict: its train/validation splits
         self.train_data = self._dataset(train_data)
         # Records rejected while loading (skip mode); a resumed run restores the count instead.
         self.state.skipped_samples = len(getattr(self.train_data, "skipped", ()))
         self.eval_data = self._dataset(eval_data) if eval_data is not None else None
+        self._thumbnails = Thumbnails(self.eval_data) if self.eval_data is not None else None  # made lazily
         cfg.check_eval_data(self.eval_data is not None)
         if len(self.train_data) == 0:
             raise ValueError("train_data has no records")
@@ -459,11 +467,12 @@ class Loop:
             # keeps summary.json but prints nothing).
             summary = [] if any(isinstance(c, RunSummary) for c in self.callbacks) else [RunSummary()]
             jsonl = JSONLLogger(os.path.join(cfg.output_dir, "metrics.jsonl"))
-            # Trackers last (they never stop the run); a TrackerLogger among the user's callbacks (one with
-            # trackers of their own) serves report_to too.
+            # RunPlot after JSONLLogger: it redraws curves.png once an eval record is in metrics.jsonl. Trackers
+            # last (they never stop the run); a TrackerLogger among the user's callbacks (one with trackers of
+            # their own) serves report_to too.
             has_trackers = any(isinstance(c, TrackerLogger) for c in self.callbacks)
             trackers = [TrackerLogger()] if cfg.report_to and not has_trackers else []
-            self.callbacks = [jsonl, ProgressBar(), *summary, *self.callbacks, *trackers]
+            self.callbacks = [jsonl, RunPlot(), ProgressBar(), *summary, *self.callbacks, *trackers]
 
     def _resume(self, path: Any) -> None:
         """Continue from the checkpoint ``path``: refuse what cannot continue exactly, restore the rest."""
@@ -1096,7 +1105,8 @@ class Loop:
         the loop then records the result (history, predictions file, best checkpoint, ``on_evaluate``).
 
         Args:
-            eval_data: Records (any form `fit` accepts) to evaluate on; default: `fit`'s ``eval_data``.
+            eval_data: Records (any form `fit` accepts; a ``DatasetDict``: its ``"validation"`` split) to
+                evaluate on; default: `fit`'s ``eval_data``.
 
         Returns:
             An `EvalResult`: ``eval/<metric key>`` for each metric, ``eval/loss`` (teacher-forced,
@@ -1109,7 +1119,7 @@ class Loop:
             >>> loop.evaluate(synthetic_vqa(8))["eval/exact_match"]  # doctest: +SKIP
             0.0
         """
-        dataset = self._dataset(eval_data) if eval_data is not None else self.eval_data
+        dataset = self._dataset(eval_split(eval_data)) if eval_data is not None else self.eval_data
         if dataset is None:
             raise ValueError("nothing to evaluate: pass evaluate(eval_data) or fit(train_data, eval_data)")
         try:
@@ -1218,15 +1228,20 @@ class Loop:
 
     # ------------------------------------------------------------------ what fit does with an evaluation
     def _evaluate_and_record(self) -> None:
-        """Evaluate fit's eval set, then record it: history, predictions file, best checkpoint,
-        ``on_evaluate`` and the log."""
+        """Evaluate fit's eval set, then record it: history, predictions files (JSONL and HTML page),
+        best checkpoint, ``on_evaluate`` and the log."""
         result = self.evaluate()
         if not result:
             return  # abandoned for a signal: nothing recorded
         state, summary = self.state, dict(result)
         rows = [{k: v for k, v in r.items() if k != "index"} for r in result.samples]  # the file's rows
         if self.accelerator.is_main_process:
-            write_predictions(os.path.join(self.config.output_dir, "predictions", f"step_{state.step:06d}.jsonl"), rows)
+            stem = os.path.join(self.config.output_dir, "predictions", f"step_{state.step:06d}")
+            write_predictions(stem + ".jsonl", rows)
+            if self.config.predictions_html:  # before on_evaluate: a tracker callback may upload the page
+                write_predictions_page(
+                    stem + ".html", result.samples, summary, step=state.step, thumbnails=self._thumbnails
+                )
         first = zip(rows[: self.callback_samples], result.samples)
         samples = [{**row, "image": _image(self.eval_data, r)} for row, r in first]
         state.history.append({"step": state.step, **summary})
@@ -1272,7 +1287,13 @@ def _on(value: Any, device: torch.device) -> Any:
 
 
 def _image(dataset: Any, row: dict) -> Any:
-    record = dataset[row["index"]]
+    """The image(s) of an evaluated row's record, for ``on_evaluate``; None when it has none or they
+    cannot be read any more (read during the evaluation, gone since: the callback gets no image)."""
+    try:
+        record = dataset[row["index"]]
+    except BadSampleError as err:
+        logger.warning("%s; on_evaluate gets this sample without its image", err)
+        return None
     return None if isinstance(record, SkippedSample) else record.get("image")
 
 

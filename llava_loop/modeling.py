@@ -124,9 +124,10 @@ def load_model(
         load_in_4bit: QLoRA: NF4 4-bit base weights via bitsandbytes (needs a CUDA GPU).
         device_map: ``"auto"`` spreads one model over all visible GPUs (single process only).
         attn_implementation: e.g. ``"sdpa"`` or ``"flash_attention_2"``.
-        min_pixels, max_pixels: Qwen2-VL / Qwen2.5-VL: bounds on each image's pixels, which set its
-            number of image tokens (pixels / 28², so they bound memory); None keeps the processor's
-            (see `set_image_pixels`).
+        min_pixels: Qwen2-VL / Qwen2.5-VL: lower bound on each image's pixels, which set its number
+            of image tokens (pixels / 28²); None keeps the processor's (see `set_image_pixels`).
+        max_pixels: Qwen2-VL / Qwen2.5-VL: upper bound on each image's pixels (so it bounds the image
+            tokens, and memory); None keeps the processor's.
 
     Raises:
         FileNotFoundError, ValueError, ImportError: see `check_model_args`.

@@ -10,16 +10,23 @@ Panels, x = optimizer step:
 Other ``train/*`` keys (grad norm, throughput, ETA, memory, sample counts) are diagnostics, not
 curves: they stay in ``metrics.jsonl``. A NaN or infinite value (written as ``"nan"``/``"inf"``) is
 drawn as a gap in its line, and the panel says how many steps had one.
+
+During `fit`, `RunPlot` (added by the loop on the main process) redraws ``{output_dir}/curves.png`` after
+every evaluation record and at the end, so the picture of a running job is never older than its last
+evaluation.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
 from typing import Any
 
+from .callbacks import Callback
+from .checkpointing import atomic_write_bytes
 from .loggers import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -35,7 +42,8 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     """Draw the curves of ``{run_dir}/metrics.jsonl`` into one PNG and return its path.
 
     A resumed run is read as one run (`llava_loop.loggers.read_metrics` drops the steps the resume
-    redid). Matplotlib draws off-screen (no display needed).
+    redid). Matplotlib draws off-screen (no display needed). The PNG is replaced atomically: a reader
+    (an image viewer, a tracker upload) sees the previous picture or the new one, never part of one.
 
     Args:
         run_dir: A run's ``output_dir`` (it holds ``metrics.jsonl``).
@@ -55,9 +63,54 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     path = _metrics_path(run_dir)
     figure = _figure(_series(path), source=path)
     out = out or os.path.join(run_dir, "curves.png")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    figure.savefig(out, dpi=100)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    atomic_write_bytes(out, png.getvalue())
     return out
+
+
+class RunPlot(Callback):
+    """Keeps ``{output_dir}/curves.png`` current during `fit`: redrawn by `plot_run` after each evaluation
+    record reaches ``metrics.jsonl``, and at fit end if records came after the last drawing (training
+    records of a run without eval data; with eval data the final evaluation's drawing is already current).
+
+    `Loop` adds one on the main process, after its `llava_loop.loggers.JSONLLogger` (so the record is in the
+    file when this draws). A drawing that fails (a full disk, a broken matplotlib) never stops training: the
+    first failure is logged as a warning, later ones are not, and the next evaluation tries again.
+
+    Example:
+        >>> RunPlot().draw("runs/a")  # what fit does after each evaluation  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self.undrawn = False  # records reached metrics.jsonl since the last drawing of this fit
+        self.failures = 0  # drawings that failed during this fit (the first was logged)
+
+    def on_fit_start(self, loop: Any) -> None:
+        self.undrawn, self.failures = False, 0
+
+    def on_log(self, loop: Any, logs: dict) -> None:
+        self.undrawn = True
+        if any(key.startswith("eval/") for key in logs):
+            self.draw(loop.config.output_dir)
+
+    def on_fit_end(self, loop: Any) -> None:
+        if self.undrawn:  # else nothing new (or nothing at all: log_steps=0 without eval data) to draw
+            self.draw(loop.config.output_dir)
+
+    def draw(self, run_dir: str) -> None:
+        """`plot_run` (``run_dir``/curves.png), warning instead of raising on the first failure."""
+        try:
+            plot_run(run_dir)
+            self.undrawn = False
+        except Exception as err:  # the plot is a view of the run, never a reason to stop it
+            self.failures += 1
+            if self.failures == 1:
+                logger.warning(
+                    "could not draw %s/curves.png (%s: %s); training goes on, later failures are not logged. "
+                    "Draw it yourself with `llava-loop plot %s`",
+                    *(run_dir, type(err).__name__, err, run_dir),
+                )
 
 
 def _metrics_path(run_dir: str) -> str:

@@ -196,16 +196,17 @@ def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None, overw
 
 def clear_previous_run(output_dir: str | os.PathLike) -> None:
     """Delete what an earlier run left (``overwrite_output_dir=True``): checkpoints, predictions,
-    metrics.jsonl. Other files in ``output_dir`` are the user's and stay."""
+    metrics.jsonl and its plot curves.png. Other files in ``output_dir`` are the user's and stay."""
     root = Path(output_dir)
     removed = []
     for name in ("checkpoints", "predictions"):
         if (root / name).is_dir():
             shutil.rmtree(root / name)
             removed.append(f"{name}/")
-    if (root / "metrics.jsonl").is_file():
-        (root / "metrics.jsonl").unlink()
-        removed.append("metrics.jsonl")
+    for name in ("metrics.jsonl", "curves.png"):
+        if (root / name).is_file():
+            (root / name).unlink()
+            removed.append(name)
     if removed:
         logger.warning("overwrite_output_dir=True: deleted the earlier run's %s in %s", ", ".join(removed), root)
 

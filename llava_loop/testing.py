@@ -15,8 +15,11 @@ Example:
 
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
@@ -158,7 +161,7 @@ def tiny_llava(
     hidden_size: int = 64,
     num_layers: int = 2,
     generation_markers: bool = True,
-):
+) -> tuple[Any, Any]:
     """Build a random tiny `LlavaForConditionalGeneration` and its processor, offline.
 
     Args:
@@ -243,7 +246,9 @@ QUESTIONS = {
 }
 
 
-def synthetic_vqa(n: int, seed: int = 0, *, image_size: int = 32, kinds=tuple(QUESTIONS)) -> list[dict]:
+def synthetic_vqa(
+    n: int, seed: int = 0, *, image_size: int = 32, kinds: Sequence[str] = tuple(QUESTIONS)
+) -> list[dict]:
     """A synthetic visual QA set whose answers need the image (a text-only model is at chance).
 
     Each record asks about the colour, shape or side of a shape drawn with Pillow and has a
@@ -275,7 +280,7 @@ def synthetic_vqa(n: int, seed: int = 0, *, image_size: int = 32, kinds=tuple(QU
     return records
 
 
-def llava15_processor(tokenizer_dir, generation_markers: bool = True):
+def llava15_processor(tokenizer_dir: str | os.PathLike, generation_markers: bool = True) -> Any:
     """The real llava-1.5 `LlavaProcessor`, built offline from a Llama-2 SentencePiece tokenizer.
 
     Mirrors ``llava-hf/llava-1.5-7b-hf``: ``<image>`` is id 32000 and ``<pad>`` id 32001, images go
@@ -680,7 +685,7 @@ _BUILDERS = {
 }
 
 
-def tiny_vlm(family: str = "llava", seed: int = 0):
+def tiny_vlm(family: str = "llava", seed: int = 0) -> tuple[Any, Any]:
     """A random tiny model of one VLM family and its processor, offline (see `FAMILIES`).
 
     Args:

@@ -96,3 +96,63 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path):
         f"logged losses differ: DDP {ddp_losses} vs single {single_losses}"
     )
     assert (ddp_dir / "checkpoints" / "step_000002" / "meta.json").is_file(), "DDP run wrote no final checkpoint"
+
+
+# ---------------------------------------------------------------- launcher checks
+_LAUNCHED = """
+import json, sys
+from llava_loop.distributed import make_accelerator
+
+accelerator = make_accelerator("fp32", sys.argv[1])
+print(json.dumps({"num_processes": accelerator.num_processes}))
+"""
+
+
+def _accelerate_launch(tmp_path, config: str, *flags: str):
+    """Run a script that makes the loop's Accelerator under the real ``accelerate launch`` command."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import child_env
+
+    (tmp_path / "launched.py").write_text(_LAUNCHED)
+    (tmp_path / "accelerate.yaml").write_text(config)
+    accelerate = Path(sys.executable).with_name("accelerate")  # the console script pip installed beside python
+    command = [str(accelerate), "launch", "--config_file", str(tmp_path / "accelerate.yaml"), *flags]
+    command += [str(tmp_path / "launched.py"), str(tmp_path)]
+    env = child_env(HF_HOME=str(tmp_path / "hf"))  # no default accelerate config of the machine's
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+
+
+_CPU_CONFIG = 'compute_environment: LOCAL_MACHINE\ndistributed_type: "NO"\nuse_cpu: true\nmixed_precision: "no"\n'
+
+
+def test_accelerate_launch_configured_for_two_cpu_processes_that_starts_one_is_refused(tmp_path):
+    # accelerate launch runs ONE process for `use_cpu: true, num_processes: 2` and says nothing.
+    result = _accelerate_launch(tmp_path, _CPU_CONFIG + "num_processes: 2\n")
+    assert result.returncode != 0, f"a 2-process config that started 1 process ran:\n{result.stdout}"
+    message = result.stderr
+    assert "asked for 2 processes" in message and "but 1 started" in message, f"unclear error:\n{message}"
+    assert "accelerate.yaml" in message and "torchrun --nproc_per_node 2" in message, (
+        f"the error names neither the config file nor the launch that works:\n{message}"
+    )
+
+
+def test_accelerate_launch_flag_wins_over_config_file_like_accelerate(tmp_path):
+    asked = _accelerate_launch(tmp_path, _CPU_CONFIG + "num_processes: 1\n", "--num_processes", "2")
+    assert asked.returncode != 0 and "asked for 2 processes (--num_processes)" in asked.stderr, asked.stderr
+    single = _accelerate_launch(tmp_path, _CPU_CONFIG + "num_processes: 2\n", "--num_processes", "1")
+    assert single.returncode == 0, f"--num_processes 1 (one process, as asked) was refused:\n{single.stderr}"
+    assert json.loads(single.stdout.strip().splitlines()[-1]) == {"num_processes": 1}, single.stdout
+
+
+def test_launch_command_lines_are_recognised():
+    from llava_loop.distributed import _accelerate_launch_args
+
+    script = ["train.py", "--lr", "1"]
+    assert _accelerate_launch_args(["/v/bin/python", "/v/bin/accelerate", "launch", "-m", *script]) == ["-m", *script]
+    assert _accelerate_launch_args(["python", "-m", "accelerate.commands.launch", *script]) == script
+    assert _accelerate_launch_args(["/v/bin/accelerate-launch", *script]) == script
+    assert _accelerate_launch_args(["/v/bin/accelerate", "config"]) is None, "`accelerate config` is no launch"
+    assert _accelerate_launch_args(["torchrun", "--nproc_per_node", "2", *script]) is None

@@ -820,6 +820,8 @@ def test_evaluation_docs_examples_run(tmp_path, monkeypatch):
     assert {"eval/exact_match", "eval/vqa_accuracy", "eval/answer_words"} <= set(summary), (
         f"the custom-metric example reports {sorted(summary)}"
     )
+    page = (tmp_path / "page_run" / "eval.html").read_text(encoding="utf-8")
+    assert page.count("<tr data-i=") == 16, "the predictions-page example did not write a row per sample"
     choices = namespace["choice_summary"]
     assert choices["eval/exact_match"] >= 0.5, f"the constrained-answer example scores {choices}"
     rows = choices.samples

@@ -1,17 +1,21 @@
 """``plot_run``: one panel per curve found in ``metrics.jsonl`` (resumed runs read as one run), a valid
-PNG, and errors that say what is wrong with the run folder."""
+PNG written atomically, and errors that say what is wrong with the run folder; during `fit`, ``curves.png``
+redrawn after every evaluation record (a failed drawing only warns)."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import os
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from helpers import small_config
-from llava_loop import Loop, plot_run
+from llava_loop import Callback, Loop, plot_run, plots
 from llava_loop.plots import EVAL_BOOKKEEPING, _figure, _series
 from llava_loop.testing import synthetic_vqa, tiny_llava
 
@@ -144,3 +148,96 @@ def test_plot_run_errors_name_the_folder_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"cut/metrics.jsonl is not JSON lines .*cut-off last line"):
         plot_run(str(cut))
     assert not (cut / "curves.png").exists(), "a PNG was written for a broken metrics.jsonl"
+
+
+# --------------------------------------------------------------------------- curves.png during fit
+class PlotWatcher(Callback):
+    """At every eval record of ``on_log`` (after the default RunPlot): the inode and bytes of curves.png."""
+
+    def __init__(self) -> None:
+        self.plots_at_eval_log: list[tuple[int, int, bytes]] = []
+
+    def on_log(self, loop, logs):
+        if "eval/loss" in logs:
+            png = Path(loop.config.output_dir, "curves.png")
+            self.plots_at_eval_log.append((logs["step"], png.stat().st_ino, png.read_bytes()))
+
+
+def fit_with_evaluations(out, callbacks=()):
+    """Four steps, train records every step, evaluations at steps 2 and 4."""
+    model, processor = tiny_llava(seed=0)
+    config = small_config(out, max_steps=4, eval_steps=2, max_new_tokens=2, log_steps=1)
+    loop = Loop(model, processor, config, callbacks=list(callbacks))
+    loop.fit(synthetic_vqa(8, seed=0), synthetic_vqa(5, seed=1))
+    return loop
+
+
+def test_curves_png_is_redrawn_after_each_evaluation_record_and_at_fit_end(tmp_path, monkeypatch):
+    drawn = []  # (the steps of the train and the eval records in metrics.jsonl) each time the plot is drawn
+
+    def spy(run_dir, out=None):
+        records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+        drawn.append([[r["step"] for r in records if key in r] for key in ("train/loss", "eval/loss")])
+        return plot_run(run_dir, out)
+
+    monkeypatch.setattr(plots, "plot_run", spy)
+    watcher = PlotWatcher()
+    fit_with_evaluations(tmp_path / "eval", [watcher])
+    assert drawn == [[[1, 2], [2]], [[1, 2, 3, 4], [2, 4]]], (
+        f"the plot should be drawn right after each eval record (the final one: also the end of fit): {drawn}"
+    )
+    (step_a, inode_a, png_a), (step_b, inode_b, png_b) = watcher.plots_at_eval_log
+    assert (step_a, step_b) == (2, 4), f"eval records at steps {step_a}, {step_b}"
+    assert png_a.startswith(b"\x89PNG") and Image.open(io.BytesIO(png_b)).size[0] > 0, "curves.png is not a PNG"
+    assert png_a != png_b and inode_a != inode_b, "curves.png was not redrawn (replaced) after the second evaluation"
+    assert (tmp_path / "eval" / "curves.png").read_bytes() == png_b, "curves.png changed after the last evaluation"
+    assert not list((tmp_path / "eval").glob(".curves.png.tmp-*")), "a temporary PNG was left behind"
+
+    drawn.clear()  # without eval data: drawn once, at the end, with every training record
+    model, processor = tiny_llava(seed=0)
+    Loop(model, processor, small_config(tmp_path / "train", max_steps=3, log_steps=1)).fit(synthetic_vqa(6))
+    assert drawn == [[[1, 2, 3], []]], f"a run without eval data should be drawn once at fit end: {drawn}"
+    assert (tmp_path / "train" / "curves.png").read_bytes().startswith(b"\x89PNG"), "no curves.png at fit end"
+
+
+def test_a_failing_plot_warns_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    calls = []
+
+    def broken(run_dir, out=None):
+        calls.append(run_dir)
+        raise RuntimeError("no backend")
+
+    monkeypatch.setattr(plots, "plot_run", broken)
+    with caplog.at_level(logging.WARNING, logger="llava_loop.plots"):
+        loop = fit_with_evaluations(tmp_path)
+    assert loop.state.step == 4 and [h["step"] for h in loop.state.history] == [2, 4], "training did not finish"
+    assert len(calls) == 3, f"the plot should be tried at each evaluation and at the end, was tried {len(calls)}x"
+    warnings = [r.getMessage() for r in caplog.records if "curves.png" in r.getMessage()]
+    assert len(warnings) == 1 and "no backend" in warnings[0], f"expected one warning with the reason: {warnings}"
+
+
+def test_plot_run_replaces_the_png_atomically_and_a_failed_drawing_keeps_the_old_one(tmp_path, monkeypatch):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 1.0}) + "\n")
+    (tmp_path / "curves.png").write_bytes(b"old picture")
+    from matplotlib.figure import Figure
+
+    def savefig_breaks_halfway(self, target, **kwargs):
+        target.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Figure, "savefig", savefig_breaks_halfway)
+        with pytest.raises(OSError, match="disk full"):
+            plot_run(str(tmp_path))
+    assert (tmp_path / "curves.png").read_bytes() == b"old picture", "a failed drawing damaged the old PNG"
+    plot_run(str(tmp_path))
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG"), "the redrawn PNG is not a PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.jsonl"], "temporary files left"
+
+
+def test_overwrite_output_dir_deletes_the_earlier_runs_plot(tmp_path):
+    (tmp_path / "curves.png").write_bytes(b"the earlier run's curves")
+    model, processor = tiny_llava(seed=0)
+    config = small_config(tmp_path, max_steps=1, log_steps=0, overwrite_output_dir=True)
+    Loop(model, processor, config).fit(synthetic_vqa(2))  # logs nothing: draws nothing
+    assert not (tmp_path / "curves.png").exists(), "a fresh run kept the earlier run's curves.png"

@@ -77,15 +77,6 @@ class Recorder(GeneralTracker):
         self.finished = True
 
 
-class WritesHtmlPage(Callback):
-    """Stands in for the predictions page: writes ``predictions/step_N.html`` in ``on_evaluate`` (before
-    the TrackerLogger, which comes last)."""
-
-    def on_evaluate(self, loop, metrics, samples):
-        page = Path(loop.config.output_dir, "predictions", f"step_{loop.state.step:06d}.html")
-        page.write_text(f"<html><body>step {loop.state.step}</body></html>", encoding="utf-8")
-
-
 @pytest.fixture(scope="module")
 def offline(tmp_path_factory):
     """Every tracker offline and inside the test's folders: wandb offline (its caches too), trackio's
@@ -121,10 +112,11 @@ def tracker_run(out, *, report_to, callbacks=None, **settings) -> Loop:
 
 @pytest.fixture(scope="module")
 def run_all(offline, tmp_path_factory):
-    """One fit logging to all five trackers and a custom `Recorder`, with a predictions page per evaluation."""
+    """One fit logging to all five trackers and a custom `Recorder` (the loop writes a predictions page per
+    evaluation, before ``on_evaluate``)."""
     out = tmp_path_factory.mktemp("all_trackers") / "run_all"
     recorder = Recorder()
-    loop = tracker_run(out, report_to=ALL, callbacks=[WritesHtmlPage(), TrackerLogger([recorder])])
+    loop = tracker_run(out, report_to=ALL, predictions_html=True, callbacks=[TrackerLogger([recorder])])
     return {"out": out, "loop": loop, "recorder": recorder, **offline}
 
 
@@ -277,8 +269,9 @@ def test_mlflow_sqlite_store_in_output_dir_holds_every_value_the_params_files_an
     logged = {a.path for a in client.list_artifacts(run_id, "predictions")}
     files = {f"predictions/step_{s:06d}.{ext}" for s in (2, 4) for ext in ("jsonl", "html")}
     assert logged == files, f"MLflow predictions artifacts {logged}, expected {files}"
-    jsonl = Path(client.download_artifacts(run_id, "predictions/step_000002.jsonl", str(out.parent / "dl")))
-    assert jsonl.read_text() == (out / "predictions" / "step_000002.jsonl").read_text(), "artifact differs"
+    for name in ("step_000002.jsonl", "step_000004.html"):
+        artifact = Path(client.download_artifacts(run_id, f"predictions/{name}", str(out.parent / "dl")))
+        assert artifact.read_bytes() == (out / "predictions" / name).read_bytes(), f"artifact {name} differs"
     summary = json.loads(Path(client.download_artifacts(run_id, "summary.json", str(out.parent / "dl"))).read_text())
     assert summary == json.loads((out / "summary.json").read_text()), "MLflow's summary.json is not the run's"
     assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}, "config.yaml artifact missing"

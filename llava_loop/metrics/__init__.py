@@ -6,7 +6,8 @@ only). ``predictions`` holds one string per sample, ``references`` one *list* of
 sample, as the record gives them (duplicates kept: VQA's annotator answers are votes).
 
 Modules: `core` (protocol, registry, `resolve_metrics`, `check_metrics`, `compute_metrics`),
-`text` (``exact_match``, ``bleu``, ``rouge``), `vqa` (``vqa_accuracy``), `model_based`
+`text` (``exact_match``, ``bleu``, ``rouge``), `vqa` (``vqa_accuracy``), `ocr` (``anls``),
+`caption` (``cider``, with `ptb`, the COCO caption tokenization in pure Python), `model_based`
 (``bertscore``, ``nli``). docs/evaluation.md lists every built-in's keys and reference.
 
 Example:
@@ -18,6 +19,7 @@ Example:
     [{'exact_match': 0.0, 'vqa_accuracy': 1.0}]
 """
 
+from .caption import CIDEr
 from .core import (
     EvaluateMetric,
     Metric,
@@ -30,14 +32,17 @@ from .core import (
     resolve_metrics,
 )
 from .model_based import NLI, BERTScore
+from .ocr import ANLS
 from .text import BLEU, ROUGE, ExactMatch
 from .vqa import VQAAccuracy
 
 __all__ = [
+    "ANLS",
     "BLEU",
     "NLI",
     "ROUGE",
     "BERTScore",
+    "CIDEr",
     "EvaluateMetric",
     "ExactMatch",
     "Metric",

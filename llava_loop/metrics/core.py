@@ -228,15 +228,19 @@ def _is_evaluate_module(obj: Any) -> bool:
 
 def _builtins() -> dict[str, type[Metric]]:
     """The built-in metrics by name (imported here: their modules import this one)."""
+    from .caption import CIDEr
     from .model_based import NLI, BERTScore
+    from .ocr import ANLS
     from .text import BLEU, ROUGE, ExactMatch
     from .vqa import VQAAccuracy
 
     return {
         "exact_match": ExactMatch,
         "vqa_accuracy": VQAAccuracy,
+        "anls": ANLS,
         "bleu": BLEU,
         "rouge": ROUGE,
+        "cider": CIDEr,
         "bertscore": BERTScore,
         "nli": NLI,
     }
@@ -247,7 +251,7 @@ def metric_names() -> list[str]:
 
     Example:
         >>> metric_names()
-        ['bertscore', 'bleu', 'exact_match', 'nli', 'rouge', 'vqa_accuracy']
+        ['anls', 'bertscore', 'bleu', 'cider', 'exact_match', 'nli', 'rouge', 'vqa_accuracy']
     """
     return sorted(_builtins())
 
@@ -256,7 +260,7 @@ def get_metric(name: str, **kwargs: Any) -> Metric:
     """Builds a built-in metric by name.
 
     Args:
-        name: One of "exact_match", "vqa_accuracy", "bleu", "rouge", "bertscore", "nli".
+        name: One of "exact_match", "vqa_accuracy", "anls", "bleu", "rouge", "cider", "bertscore", "nli".
         **kwargs: Constructor arguments of the metric class.
 
     Raises:
