@@ -38,6 +38,7 @@ from llava_loop import Loop, LoopConfig
 from llava_loop.callbacks import Callback
 from llava_loop.collators import META_KEYS, EvalCollator, TrainCollator
 from llava_loop.data import as_dataset
+from llava_loop.loggers import language_model_parameters as language_model_params  # N of the MFU formula
 from llava_loop.modeling import merged_adapters, prepare_model
 from llava_loop.testing import llava15_processor
 
@@ -196,14 +197,6 @@ def loop_config(args, options: dict | None = None) -> tuple[LoopConfig, dict]:
     known = {f.name for f in dataclasses.fields(LoopConfig)}
     unsupported = {k: v for k, v in wanted.items() if k not in known}
     return LoopConfig(**{k: v for k, v in wanted.items() if k in known}), unsupported
-
-
-def language_model_params(model) -> int:
-    """N of the MFU formula: language-model parameters (lm_head included) without the input embedding."""
-    lm = model.get_decoder() if hasattr(model, "get_decoder") else model.model.language_model
-    head = model.get_output_embeddings()
-    n = sum(p.numel() for p in lm.parameters()) - lm.get_input_embeddings().weight.numel()
-    return n + (head.weight.numel() if head is not None else 0)
 
 
 def vision_params(model) -> int:

@@ -177,18 +177,46 @@ def gpu_peak_tflops(device_name: str) -> float | None:
 
 
 def model_flops_per_token(model: Any) -> float:
-    """Model FLOPs of training on one token: 6 x all parameters (2 for the forward pass, 4 for the
-    backward), frozen and embedding parameters included, attention's sequence-length term not.
-
-    The convention of PaLM's MFU, kept fixed so that runs compare; with LoRA the hardware does less
-    (frozen weights get no weight gradient), with gradient checkpointing more (the forward is redone).
+    """Model FLOPs of training on one token: 6 x `language_model_parameters` (2 for the forward pass, 4
+    for the backward), the convention of PaLM's MFU, kept fixed so that runs compare (the same N as
+    benchmarks/RESULTS.md). Not counted: attention's sequence-length term, and the vision tower and
+    projector, which run per image, not per token. With LoRA the hardware does less (frozen weights
+    get no weight gradient), with gradient checkpointing more (the forward is redone).
 
     Example:
         >>> import torch
-        >>> model_flops_per_token(torch.nn.Linear(10, 10))  # 110 parameters
+        >>> model_flops_per_token(torch.nn.Linear(10, 10))  # no decoder: all 110 parameters
         660.0
     """
-    return 6.0 * _parameter_counts(model)[1]
+    return 6.0 * language_model_parameters(model)
+
+
+def language_model_parameters(model: Any) -> int:
+    """The parameters a text token goes through as matrix products: the decoder (``get_decoder()``)
+    without its input embedding (a lookup), plus the output head (also when tied to the embedding: the
+    product is computed). A model without a decoder: all its parameters. 4-bit packed weights count
+    as the weights they hold.
+
+    Example:
+        >>> from llava_loop.testing import tiny_llava
+        >>> model, _ = tiny_llava()
+        >>> language_model_parameters(model) < sum(p.numel() for p in model.parameters())
+        True
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None:
+        return sum(_numel(p) for p in model.parameters())
+    n = sum(_numel(p) for p in decoder.parameters()) - _numel(decoder.get_input_embeddings().weight)
+    head = base.get_output_embeddings()
+    return n + (_numel(head.weight) if head is not None else 0)
+
+
+def _numel(param: Any) -> int:
+    """Weights a parameter holds; bitsandbytes' 4-bit ``Params4bit`` packs two per byte of its storage."""
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
 
 
 def new_token_count(new_tokens: Any, eos_token_id: int | list[int] | None) -> int:

@@ -607,9 +607,22 @@ def test_gpu_peak_is_found_by_device_name_without_mixing_up_similar_names():
     assert got == GPUS, f"peaks differ: { {k: (got[k], v) for k, v in GPUS.items() if got[k] != v} }"
 
 
-def test_mfu_is_six_times_all_parameters_times_tokens_per_second_over_all_gpus_peak(monkeypatch, caplog):
+def test_mfu_counts_the_language_model_without_input_embedding_and_vision_tower():
+    model, _ = tiny_llava()
+    decoder, head = model.model.language_model, model.lm_head
+    expected = sum(p.numel() for p in decoder.parameters()) - decoder.embed_tokens.weight.numel()
+    expected += head.weight.numel()
+    assert model_flops_per_token(model) == 6 * expected, "N should be the decoder without input embedding + lm_head"
+    from llava_loop.modeling import prepare_model
+
+    lora = prepare_model(model, LoopConfig(output_dir="unused", lora_r=4))
+    lora_params = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n and "language_model" in n)
+    assert model_flops_per_token(lora) == 6 * (expected + lora_params), "a peft model: its base model's decoder"
+
+
+def test_mfu_is_six_times_parameters_times_tokens_per_second_over_all_gpus_peak(monkeypatch, caplog):
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3))  # 40 + 15 parameters
-    assert model_flops_per_token(model) == 6 * 55, "model FLOPs per token should be 6 x all parameters"
+    assert model_flops_per_token(model) == 6 * 55, "a model without a decoder: 6 x all parameters"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
 
     def window(throughput: Throughput) -> dict:
