@@ -45,6 +45,7 @@ def run(precision: str, out: str, steps: int) -> dict:
         "after": state.history[-1]["eval/exact_match"],
         "eval_loss_after": state.history[-1]["eval/loss"],
         "step": state.step,
+        **_logged(config.output_dir, loop.accelerator.unwrap_model(loop.model)),
     }
     # Resume from the mid-run checkpoint and finish again: same final step, finite loss.
     model2, processor2 = tiny_llava(seed=0)
@@ -72,6 +73,30 @@ def run(precision: str, out: str, steps: int) -> dict:
     rng = load_rng_state(f"{ckpt}/rng_state_0.safetensors")
     result["cuda_rng_states_saved"] = len(rng.get("cuda", []))
     return result
+
+
+def _logged(output_dir: str, model: torch.nn.Module) -> dict:
+    """What only a GPU run logs (train/mfu, peak memory) and the files an evaluation writes, checked:
+    train/mfu equals 6 * N * tokens/s / the GPU's peak from the table, on every train record."""
+    from pathlib import Path
+
+    from llava_loop.loggers import gpu_peak_tflops, model_flops_per_token, read_metrics
+
+    records = [r for r in read_metrics(f"{output_dir}/metrics.jsonl") if "train/loss" in r]
+    peak = gpu_peak_tflops(torch.cuda.get_device_name()) * 1e12
+    flops = model_flops_per_token(model)
+    mfu = [r.get("train/mfu") for r in records]
+    expected = [flops * r["train/tokens_per_s"] / peak for r in records]
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "peak_tflops": peak / 1e12,
+        "mfu_logged_on_every_train_record": all(m is not None for m in mfu),
+        "mfu_last": mfu[-1],
+        "mfu_matches_formula": all(m is not None and abs(m / e - 1) < 1e-6 for m, e in zip(mfu, expected)),
+        "peak_mem_gib_logged": all("train/peak_mem_gib" in r for r in records),
+        "html_pages": len(list(Path(output_dir, "predictions").glob("step_*.html"))),
+        "curves_png": Path(output_dir, "curves.png").is_file(),
+    }
 
 
 def main() -> None:
