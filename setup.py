@@ -35,11 +35,15 @@ setup(
         "test": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.2", "protobuf>=4", "pytest-markdown-docs>=0.9",
                  "markdown-it-py>=3", "packaging>=21", "evaluate>=0.4", "pandas",  # pandas: bert-score's reader
                  "num2words",  # SmolVLM's processor (tests/test_families.py)
-                 "datasets>=3.0"],  # Hugging Face datasets as input, llava-loop convert (tests/test_hf_datasets.py)
+                 "datasets>=3.0",  # Hugging Face datasets as input, llava-loop convert (tests/test_hf_datasets.py)
+                 "llava_loop[notebooks]"],  # tests/test_notebooks.py runs notebooks/ in a Jupyter kernel
         "evaluate": ["evaluate>=0.4", "datasets>=2.0"],  # metrics given as evaluate.load(...) modules
         "datasets": ["datasets>=3.0"],  # llava-loop convert / to_llava_json (a datasets.Dataset input needs no extra)
         "wandb": ["wandb>=0.16"],  # report_to=["wandb"]: prediction tables
         "docs": [],
+        # Running notebooks/ (and tests/test_notebooks.py): a Jupyter kernel, nbclient; ipywidgets for tqdm's
+        # notebook bars (without it tqdm.auto warns "IProgress not found" in every notebook that trains).
+        "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "jupyter_client>=8", "ipykernel>=6.29", "ipywidgets>=8"],
         "gpu": ["bitsandbytes>=0.43"],
     },
     entry_points={"console_scripts": ["llava-loop=llava_loop.cli:main"]},

@@ -9,7 +9,7 @@ another checkout, or one made before setup.py changed, would describe a differen
 
 - ``llava_loop/``: a distribution must be in ``install_requires``, or in an extra when every import of
   it sits inside a function (it loads only when a user opts in: ``wandb`` for ``report_to``).
-- ``tests/``: ``install_requires`` + the ``test`` extra.
+- ``tests/``: ``install_requires`` + the ``test`` extra (with the extras it names: ``llava_loop[notebooks]``).
 - ``benchmarks/`` is not checked: those scripts run on GPU machines set up by hand
   (see benchmarks/README.md) and may import what only such machines have.
 """
@@ -90,10 +90,18 @@ def declared() -> tuple[set[str], dict[str, set[str]]]:
         k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")
     }
 
-    def names(requirements: list[str]) -> set[str]:
-        return {canonicalize_name(Requirement(r).name) for r in requirements}
+    raw = keywords.get("extras_require", {})
 
-    extras = {extra: names(reqs) for extra, reqs in keywords.get("extras_require", {}).items()}
+    def names(requirements: list[str]) -> set[str]:
+        out = set()
+        for requirement in map(Requirement, requirements):
+            if canonicalize_name(requirement.name) == "llava-loop":  # "llava_loop[notebooks]": that extra's list
+                out |= set().union(*(names(raw[extra]) for extra in requirement.extras))
+            else:
+                out.add(canonicalize_name(requirement.name))
+        return out
+
+    extras = {extra: names(reqs) for extra, reqs in raw.items()}
     return names(keywords["install_requires"]), extras
 
 
