@@ -42,8 +42,10 @@ setup(
         "wandb": ["wandb>=0.16"],  # report_to=["wandb"]: prediction tables
         "docs": [],
         # Running notebooks/ (and tests/test_notebooks.py): a Jupyter kernel, nbclient; ipywidgets for tqdm's
-        # notebook bars (without it tqdm.auto warns "IProgress not found" in every notebook that trains).
-        "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "jupyter_client>=8", "ipykernel>=6.29", "ipywidgets>=8"],
+        # notebook bars (without it tqdm.auto warns "IProgress not found" in every notebook that trains);
+        # datasets for finetune_custom_dataset.ipynb (a Hub dataset converted with to_llava_json).
+        "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "jupyter_client>=8", "ipykernel>=6.29", "ipywidgets>=8",
+                      "datasets>=3.0"],
         "gpu": ["bitsandbytes>=0.43"],
     },
     entry_points={"console_scripts": ["llava-loop=llava_loop.cli:main"]},
