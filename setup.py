@@ -49,8 +49,10 @@ setup(
         # report_to: docs/logging.md (trackio: 0.43's Markdown and auto_log_cpu; mlflow 3: SQLite store default)
         "trackers": ["tensorboard>=2.15", "wandb>=0.18", "mlflow>=3.0", "trackio>=0.43", "aim>=3.17"],
         # Running notebooks/ (and tests/test_notebooks.py): a Jupyter kernel, nbclient; ipywidgets for tqdm's
-        # notebook bars (without it tqdm.auto warns "IProgress not found" in every notebook that trains).
-        "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "jupyter_client>=8", "ipykernel>=6.29", "ipywidgets>=8"],
+        # notebook bars (without it tqdm.auto warns "IProgress not found" in every notebook that trains);
+        # datasets for finetune_custom_dataset.ipynb (a Hub dataset converted with to_llava_json).
+        "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "jupyter_client>=8", "ipykernel>=6.29", "ipywidgets>=8",
+                      "datasets>=3.0"],
         # The documentation site (mkdocs.yml); tests/test_docs_site.py builds it with --strict.
         "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0"],
         "gpu": ["bitsandbytes>=0.43"],

@@ -788,7 +788,10 @@ def export(
     if meta["kind"] == "lora":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(base_model, folder)
+        from .modeling import peft_wrap_warning_ignored
+
+        with peft_wrap_warning_ignored():
+            model = PeftModel.from_pretrained(base_model, folder)
         if (folder / EXTRA_TRAINABLE).is_file():
             load_model_weights(model, folder)
         model = model.merge_and_unload()

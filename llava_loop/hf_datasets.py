@@ -505,9 +505,10 @@ def to_llava_json(
             be converted either: load it without ``streaming=True``).
 
     Example:
-        >>> paths = to_llava_json(load_dataset("HuggingFaceM4/OK-VQA"), "okvqa")  # doctest: +SKIP
+        >>> okvqa = load_dataset("Multimodal-Fatima/OK-VQA_train")  # a DatasetDict: split "train"  # doctest: +SKIP
+        >>> paths = to_llava_json(okvqa, "okvqa", id_column="question_id")  # it also has an "id"  # doctest: +SKIP
         >>> paths  # doctest: +SKIP
-        {'train': 'okvqa/train.json', 'validation': 'okvqa/validation.json'}
+        {'train': 'okvqa/train.json'}
         >>> train = load_llava_json(paths["train"])  # doctest: +SKIP
     """
     check_on_bad_sample(on_bad_sample)

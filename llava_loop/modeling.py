@@ -23,7 +23,7 @@ PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "visual.merger", "co
 VISION_NAMES = ("vision_tower", "vision_model", "visual")
 # The language model's submodule: `language_model` in most families, `text_model` in Idefics3 and SmolVLM.
 LANGUAGE_MODEL_NAMES = ("language_model", "text_model")
-# transformers 5 deprecation warning that peft triggers on every LoRA model it wraps (see prepare_model).
+# transformers 5 deprecation warning that peft triggers on every LoRA model it wraps (see peft_wrap_warning_ignored).
 _GC_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
 
 
@@ -312,6 +312,22 @@ def language_model_lora_targets(model: nn.Module) -> str:
     return rf"^{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, leaves))})$"
 
 
+@contextlib.contextmanager
+def peft_wrap_warning_ignored():
+    """Ignore, inside, the one warning peft causes whenever it wraps a model (`get_peft_model`,
+    ``PeftModel.from_pretrained``): ``PeftModel.__init__`` reads ``model.is_gradient_checkpointing``, which
+    transformers 5 deprecated (a FutureWarning on every wrap, checkpointing on or off), and no peft
+    argument avoids the read. Every other warning still shows.
+
+    Example:
+        >>> with peft_wrap_warning_ignored():
+        ...     pass
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_GC_DEPRECATION, category=FutureWarning)
+        yield
+
+
 def prepare_model(model: nn.Module, config: Any) -> nn.Module:
     """Apply LoRA (or full finetuning), freezing and gradient checkpointing from a `LoopConfig`.
 
@@ -341,10 +357,7 @@ def prepare_model(model: nn.Module, config: Any) -> nn.Module:
             modules_to_save=modules_to_save or None,
             bias="none",
         )
-        with warnings.catch_warnings():
-            # PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecated
-            # (FutureWarning on every run, checkpointing on or off); no peft argument avoids the read.
-            warnings.filterwarnings("ignore", message=_GC_DEPRECATION, category=FutureWarning)
+        with peft_wrap_warning_ignored():
             model = get_peft_model(model, lora)
     elif quantized:
         raise ValueError("a quantized (4/8-bit) model can only be finetuned with LoRA: set lora_r > 0")

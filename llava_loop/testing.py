@@ -4,8 +4,9 @@ Everything here is built from configs on the spot: a byte-level BPE tokenizer tr
 corpus, a PIL CLIP image processor, the llava-hf chat template and a randomly initialised
 `LlavaForConditionalGeneration` (CLIP vision tower + Llama language model): `tiny_llava`; and the
 same for every family of `FAMILIES` (LLaVA-NeXT, Qwen2-VL, Idefics3, Gemma 3, PaliGemma, Mllama, ...),
-each with its own classes and published chat template: `tiny_vlm`. Nothing touches the Hub, so it
-works with ``HF_HUB_OFFLINE=1``.
+each with its own classes and published chat template: `tiny_vlm`. Data whose answers need the image:
+`synthetic_vqa` (records) and `synthetic_okvqa` (a `datasets.Dataset` with OK-VQA's columns). A tiny
+BERT for BERTScore and NLI: `tiny_bert`. Nothing touches the Hub, so it works with ``HF_HUB_OFFLINE=1``.
 
 Example:
     >>> from llava_loop.testing import tiny_llava, synthetic_vqa
@@ -278,6 +279,134 @@ def synthetic_vqa(
             }
         )
     return records
+
+
+def synthetic_okvqa(n: int, seed: int = 0, *, image_size: int = 32):
+    """A `datasets.Dataset` shaped like OK-VQA on the Hub, whose answers need the image (`synthetic_vqa`'s task).
+
+    Columns as in OK-VQA: ``question_id`` (int), ``question``, ``answers`` (ten annotator answers) and
+    ``image`` (a `datasets.Image`: PNG bytes in the Arrow table). Each question asks for the colour,
+    shape or side of a shape drawn with `draw_scene`. Its ten answers are votes: the true answer
+    6 to 10 times, written as annotators write it (``"red"``, ``"Red"``, ``"red."``, ``"the red"``,
+    all one answer after VQA's answer normalisation), and the others wrong answers of the same kind,
+    so the true answer is always the most frequent one and a wrong answer some annotators gave
+    earns partial credit in ``vqa_accuracy``. Needs ``datasets`` (``llava_loop[datasets]``).
+
+    Args:
+        n: Number of questions.
+        seed: Seed; the same seed gives the same rows. Question ids are ``seed * 1_000_000 + row``.
+        image_size: Image side in pixels.
+
+    Example:
+        >>> ds = synthetic_okvqa(4, seed=0)
+        >>> ds.column_names, len(ds[0]["answers"])
+        (['question_id', 'question', 'answers', 'image'], 10)
+    """
+    import datasets
+
+    rng = random.Random(seed)
+    choices = {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS)}
+    kinds = list(QUESTIONS)
+    rows: dict[str, list] = {"question_id": [], "question": [], "answers": [], "image": []}
+    for i in range(n):
+        scene = {kind: rng.choice(values) for kind, values in choices.items()}
+        kind = kinds[i % len(kinds)]
+        truth = scene[kind]
+        votes = rng.randint(6, 10)
+        written = [rng.choice((truth, truth.capitalize(), f"{truth}.", f"the {truth}")) for _ in range(votes)]
+        wrong = [rng.choice([v for v in choices[kind] if v != truth]) for _ in range(10 - votes)]
+        answers = written + wrong
+        rng.shuffle(answers)
+        rows["question_id"].append(seed * 1_000_000 + i)
+        rows["question"].append(QUESTIONS[kind])
+        rows["answers"].append(answers)
+        rows["image"].append(draw_scene(scene["color"], scene["shape"], scene["position"], size=image_size))
+    features = datasets.Features(
+        {
+            "question_id": datasets.Value("int64"),
+            "question": datasets.Value("string"),
+            "answers": [datasets.Value("string")],
+            "image": datasets.Image(),
+        }
+    )
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+# The tiny BERT's vocabulary besides its special tokens: the words of the metric tests' sentences and of
+# the synthetic tasks' answers; anything else is [UNK].
+BERT_WORDS = (
+    *("the", "a", "an", "cat", "cats", "dog", "dogs", "sat", "sits", "on", "mat", "rug", "red", "blue", "small"),
+    *("big", "is", "was", "there", "here", "and", "running", "ran", "hello", "world", "park", "in"),
+    *("green", "yellow", "circle", "square", "triangle", "left", "right", ".", ","),
+)
+_BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def tiny_bert(
+    path,
+    *,
+    words=BERT_WORDS,
+    seed: int = 0,
+    id2label: dict[int, str] | None = None,
+    problem_type: str | None = None,
+) -> str:
+    """Save a random 2-layer, 32-wide BERT and its WordPiece tokenizer (lower-casing, ``[CLS] ... [SEP]``) to
+    ``path``, offline: a stand-in for ``roberta-large`` in BERTScore, or for an NLI model.
+
+    Args:
+        path: Folder to write (created if missing).
+        words: The vocabulary besides ``[PAD] [UNK] [CLS] [SEP] [MASK]``; other words become ``[UNK]``.
+        seed: Seed for the weight initialisation (same seed and vocabulary, same weights).
+        id2label: Save a `BertForSequenceClassification` with these labels (an NLI model); None: a `BertModel`.
+        problem_type: The classifier's ``config.problem_type`` (e.g. ``"multi_label_classification"``).
+
+    Returns:
+        ``path`` as a string, for ``BERTScore(model_type=..., num_layers=2)`` or ``NLI(model=...)``.
+
+    Example:
+        >>> from llava_loop.metrics import BERTScore
+        >>> path = tiny_bert(tempfile.mkdtemp())  # doctest: +SKIP
+        >>> scores = BERTScore(model_type=path, num_layers=2, device="cpu")(["red"], [["red", "blue"]])  # doctest: +SKIP
+        >>> round(scores["bertscore_f1"], 4)  # the prediction is one of the references  # doctest: +SKIP
+        1.0
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(dict.fromkeys([*_BERT_SPECIALS, *words]))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    )
+    labels = {} if id2label is None else {"id2label": dict(id2label), "label2id": {v: k for k, v in id2label.items()}}
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        problem_type=problem_type,
+        **labels,
+    )
+    torch.manual_seed(seed)
+    model = BertModel(config) if id2label is None else BertForSequenceClassification(config)
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 def llava15_processor(tokenizer_dir: str | os.PathLike, generation_markers: bool = True) -> Any:

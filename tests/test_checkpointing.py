@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from functools import cache
 from pathlib import Path
 
@@ -560,7 +561,11 @@ def test_export_merges_lora_into_a_plain_model_with_the_same_logits(tmp_path):
         "training changed nothing: the export test would be vacuous"
     )
 
-    merged_dir = export(ckpt, tmp_path / "merged", base_model=tiny_llava(seed=0)[0])
+    base = tiny_llava(seed=0)[0]
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")  # pytest's filters hide FutureWarnings; a user sees them
+        merged_dir = export(ckpt, tmp_path / "merged", base_model=base)
+    assert not shown, f"export showed warnings: {[str(w.message) for w in shown]}"
     merged = LlavaForConditionalGeneration.from_pretrained(merged_dir)
     assert not any("lora" in n for n, _ in merged.named_parameters()), "the exported model still has LoRA layers"
     torch.testing.assert_close(

@@ -9,6 +9,7 @@ import logging
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -20,8 +21,10 @@ from llava_loop.cli import main
 from llava_loop.data import BadSampleError, as_dataset, load_llava_json, longest_prompts_first
 from llava_loop.hf_datasets import VQA_PROMPT, to_llava_json
 from llava_loop.loggers import read_metrics
+from llava_loop.metrics.vqa import _vqa_normalize
 from llava_loop.rundir import data_fingerprint
-from llava_loop.testing import synthetic_vqa, tiny_llava
+from llava_loop.testing import COLORS as DRAWN_COLORS
+from llava_loop.testing import synthetic_okvqa, synthetic_vqa, tiny_llava
 
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "white": (250, 250, 250)}
 
@@ -405,6 +408,32 @@ def test_vqa_conversion_writes_llava_json_that_loads_trains_and_scores(tmp_path)
     result = loop.evaluate(val)
     assert loop.state.step == 2 and 0.0 <= result["eval/vqa_accuracy"] <= 1.0, f"no VQA accuracy: {dict(result)}"
     assert [r["references"] for r in result.samples] == [r["answers"] for r in records], "references were changed"
+
+
+def test_synthetic_okvqa_has_okvqa_columns_and_targets_that_need_the_image(tmp_path):
+    ds = synthetic_okvqa(30, seed=3)
+    assert ds.column_names == ["question_id", "question", "answers", "image"], ds.column_names
+    assert ds.features["image"] == datasets.Image() and ds.features["question_id"] == datasets.Value("int64"), (
+        f"not OK-VQA's column types: {ds.features}"
+    )
+    assert synthetic_okvqa(30, seed=3)[:]["answers"] == ds[:]["answers"], "the same seed gave other rows"
+    assert not set(synthetic_okvqa(5, seed=4)["question_id"]) & set(ds["question_id"]), "ids repeat across seeds"
+    records = json.loads(Path(to_llava_json(ds, tmp_path / "out", id_column="question_id")["data"]).read_text())
+    targets_per_question = {}
+    for row, record in zip(ds, records):
+        votes, target = [_vqa_normalize(a) for a in row["answers"]], _vqa_normalize(_answer(record))
+        assert len(votes) == 10, f"{row['question_id']}: not ten annotator answers"
+        assert votes.count(target) >= 6, f"{row['question_id']}: the target {target!r} is not the clear majority"
+        targets_per_question.setdefault(row["question"], set()).add(target)
+        if row["question"].startswith("What color"):
+            assert DRAWN_COLORS[target] in set(row["image"].getdata()), f"{row['question_id']}: no {target} shape drawn"
+        elif row["question"].startswith("Is it on the left"):
+            columns = range(0, 16) if target == "left" else range(16, 32)
+            drawn = {row["image"].getpixel((x, y)) for x in columns for y in range(32)}
+            assert drawn != {(128, 128, 128)}, f"{row['question_id']}: nothing is drawn on the {target}"
+    assert all(len(targets) > 1 for targets in targets_per_question.values()), (
+        f"a question has the same answer whatever the image: {targets_per_question}"
+    )
 
 
 def test_caption_conversion_gives_one_record_per_image_or_per_caption(tmp_path):

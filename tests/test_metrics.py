@@ -9,40 +9,9 @@ import pytest
 import torch
 
 from llava_loop import metrics as M
+from llava_loop.testing import tiny_bert
 
 VQA_GOLDEN = Path(__file__).parent / "data" / "vqa_official_golden.json"
-
-# Every word the tiny tokenizers must know; anything else becomes [UNK].
-WORDS = [
-    "the",
-    "a",
-    "an",
-    "cat",
-    "cats",
-    "dog",
-    "dogs",
-    "sat",
-    "sits",
-    "on",
-    "mat",
-    "rug",
-    "red",
-    "blue",
-    "small",
-    "big",
-    "is",
-    "was",
-    "there",
-    "here",
-    "and",
-    "running",
-    "ran",
-    "hello",
-    "world",
-    "park",
-    "in",
-]
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 PREDS = ["the cat sat on the mat", "a dog is running", "hello world", "blue rug"]
 REFS = [
@@ -56,54 +25,10 @@ REFS = [
 # --------------------------------------------------------------------------- fixtures
 
 
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    return BertTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=64,
-    )
-
-
-def _tiny_bert_config(**kwargs):
-    from transformers import BertConfig
-
-    return BertConfig(
-        vocab_size=len(SPECIAL) + len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        **kwargs,
-    )
-
-
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory):
-    """A 2-layer, 32-wide BERT + WordPiece tokenizer saved locally."""
-    from transformers import BertModel
-
-    path = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    BertModel(_tiny_bert_config()).eval().save_pretrained(path)
-    _tiny_tokenizer().save_pretrained(path)
-    return str(path)
+    """A 2-layer, 32-wide BERT + WordPiece tokenizer saved locally (it knows every word of PREDS and REFS)."""
+    return tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 NLI_LABELS = {0: "ENTAILMENT", 1: "NEUTRAL", 2: "CONTRADICTION"}
@@ -112,11 +37,7 @@ NLI_LABELS_ENTAIL_LAST = {0: "contradiction", 1: "neutral", 2: "entailment"}
 
 @pytest.fixture(scope="session")
 def nli_dirs(tmp_path_factory):
-    """The same tiny BERT classifier saved under three id2label mappings, and as a multi-label classifier."""
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(1)
-    model = BertForSequenceClassification(_tiny_bert_config(num_labels=3)).eval()
+    """The same tiny BERT classifier (one seed) saved under three id2label mappings, and as a multi-label classifier."""
     dirs = {}
     for name, id2label in [
         ("entail_first", NLI_LABELS),
@@ -124,13 +45,9 @@ def nli_dirs(tmp_path_factory):
         ("no_entail", {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}),
         ("multi_label", NLI_LABELS),  # the text-classification pipeline would default to a sigmoid
     ]:
-        model.config.problem_type = "multi_label_classification" if name == "multi_label" else None
-        model.config.id2label = id2label
-        model.config.label2id = {v: k for k, v in id2label.items()}
+        problem = "multi_label_classification" if name == "multi_label" else None
         path = tmp_path_factory.mktemp(f"nli_{name}")
-        model.save_pretrained(path)
-        _tiny_tokenizer().save_pretrained(path)
-        dirs[name] = str(path)
+        dirs[name] = tiny_bert(path, seed=1, id2label=id2label, problem_type=problem)
     return dirs
 
 
