@@ -281,7 +281,7 @@ def synthetic_vqa(
     return records
 
 
-def synthetic_okvqa(n: int, seed: int = 0, *, image_size: int = 32):
+def synthetic_okvqa(n: int, seed: int = 0, *, image_size: int = 32) -> Any:
     """A `datasets.Dataset` shaped like OK-VQA on the Hub, whose answers need the image (`synthetic_vqa`'s task).
 
     Columns as in OK-VQA: ``question_id`` (int), ``question``, ``answers`` (ten annotator answers) and
@@ -343,9 +343,9 @@ _BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def tiny_bert(
-    path,
+    path: str | os.PathLike,
     *,
-    words=BERT_WORDS,
+    words: tuple[str, ...] = BERT_WORDS,
     seed: int = 0,
     id2label: dict[int, str] | None = None,
     problem_type: str | None = None,
