@@ -715,6 +715,16 @@ def load_image(
         ) from err
 
 
+def image_list(image: Any) -> list[Any]:
+    """A record's ``"image"`` field as a list, decoded or not: ``[]`` for None, a copy of a list, else ``[image]``.
+
+    Example:
+        >>> image_list(None), image_list("a.png"), image_list(["a.png", "b.png"])
+        ([], ['a.png'], ['a.png', 'b.png'])
+    """
+    return [] if image is None else list(image) if isinstance(image, list) else [image]
+
+
 def record_images(record: dict[str, Any]) -> list[Image.Image]:
     """Return a decoded record's images as a list: ``[]``, ``[img]`` or all of them.
 
@@ -733,8 +743,7 @@ def record_images(record: dict[str, Any]) -> list[Image.Image]:
     """
     if isinstance(record, SkippedSample):
         raise TypeError(f"got a SkippedSample ({record.id!r}); drop those before this call.")
-    image = record.get("image")
-    images = [] if image is None else list(image) if isinstance(image, list) else [image]
+    images = image_list(record.get("image"))
     for img in images:
         if not isinstance(img, Image.Image):
             raise TypeError(

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from .checkpointing import atomic_write_text
+from .checkpointing import atomic_write_bytes, atomic_write_text
 from .data import (
     IMAGE_TOKEN,
     BadSampleError,
@@ -44,6 +44,7 @@ from .data import (
     _resolve_image,
     check_on_bad_sample,
     check_record,
+    image_list,
     skip_or_raise,
 )
 
@@ -289,8 +290,7 @@ class HFDataset(VLDataset):
         """
         digest = hashlib.sha256()
         for record in self.parsed_records:
-            image = record["image"]
-            images = image if isinstance(image, list) else [] if image is None else [image]
+            images = image_list(record["image"])
             names = [x.name if isinstance(x, StoredImage) else os.path.basename(os.fspath(x)) for x in images]
             item = [record["id"], names, [[t["from"], t["value"]] for t in record["conversations"]]]
             digest.update(json.dumps([*item, record.get("answers")]).encode("utf-8", "surrogatepass"))
@@ -865,7 +865,5 @@ def _write_image(value: Any, plan: _Plan, out: Path, folder: str, confine: str |
     name = hashlib.sha256(data).hexdigest()[:20] + _FORMAT_EXTENSIONS.get(fmt, extensions[0] if extensions else "")
     target = out / "images" / name
     if not target.exists():  # the same name is the same content
-        tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        atomic_write_bytes(target, data)
     return f"images/{name}"

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpointing import atomic_write_text
-from .data import SkippedSample, record_images
+from .data import SkippedSample, image_list, record_images
+from .loggers import _number
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +209,7 @@ class Thumbnails:
         parsed = getattr(self.dataset, "parsed_records", None)
         if parsed is None:
             return None
-        image = parsed[index].get("image")
-        images = image if isinstance(image, list) else [] if image is None else [image]
+        images = image_list(parsed[index].get("image"))
         return tuple(x if isinstance(x, str) else id(x) for x in images)  # the records keep them alive
 
     def _make(self, index: int) -> tuple[list[str], str | None]:
@@ -372,10 +372,6 @@ def _as_float(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
-
-
-def _number(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _escape(value: Any) -> str:
