@@ -43,7 +43,8 @@ setup(
                  "llava_loop[docs]",  # tests/test_docs_site.py builds the site
                  "selenium>=4.11",  # drives headless Chromium (tests/test_report_browser.py)
                  # tests/test_trackers.py; wandb 0.31 for `wandb-core leet inspect`, the offline reader it uses
-                 "llava_loop[trackers]", "wandb>=0.31"],
+                 "llava_loop[trackers]", "wandb>=0.31",
+                 "llava_loop[quantization]"],  # QLoRA, 8-bit optimizers, quantized export run on the CPU in CI
         "evaluate": ["evaluate>=0.4", "datasets>=2.0"],  # metrics given as evaluate.load(...) modules
         "datasets": ["datasets>=3.0"],  # llava-loop convert / to_llava_json (a datasets.Dataset input needs no extra)
         # report_to: docs/logging.md (trackio: 0.43's Markdown and auto_log_cpu; mlflow 3: SQLite store default)
@@ -55,7 +56,9 @@ setup(
                       "datasets>=3.0"],
         # The documentation site (mkdocs.yml); tests/test_docs_site.py builds it with --strict.
         "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0"],
-        "gpu": ["bitsandbytes>=0.43"],
+        # QLoRA / 8-bit training and 8-bit optimizers (bitsandbytes), quantized export (bitsandbytes, torchao)
+        "quantization": ["bitsandbytes>=0.45", "torchao>=0.12"],
+        "gpu": ["llava_loop[quantization]"],  # the former name
     },
     entry_points={"console_scripts": ["llava-loop=llava_loop.cli:main"]},
 )

@@ -34,6 +34,10 @@ _POSITIVE += ("eval_max_samples",)
 _NON_NEGATIVE = ("max_steps", "weight_decay", "warmup_steps", "max_grad_norm")
 _NON_NEGATIVE += ("lora_r", "eval_steps", "save_steps", "early_stopping_patience")
 _NON_NEGATIVE += ("log_steps", "num_workers", "max_bad_steps", "seed")
+QUANTIZATIONS = ("4bit", "8bit")
+"""Values of `LoopConfig.quantization` (besides None)."""
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+"""Values of `LoopConfig.optimizer`."""
 
 
 @dataclass
@@ -95,8 +99,19 @@ class LoopConfig:
     """Compute the LM head and the cross-entropy only at labelled positions (same loss, less time
     and memory than batch x length x vocab logits). Only for the default compute_loss: an
     overridden one gets the full logits."""
+    optimizer: str = "adamw"
+    """Optimizer of the default configure_optimizers: "adamw" (torch AdamW; states in the parameters'
+    dtype), "adamw_8bit" (bitsandbytes 8-bit AdamW: states 1 byte per value instead of 4, on the GPU) or
+    "paged_adamw_8bit" (the same in paged memory, which spills to the CPU under memory pressure); the
+    8-bit ones need bitsandbytes (pip install 'llava_loop[quantization]')."""
     fused_adamw: bool | None = None
-    """Use the fused AdamW kernel for the default optimizer; None = on a GPU."""
+    """Use the fused AdamW kernel for optimizer="adamw"; None = on a GPU."""
+    quantization: str | None = None
+    """How the base model's weights are quantized, as load_model(quantization=...) loads them: "4bit"
+    (QLoRA: NF4, double quantization, bf16 compute) or "8bit" (LLM.int8), the language model's linear
+    layers only (vision tower, projector, embeddings and lm_head stay 16-bit), LoRA required; None = not
+    quantized (a quantized model given to the loop sets it). The loop refuses a model that does not match;
+    the CLI loads the model with it; estimate_memory plans with it."""
     lora_r: int = 16
     """LoRA rank; 0 = full finetune without LoRA."""
     lora_alpha: int = 32
@@ -240,6 +255,11 @@ class LoopConfig:
             _check_choice("gradient_checkpointing", checkpointing, ("auto",))
         elif not isinstance(checkpointing, bool) and checkpointing < 0:
             _fail("gradient_checkpointing", checkpointing, 'True, False, "auto" or a number of layers >= 0')
+        if self.quantization is not None:
+            _check_choice("quantization", self.quantization, QUANTIZATIONS)
+            if self.lora_r == 0:
+                _fail("lora_r", self.lora_r, f"> 0 with quantization={self.quantization!r} (QLoRA trains adapters only)")
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.generation_cache is not None:
             _check_choice("generation_cache", self.generation_cache, ("static", "dynamic"))
         check_on_bad_sample(self.on_bad_sample)
