@@ -43,8 +43,6 @@ class ModelArgs:
     """Hub name (e.g. llava-hf/llava-1.5-7b-hf) or a local folder written by save_pretrained."""
     dtype: str = "auto"
     """Weight dtype: auto (the checkpoint's), bfloat16, float16 or float32."""
-    load_in_4bit: bool = False
-    """QLoRA: 4-bit NF4 base weights via bitsandbytes (needs a CUDA GPU and the [gpu] extra)."""
     device_map: str | None = None
     """"auto" spreads one model over all visible GPUs (one process); null = one device."""
     attn_implementation: str | None = None
@@ -287,7 +285,7 @@ def train(args: Any, parser: Any = None) -> None:
     config = loop_config(args)
     model, data = args.model, args.data
     # Cheapest first; nothing here reads weights.
-    check_model_args(model.name, dtype=model.dtype, load_in_4bit=model.load_in_4bit)
+    check_model_args(model.name, dtype=model.dtype, quantization=config.quantization)
     config.check_eval_data(data.eval is not None)
     metrics = resolve_metrics(args.metrics)
     check_metrics(metrics, config.metric_for_best, config.eval_loss)
@@ -305,7 +303,7 @@ def train(args: Any, parser: Any = None) -> None:
     net, processor = load_model(
         model.name,
         dtype=model.dtype,
-        load_in_4bit=model.load_in_4bit,
+        quantization=config.quantization,
         device_map=model.device_map,
         attn_implementation=model.attn_implementation,
         min_pixels=model.min_pixels,

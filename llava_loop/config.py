@@ -258,7 +258,9 @@ class LoopConfig:
         if self.quantization is not None:
             _check_choice("quantization", self.quantization, QUANTIZATIONS)
             if self.lora_r == 0:
-                _fail("lora_r", self.lora_r, f"> 0 with quantization={self.quantization!r} (QLoRA trains adapters only)")
+                _fail(
+                    "lora_r", self.lora_r, f"> 0 with quantization={self.quantization!r} (QLoRA trains adapters only)"
+                )
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.generation_cache is not None:
             _check_choice("generation_cache", self.generation_cache, ("static", "dynamic"))

@@ -78,33 +78,146 @@ def check_model_args(
     name_or_path: str,
     *,
     dtype: str | torch.dtype = "auto",
-    load_in_4bit: bool = False,
+    quantization: str | None = None,
 ) -> None:
     """Raise now, loading nothing, on arguments `load_model` would fail on after a long load.
 
-    Checks the model source (`check_model_source`), the dtype name, and that QLoRA has bitsandbytes
-    and a CUDA GPU.
+    Checks the model source (`check_model_source`), the dtype name, and that a quantized load has a
+    working bitsandbytes (`check_bitsandbytes`).
 
     Raises:
         FileNotFoundError: the model cannot be found (see `check_model_source`).
-        ValueError: an unknown dtype, or ``load_in_4bit`` without a CUDA GPU.
-        ImportError: ``load_in_4bit`` without bitsandbytes installed.
+        ValueError: an unknown dtype or quantization.
+        ImportError: ``quantization`` without a working bitsandbytes.
     """
+    from .config import QUANTIZATIONS
+
     if not isinstance(dtype, torch.dtype) and dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is invalid: expected one of {', '.join(map(repr, _DTYPES))}")
-    if load_in_4bit:
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ImportError("load_in_4bit (QLoRA) needs bitsandbytes: pip install 'llava_loop[gpu]'")
-        if not torch.cuda.is_available():
-            raise ValueError("load_in_4bit (QLoRA) needs a CUDA GPU, and none is visible")
+    if quantization is not None:
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization={quantization!r} is invalid: expected None or one of {', '.join(map(repr, QUANTIZATIONS))}"
+            )
+        if dtype in ("float32", torch.float32):
+            raise ValueError(
+                f"quantization={quantization!r} computes in 16 bit: use dtype='bfloat16' (or 'float16' on a GPU "
+                "without bfloat16), not float32"
+            )
+        check_bitsandbytes(f"quantization={quantization!r}")
     check_model_source(name_or_path)
+
+
+def check_bitsandbytes(what: str) -> None:
+    """Raise `ImportError` naming ``what`` and the fix if bitsandbytes is not installed or does not import
+    (e.g. a build without kernels for this machine).
+
+    Example:
+        >>> check_bitsandbytes("quantization='4bit'")  # installed: nothing happens
+    """
+    fix = "pip install 'llava_loop[quantization]' (bitsandbytes >= 0.45 runs on CUDA GPUs and, slowly, on the CPU)"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"{what} needs bitsandbytes, which is not installed: {fix}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # a broken build raises anything from OSError to RuntimeError
+        raise ImportError(f"{what} needs bitsandbytes, which is installed but does not load ({err}): {fix}") from err
+
+
+def sixteen_bit_modules(model: nn.Module) -> list[str]:
+    """Full names of the modules quantization leaves in 16 bit: every module outside the language model
+    that holds linear layers (vision tower, projector) and the LM head, so that only the language model's
+    decoder linear layers are quantized.
+
+    Full names, because transformers matches ``llm_int8_skip_modules`` from the start of a module's name
+    (or as its whole last component): a bare ``"multi_modal_projector"`` leaves
+    ``model.multi_modal_projector.linear_1`` quantized.
+
+    Example:
+        >>> from llava_loop.testing import tiny_llava
+        >>> sixteen_bit_modules(tiny_llava()[0])
+        ['lm_head', 'model.multi_modal_projector', 'model.vision_tower']
+    """
+    language = _module_prefix(model, LANGUAGE_MODEL_NAMES)
+    vision = _module_prefix(model, VISION_NAMES)
+    projector = _module_prefix(model, PROJECTOR_NAMES)
+    keep = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        for prefix in (vision, projector):
+            if prefix and name.startswith(prefix + "."):
+                keep.add(prefix)
+                break
+        else:
+            if not (language and name.startswith(language + ".")):
+                keep.add(name)  # the LM head, and any other linear layer outside the language model
+    return sorted(keep)
+
+
+def quantization_config(quantization: str, model_config: Any, compute_dtype: torch.dtype = torch.bfloat16) -> Any:
+    """The `transformers.BitsAndBytesConfig` of ``quantization`` ("4bit": NF4 with double quantization and
+    ``compute_dtype`` compute, as QLoRA; "8bit": LLM.int8) for a model of ``model_config``, quantizing the
+    language model's decoder linear layers only (`sixteen_bit_modules`, found on a weightless copy of the
+    model built on the meta device).
+
+    Example:
+        >>> from llava_loop.testing import tiny_llava
+        >>> quantization_config("4bit", tiny_llava()[0].config).bnb_4bit_quant_type
+        'nf4'
+    """
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(copy.deepcopy(model_config))
+    keep = sixteen_bit_modules(skeleton)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=keep,
+    )
+
+
+def model_quantization(model: nn.Module) -> str | None:
+    """How ``model``'s (or a peft model's base model's) weights are quantized by bitsandbytes: "4bit",
+    "8bit" or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "is_loaded_in_4bit", False):
+        return "4bit"
+    if getattr(base, "is_loaded_in_8bit", False):
+        return "8bit"
+    return None
+
+
+def check_sixteen_bit(model: nn.Module) -> None:
+    """Raise if a module quantization must leave in 16 bit (`sixteen_bit_modules`: vision tower, projector,
+    LM head) holds quantized weights: training the projector would fail deep in peft with "only Tensors of
+    floating point dtype can require gradients"."""
+    names = [n for n in sixteen_bit_modules(model)]
+    bad = [
+        f"{prefix}.{name}"
+        for prefix in names
+        for name, param in model.get_submodule(prefix).named_parameters()
+        if not param.is_floating_point()
+    ]
+    if bad:
+        raise ValueError(
+            f"quantization left {len(bad)} weights of modules that must stay 16-bit quantized (e.g. {bad[0]}): "
+            "load the model with llava_loop.load_model(..., quantization=...) or pass "
+            "quantization_config=llava_loop.modeling.quantization_config(...) to from_pretrained"
+        )
 
 
 def load_model(
     name_or_path: str,
     *,
     dtype: str | torch.dtype = "auto",
-    load_in_4bit: bool = False,
+    quantization: str | None = None,
     device_map: str | dict | None = None,
     attn_implementation: str | None = None,
     min_pixels: int | None = None,
@@ -121,7 +234,10 @@ def load_model(
         name_or_path: e.g. ``"llava-hf/llava-1.5-7b-hf"`` or a local checkpoint folder.
         dtype: Weight dtype: ``"auto"`` (the checkpoint's), ``"bfloat16"``, ``"float16"``,
             ``"float32"`` or a ``torch.dtype``.
-        load_in_4bit: QLoRA: NF4 4-bit base weights via bitsandbytes (needs a CUDA GPU).
+        quantization: ``"4bit"`` (QLoRA: NF4, double quantization, 16-bit compute) or ``"8bit"``
+            (LLM.int8) base weights via bitsandbytes, for the language model's decoder linear layers only
+            (`quantization_config`); vision tower, projector, embeddings and LM head load in ``dtype``
+            (``"auto"`` = bfloat16 here). None = not quantized.
         device_map: ``"auto"`` spreads one model over all visible GPUs (single process only).
         attn_implementation: e.g. ``"sdpa"`` or ``"flash_attention_2"``.
         min_pixels: Qwen2-VL / Qwen2.5-VL: lower bound on each image's pixels, which set its number
@@ -138,29 +254,27 @@ def load_model(
     """
     from transformers import AutoModelForImageTextToText
 
-    check_model_args(name_or_path, dtype=dtype, load_in_4bit=load_in_4bit)
+    check_model_args(name_or_path, dtype=dtype, quantization=quantization)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        compute = torch.bfloat16 if dtype in ("auto", "bfloat16", torch.bfloat16) else torch.float16
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute,
-            llm_int8_skip_modules=[*VISION_NAMES, *PROJECTOR_NAMES, "lm_head"],
-        )
     try:
         processor = load_processor(name_or_path)
         set_image_pixels(processor, min_pixels, max_pixels)  # before the long load: a wrong family fails now
+        if quantization is not None:
+            from transformers import AutoConfig
+
+            compute = torch.float16 if dtype in ("float16", torch.float16) else torch.bfloat16
+            kwargs["dtype"] = compute  # the 16-bit modules' dtype
+            model_config = AutoConfig.from_pretrained(name_or_path)
+            kwargs["quantization_config"] = quantization_config(quantization, model_config, compute)
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
     except OSError as err:
         raise OSError(f"could not load model {name_or_path!r}: {err}") from err
+    if quantization is not None:
+        check_sixteen_bit(model)
     return model, processor
 
 
@@ -333,16 +447,31 @@ def prepare_model(model: nn.Module, config: Any) -> nn.Module:
 
     A model that already is a `peft.PeftModel` is used as is (its adapters and which parameters
     are trainable are kept); only gradient checkpointing is applied.
+
+    A quantized base (`model_quantization`) must match ``config.quantization`` (None there takes the
+    model's). It is not passed through peft's ``prepare_model_for_kbit_training``: that upcasts every
+    16-bit module (vision tower, embeddings, LM head: 1.7 GiB more at the 7B shape) to fp32 and enables
+    reentrant-checkpointing input gradients; frozen modules stay in 16 bit here, the adapters are fp32
+    (peft's default), and checkpointing is non-reentrant.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     projector = _module_prefix(model, PROJECTOR_NAMES)
-    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    quantized = model_quantization(model)
+    if config.quantization is None and quantized is not None:
+        logger.info("the model's weights are quantized (%s): quantization=%r", quantized, quantized)
+        config.quantization = quantized
+    elif config.quantization != quantized:
+        raise ValueError(
+            f"quantization={config.quantization!r}, but the model's weights are "
+            f"{'quantized ' + repr(quantized) if quantized else 'not quantized'}: load it with "
+            f"llava_loop.load_model(name, quantization={config.quantization!r}), or set quantization={quantized!r}"
+        )
+    if quantized:
+        check_sixteen_bit(model)
     if isinstance(model, PeftModel):
         pass
     elif config.lora_r > 0:
-        if quantized:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         targets = config.lora_target_modules or language_model_lora_targets(model)
         # Trained in full next to the adapters, and saved with them.
         modules_to_save = [projector.split(".")[-1]] if (projector and config.train_projector) else []
