@@ -59,6 +59,7 @@ from .loggers import (
 from .memory import layers_to_checkpoint, memory_budget
 from .metrics import check_metrics, compute_metrics, resolve_metrics
 from .modeling import (
+    bitsandbytes_adamw,
     cache_argument,
     checkpoint_layers,
     compile_layers,
@@ -363,6 +364,8 @@ class Loop:
         cfg, acc = self.config, self.accelerator
         on_gpu = acc.device.type == "cuda"
         self.model = prepare_model(self.model, cfg)
+        # from_pretrained returns a model in eval mode, where dropout and gradient checkpointing are off.
+        self.model.train()
         if cfg.compile if cfg.compile is not None else on_gpu:
             compiled = compile_layers(self.model)
             logger.info("compiled %d layers (torch.compile); the first steps include compilation", compiled)
@@ -866,7 +869,8 @@ class Loop:
     def configure_optimizers(self) -> Any:
         """Override this to change the optimizer or schedule. Return an optimizer, or ``(optimizer, scheduler)``.
 
-        Default: AdamW (fused on a GPU: ``fused_adamw``) with the projector at ``projector_lr`` and no
+        Default: AdamW (``optimizer``: torch's, fused on a GPU (``fused_adamw``), or bitsandbytes' 8-bit
+        one) with the projector at ``projector_lr`` and no
         weight decay on biases and norms, and ``transformers.get_scheduler(lr_scheduler)`` with warmup.
         The scheduler is stepped once per optimizer step.
         """
@@ -874,8 +878,11 @@ class Loop:
 
         cfg = self.config
         groups = param_groups(self.model, cfg.learning_rate, cfg.projector_lr, cfg.weight_decay)
-        fused = cfg.fused_adamw if cfg.fused_adamw is not None else self.accelerator.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused, foreach=None if fused else True)
+        if cfg.optimizer == "adamw":
+            fused = cfg.fused_adamw if cfg.fused_adamw is not None else self.accelerator.device.type == "cuda"
+            optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused, foreach=None if fused else True)
+        else:
+            optimizer = bitsandbytes_adamw(cfg.optimizer, groups, cfg.learning_rate)
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.state.max_steps)
         scheduler = get_scheduler(
             cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=self.state.max_steps

@@ -745,6 +745,21 @@ def param_groups(model: nn.Module, lr: float, projector_lr: float | None, weight
     return out
 
 
+def bitsandbytes_adamw(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW for `LoopConfig.optimizer` ``"adamw_8bit"`` (``bnb.optim.AdamW8bit``) or
+    ``"paged_adamw_8bit"`` (``PagedAdamW8bit``) over ``groups`` (`param_groups`): both moments in 8 bit,
+    blockwise quantized, for tensors of 4,096 values or more (smaller ones keep 32-bit moments).
+
+    Raises:
+        ImportError: bitsandbytes is missing or does not load (`check_bitsandbytes`).
+    """
+    check_bitsandbytes(f"optimizer={name!r}")
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(groups, lr=lr)
+
+
 def lora_layers(model: nn.Module) -> list[nn.Module]:
     from peft.tuners.lora import LoraLayer
 
@@ -763,9 +778,7 @@ def _backup_device(params: list[torch.Tensor]) -> str | None:
             return "cpu"
         need[p.device] = need.get(p.device, 0) + p.numel() * p.element_size()
     for device, size in need.items():
-        # Blocks cached by PyTorch's allocator are free for it too.
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        if 2 * size > torch.cuda.mem_get_info(device)[0] + cached:
+        if 2 * size > _free_memory(device):
             return "cpu"
     return None
 
@@ -777,9 +790,15 @@ def merged_adapters(model: nn.Module, enabled: bool = True):
     ``unmerge`` alone leaves rounding error in the base weights (``(W + BA) - BA != W``, in fp32 too),
     so the base weights (and biases, which ``lora_bias`` merges into) of the wrapped layers are copied
     first (on their GPU when twice the copy fits there, else on the CPU) and written back, in place,
-    afterwards. Quantized base layers are not merged
-    (lossy): then nothing is merged and generation runs with the adapters unmerged. A model without
-    LoRA layers, or ``enabled=False``, passes through unchanged.
+    afterwards.
+
+    Quantized base layers (QLoRA) are not merged in place (re-quantizing the sum is lossy): each
+    wrapped layer is swapped, inside the block, for a dense 16-bit linear layer holding the dequantized
+    base weight plus the adapters (`dense_merged_layers`), when those copies take at most 75% of the
+    free memory of their device; otherwise (and for DoRA or LoRA biases) generation runs with the
+    adapters unmerged, which is slower. The quantized model is untouched either way.
+
+    A model without LoRA layers, or ``enabled=False``, passes through unchanged.
 
     Example:
         >>> with merged_adapters(peft_model):  # doctest: +SKIP
@@ -789,6 +808,10 @@ def merged_adapters(model: nn.Module, enabled: bool = True):
 
     layers = lora_layers(model) if enabled and isinstance(model, PeftModel) else []
     bases = [layer.get_base_layer() for layer in layers]
+    if layers and any(_is_quantized_linear(b) for b in bases):
+        with _swapped(model, dense_merged_layers(model)):
+            yield model
+        return
     mergeable = (torch.float32, torch.bfloat16, torch.float16)
     if not layers or any(getattr(b, "weight", None) is None or b.weight.dtype not in mergeable for b in bases):
         yield model
@@ -804,3 +827,113 @@ def merged_adapters(model: nn.Module, enabled: bool = True):
         with torch.no_grad():
             for param, saved in backup:
                 param.copy_(saved)
+
+
+def _is_quantized_linear(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a bitsandbytes 4-bit or 8-bit linear layer."""
+    return type(getattr(layer, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+
+
+DENSE_COPY_SHARE = 0.75
+"""Most of a device's free memory that `dense_merged_layers` may take (the rest is for generation)."""
+
+
+@torch.no_grad()
+def dense_merged_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """For each LoRA layer of ``model`` on a bitsandbytes-quantized base: its name and a dense linear
+    layer computing the same (up to rounding): the dequantized base weight plus every active adapter's
+    ``scale * B @ A``, in the model's 16-bit dtype (its LM head's), on the base weight's device.
+
+    Empty (generation then runs unmerged) when a layer has a DoRA or LoRA-bias adapter or is merged
+    already, or when the copies would take more than `DENSE_COPY_SHARE` of their device's free memory
+    (logged).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    named = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    for _, layer in named:
+        adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+        if layer.merged or any(layer.use_dora.get(a) or getattr(layer, "lora_bias", {}).get(a) for a in adapters):
+            logger.info("LoRA layers with DoRA or LoRA biases on a quantized base: evaluation generates unmerged")
+            return {}
+    head = model.get_output_embeddings()
+    dtype = head.weight.dtype if head is not None and head.weight.is_floating_point() else torch.bfloat16
+    need: dict[torch.device, int] = {}
+    for _, layer in named:
+        base = layer.get_base_layer()
+        size = base.in_features * base.out_features + (base.out_features if base.bias is not None else 0)
+        need[base.weight.device] = need.get(base.weight.device, 0) + size * dtype.itemsize
+    for device, size in need.items():
+        free = _free_memory(device)
+        if size > DENSE_COPY_SHARE * free:
+            logger.info(
+                "evaluation generates with the adapters unmerged (slower): a dense merged copy of the quantized "
+                "layers takes %.1f GiB, more than %d%% of the %.1f GiB free on %s",
+                *(size / 2**30, DENSE_COPY_SHARE * 100, free / 2**30, device),
+            )
+            return {}
+    dense = {}
+    for name, layer in named:
+        base = layer.get_base_layer()
+        merged = _dequantized(base).float()
+        if layer.disable_adapters is False:
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A:
+                    merged += layer.get_delta_weight(adapter).float()
+        linear = nn.Linear(
+            base.in_features, base.out_features, bias=base.bias is not None, device=base.weight.device, dtype=dtype
+        )
+        linear.weight.copy_(merged)
+        if base.bias is not None:
+            linear.bias.copy_(base.bias)
+        dense[name] = linear.requires_grad_(False)
+    return dense
+
+
+def _dequantized(layer: nn.Module) -> torch.Tensor:
+    """The weight of a bitsandbytes 4-bit or 8-bit linear layer, dequantized (out x in).
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its CPU kernel at the first
+    forward in eval mode; it is unpacked first, in place, as bitsandbytes does before saving it (the next
+    such forward packs it again).
+    """
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    weight = layer.weight
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    return dequantize_bnb_weight(weight, state=getattr(layer, "state", None))  # 8 bit: the row scales
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on ``device``: the GPU's free memory plus what PyTorch's allocator holds
+    unused; the system's available memory for the CPU."""
+    if device.type == "cuda":
+        return (
+            torch.cuda.mem_get_info(device)[0]
+            + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device)
+        )
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, replacements: dict[str, nn.Module]):
+    """Inside the block, the submodules of ``model`` named in ``replacements`` are those modules; the
+    originals are put back after."""
+    originals = {name: model.get_submodule(name) for name in replacements}
+
+    def put(modules: dict[str, nn.Module]) -> None:
+        for name, module in modules.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+
+    put(replacements)
+    try:
+        yield model
+    finally:
+        put(originals)
