@@ -941,7 +941,17 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "cpu_count": os.cpu_count(),
     }
-    for name in ("transformers", "peft", "accelerate", "trl", "liger-kernel", "datasets", "triton"):
+    for name in (
+        "transformers",
+        "peft",
+        "accelerate",
+        "trl",
+        "liger-kernel",
+        "datasets",
+        "triton",
+        "bitsandbytes",
+        "torchao",
+    ):
         try:
             env[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
