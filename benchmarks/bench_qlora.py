@@ -228,14 +228,21 @@ def evaluate_both(loop: Loop, eval_path: str) -> dict:
     for merged in (True, False):
         loop.config.merge_lora_for_eval = merged
         passes = []
-        for _ in range(2):
-            sync()
-            t0 = time.perf_counter()
-            result = loop.evaluate(data)
-            sync()
-            passes.append({"seconds": time.perf_counter() - t0, **{k: v for k, v in result.items()}})
+        try:
+            for _ in range(2):
+                sync()
+                t0 = time.perf_counter()
+                result = loop.evaluate(data)
+                sync()
+                passes.append({"seconds": time.perf_counter() - t0, **{k: v for k, v in result.items()}})
+        except Exception:  # noqa: BLE001 - the other mode is still measured
+            out[f"error_{'merged' if merged else 'unmerged'}"] = traceback.format_exc()
+            print(traceback.format_exc(), flush=True)
         out["merged" if merged else "unmerged"] = passes
-    out["speedup_merged"] = out["merged"][-1]["eval/gen_tokens_per_s"] / out["unmerged"][-1]["eval/gen_tokens_per_s"]
+    if out["merged"] and out["unmerged"]:
+        merged, unmerged = out["merged"][-1], out["unmerged"][-1]
+        out["speedup_merged"] = merged["eval/gen_tokens_per_s"] / unmerged["eval/gen_tokens_per_s"]
+        out["exact_match"] = [merged.get("eval/exact_match"), unmerged.get("eval/exact_match")]
     return out
 
 
@@ -311,7 +318,7 @@ def main() -> None:
     (out / "results_qlora.json").write_text(json.dumps(results, indent=1))
     print(summary(results))
     for name, ev in results["evals"].items():
-        print(name, {k: round(v[-1]["eval/gen_tokens_per_s"], 1) for k, v in ev.items() if isinstance(v, list)})
+        print(name, {k: round(ev[k][-1]["eval/gen_tokens_per_s"], 1) for k in ("merged", "unmerged") if ev.get(k)})
 
 
 if __name__ == "__main__":
