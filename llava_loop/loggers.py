@@ -580,10 +580,18 @@ def _parameter_counts(model: Any) -> tuple[int, int]:
 
 
 def _main_dtype(model: Any) -> str:
-    """The dtype holding most of the model's parameters, e.g. ``"bfloat16"``."""
+    """The dtype holding most of the model's weights, e.g. ``"bfloat16"``; bitsandbytes' quantized weights
+    count as ``"nf4"`` (or ``"fp4"``) and ``"int8"``, not as the integer storage they are packed in."""
     counts: Counter = Counter()
     for param in model.parameters():
-        counts[str(param.dtype).removeprefix("torch.")] += param.numel()
+        kind = type(param).__name__
+        if kind == "Params4bit":
+            name = getattr(param, "quant_type", None) or "4-bit"
+        elif kind == "Int8Params":
+            name = "int8"
+        else:
+            name = str(param.dtype).removeprefix("torch.")
+        counts[name] += _numel(param)
     return counts.most_common(1)[0][0] if counts else "unknown"
 
 
@@ -594,8 +602,9 @@ def _finetune_facts(model: Any) -> dict:
     if not isinstance(peft_config, dict) or not peft_config:
         return {"finetune": "full", "lora_r": None, "lora_alpha": None, "modules_to_save": []}
     adapter = peft_config.get(getattr(model, "active_adapter", "default")) or next(iter(peft_config.values()))
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    quantized = getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
+    from .modeling import model_quantization
+
+    quantized = model_quantization(model) is not None
     kind = getattr(getattr(adapter, "peft_type", None), "value", "LORA")
     kind = {"LORA": "LoRA"}.get(kind, kind)
     return {

@@ -75,6 +75,10 @@ def test_load_model_quantizes_only_the_language_model_and_keeps_the_rest_16_bit(
     projector = [n for n in kinds if "multi_modal_projector" in n]
     vision = [n for n in kinds if "vision_tower" in n]
     assert projector and vision and all(dtypes[n] == torch.bfloat16 for n in projector + vision)
+    from llava_loop.loggers import _main_dtype
+
+    # The run banner's "weights" names the quantization, not the integer storage.
+    assert _main_dtype(model.model.language_model.layers) == {"4bit": "nf4", "8bit": "int8"}[kind]
 
 
 def test_bare_skip_names_would_quantize_the_projector_and_full_names_do_not(saved_tiny):
