@@ -12,6 +12,7 @@ from .callbacks import EVENTS, Callback, DivergenceWarning, EarlyStopping
 from .collators import EvalCollator, TrainCollator
 from .config import LoopConfig
 from .loop import EvalResult, Loop, LoopState, fit
+from .planner import MemoryEstimate, estimate_memory
 from .plots import plot_run
 
 __all__ = [
@@ -24,7 +25,9 @@ __all__ = [
     "Loop",
     "LoopConfig",
     "LoopState",
+    "MemoryEstimate",
     "TrainCollator",
+    "estimate_memory",
     "fit",
     "plot_run",
 ]

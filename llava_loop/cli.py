@@ -130,6 +130,24 @@ def build_parser() -> Any:
     export_p.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT_DIR.")
     commands.add_subcommand("export", export_p, help="merge a LoRA checkpoint into a plain HF model")
 
+    estimate_p = parser(
+        "Estimate the GPU memory of a run per GPU (weights, gradients, optimizer states, activations, logits, "
+        "eval KV cache) from the model's config alone: no weights are downloaded or loaded. Every LoopConfig "
+        "field is a flag (or in --config); the formula is in docs/memory.md."
+    )
+    estimate_p.add_argument("model", help="Hub name or local model folder (only its config.json is read).")
+    estimate_p.add_argument("--config", action=ActionConfigFile, help="A run's YAML (its LoopConfig fields are used).")
+    estimate_p.add_argument("--seq_len", type=int, default=None,
+                            help="Tokens per training sample, image tokens included; default: max_length.")  # fmt: skip
+    estimate_p.add_argument("--label_tokens", type=int, default=None,
+                            help="Answer tokens per sample; default: every token after the image's.")  # fmt: skip
+    estimate_p.add_argument("--eval_prompt_len", type=int, default=None, help="Longest eval prompt; default: seq_len.")
+    estimate_p.add_argument("--num_processes", type=int, default=1, help="GPUs training together.")
+    estimate_p.add_argument("--sharding", choices=["ddp", "fsdp"], default="ddp", help="With several processes.")
+    estimate_p.add_argument("--json", action="store_true", help="Print the estimate as JSON (bytes).")
+    estimate_p.add_class_arguments(LoopConfig, None)
+    commands.add_subcommand("estimate", estimate_p, help="estimate the GPU memory of a run from the model's config")
+
     convert_p = parser(
         "Convert a VQA dataset (question, answers, image) or a caption dataset (image, captions) to LLaVA JSON "
         "(SPLIT.json per split) plus an images/ folder, which train reads. The output folder, the columns of every "
@@ -169,7 +187,8 @@ def build_parser() -> Any:
                            help="raise: stop at a bad row; skip: log, count and skip it.")  # fmt: skip
     convert_p.add_argument("--overwrite", action="store_true", help="Write into a non-empty OUT_DIR.")
     commands.add_subcommand("convert", convert_p, help="convert a VQA or caption dataset to LLaVA JSON + images")
-    root.command_parsers = {"demo": demo_p, "train": train_p, "plot": plot_p, "export": export_p, "convert": convert_p}
+    root.command_parsers = {"demo": demo_p, "train": train_p, "plot": plot_p, "export": export_p, "convert": convert_p,
+                            "estimate": estimate_p}  # fmt: skip
     return root
 
 
@@ -326,6 +345,24 @@ def export_cmd(args: Any) -> None:
     print(f"merged model written to {out}")
 
 
+def estimate(args: Any) -> None:
+    """Print the memory estimate of a run; ``args`` is the parsed ``estimate`` namespace."""
+    import dataclasses
+
+    from .planner import estimate_memory
+
+    result = estimate_memory(
+        args.model,
+        loop_config(args),
+        seq_len=args.seq_len,
+        label_tokens=args.label_tokens,
+        eval_prompt_len=args.eval_prompt_len,
+        num_processes=args.num_processes,
+        sharding=args.sharding,
+    )
+    print(json.dumps(dataclasses.asdict(result), indent=1) if args.json else result.table())
+
+
 def convert(args: Any) -> None:
     """Convert a VQA/caption dataset to LLaVA JSON; ``args`` is the parsed ``convert`` namespace."""
     from .hf_datasets import convert_source
@@ -392,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sub = args[args.command]
     commands = {"demo": demo, "train": lambda a: train(a, parser.command_parsers["train"]),
-                "plot": plot, "export": export_cmd, "convert": convert}  # fmt: skip
+                "plot": plot, "export": export_cmd, "convert": convert, "estimate": estimate}  # fmt: skip
     try:
         commands[args.command](sub)
     except (*USER_ERRORS, RunDirError) as err:

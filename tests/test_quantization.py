@@ -186,7 +186,9 @@ def test_a_config_that_disagrees_with_the_model_is_refused(saved_tiny, tmp_path)
 
 def test_missing_bitsandbytes_is_named_with_the_extra_before_any_loading(saved_tiny, tmp_path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     with pytest.raises(ImportError, match=r"quantization='4bit' needs bitsandbytes.*llava_loop\[quantization\]"):
         check_model_args(saved_tiny, quantization="4bit")
     model, processor = tiny_llava()
