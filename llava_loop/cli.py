@@ -132,11 +132,14 @@ def build_parser() -> Any:
 
     estimate_p = parser(
         "Estimate the GPU memory of a run per GPU (weights, gradients, optimizer states, activations, logits, "
-        "eval KV cache) from the model's config alone: no weights are downloaded or loaded. Every LoopConfig "
-        "field is a flag (or in --config); the formula is in docs/memory.md."
+        "eval KV cache) from the model's config alone (--model.name: only its config.json is read, no weights). "
+        "Every LoopConfig field is a flag (or in --config, a train YAML); the formula is in docs/memory.md."
     )
-    estimate_p.add_argument("model", help="Hub name or local model folder (only its config.json is read).")
-    estimate_p.add_argument("--config", action=ActionConfigFile, help="A run's YAML (its LoopConfig fields are used).")
+    estimate_p.add_argument("--config", action=ActionConfigFile, help="A train run's YAML (model and LoopConfig "
+                            "fields are used; data and metrics are ignored).")  # fmt: skip
+    estimate_p.add_class_arguments(ModelArgs, "model")
+    estimate_p.add_argument("--data", type=dict[str, Any] | None, default=None, help="Ignored (a train YAML's data).")
+    estimate_p.add_argument("--metrics", type=list[Any] | None, default=None, help="Ignored (a train YAML's metrics).")
     estimate_p.add_argument("--seq_len", type=int, default=None,
                             help="Tokens per training sample, image tokens included; default: max_length.")  # fmt: skip
     estimate_p.add_argument("--label_tokens", type=int, default=None,
@@ -352,7 +355,7 @@ def estimate(args: Any) -> None:
     from .planner import estimate_memory
 
     result = estimate_memory(
-        args.model,
+        args.model.name,
         loop_config(args),
         seq_len=args.seq_len,
         label_tokens=args.label_tokens,

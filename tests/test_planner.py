@@ -224,12 +224,15 @@ def test_no_sequence_length_is_an_error_naming_the_argument(tmp_path):
 def test_cli_prints_the_table_or_json_and_names_a_bad_path(tmp_path, capsys):
     model, processor = tiny_llava()
     model.save_pretrained(tmp_path / "m")
-    assert main(["estimate", str(tmp_path / "m"), "--seq_len", "64", "--quantization", "4bit", "--json"]) == 0
+    assert (
+        main(["estimate", "--model.name", str(tmp_path / "m"), "--seq_len", "64", "--quantization", "4bit", "--json"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     expected = estimate_memory(model.config, LoopConfig(quantization="4bit"), seq_len=64)
     assert out["train_peak"] == expected.train_peak
-    assert main(["estimate", str(tmp_path / "m"), "--seq_len", "64", "--batch_size", "8"]) == 0
+    assert main(["estimate", "--model.name", str(tmp_path / "m"), "--seq_len", "64", "--batch_size", "8"]) == 0
     table = capsys.readouterr().out
     assert "training peak" in table and "batch 8 x 64 tokens" in table
-    assert main(["estimate", str(tmp_path / "nothing"), "--seq_len", "64"]) == 2
+    assert main(["estimate", "--model.name", str(tmp_path / "nothing"), "--seq_len", "64"]) == 2
     assert "no such folder" in capsys.readouterr().err
