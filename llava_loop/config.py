@@ -28,7 +28,7 @@ import yaml
 
 from .data import check_on_bad_sample
 
-_POSITIVE = ("batch_size", "eval_batch_size", "grad_accum_steps", "lora_alpha")
+_POSITIVE = ("grad_accum_steps", "lora_alpha", "effective_batch_size")
 _POSITIVE += ("max_new_tokens", "num_beams", "max_length", "save_total_limit")
 _POSITIVE += ("eval_max_samples",)
 _NON_NEGATIVE = ("max_steps", "weight_decay", "warmup_steps", "max_grad_norm")
@@ -61,13 +61,19 @@ class LoopConfig:
     """Passes over the training data (> 0, fractions allowed); unused if max_steps>0."""
     max_steps: int = 0
     """Total optimizer steps; 0 = derived from num_epochs; > 0 overrides num_epochs."""
-    batch_size: int = 4
-    """Training samples per device per micro-step (one forward/backward)."""
-    eval_batch_size: int = 16
+    batch_size: int | str = 4
+    """Training samples per device per micro-step (one forward/backward); "auto" = the largest that fits
+    on the GPU, found before training on the longest training samples, within 88% of the memory this
+    process may use (docs/training.md, "Automatic batch size"); 4 on the CPU."""
+    eval_batch_size: int | str = 16
     """Evaluation samples per device per batch (generation is faster in larger batches; lower it
-    if evaluation runs out of memory)."""
+    if evaluation runs out of memory); "auto" = the largest that fits, found like batch_size; 16 on the CPU."""
     grad_accum_steps: int = 1
     """Micro-steps (batches) accumulated into one optimizer step."""
+    effective_batch_size: int | None = None
+    """Samples per optimizer step, all processes together; sets grad_accum_steps to effective_batch_size /
+    (batch_size x processes), which must divide (with batch_size="auto" the micro-batch is the largest that
+    fits and divides it); None = batch_size x grad_accum_steps x processes."""
     learning_rate: float = 2e-4
     """Peak learning rate (> 0) of the trained language-model / LoRA parameters."""
     projector_lr: float | None = None
@@ -229,6 +235,17 @@ class LoopConfig:
         for name, annotation in hints.items():
             setattr(self, name, _coerce(name, getattr(self, name), annotation))
 
+        for name in ("batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                _check_choice(name, value, ("auto",))
+            elif value <= 0:
+                _fail(name, value, 'an int > 0 or "auto"')
+        if self.effective_batch_size is not None and self.grad_accum_steps != 1:
+            raise ValueError(
+                f"effective_batch_size={self.effective_batch_size} sets grad_accum_steps, but grad_accum_steps="
+                f"{self.grad_accum_steps} is set too: set one of them"
+            )
         for name in _POSITIVE:
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import itertools
 import logging
 import math
@@ -56,7 +57,16 @@ from .loggers import (
     new_token_count,
     write_predictions,
 )
-from .memory import layers_to_checkpoint, memory_budget
+from .memory import (
+    cached_batch_size,
+    can_measure,
+    device_identity,
+    find_batch_size,
+    layers_to_checkpoint,
+    measure_peak,
+    memory_budget,
+    save_batch_size,
+)
 from .metrics import check_metrics, compute_metrics, resolve_metrics
 from .modeling import (
     bitsandbytes_adamw,
@@ -75,11 +85,17 @@ from .modeling import (
     rewind_cache,
     uncompiled_layers,
 )
+from .planner import optimizer_state_bytes
 from .plots import RunPlot
 from .report import Thumbnails, write_predictions_page
 from .trackers import TrackerLogger, check_trackers
 
 logger = logging.getLogger(__name__)
+
+AUTO_BATCH_LIMIT = 512
+"""Largest batch size batch_size="auto" / eval_batch_size="auto" tries."""
+CPU_BATCH_SIZE, CPU_EVAL_BATCH_SIZE = 4, 16
+"""What "auto" means without a GPU to measure on (LoopConfig's defaults)."""
 
 
 @dataclass
@@ -227,6 +243,11 @@ class Loop:
         self.sampler: EpochSampler | None = None  # the training order, resumable mid-epoch
         self.train_loader: Any = None  # the prepared DataLoader of TrainCollator batches
         self.steps_per_epoch = 0  # optimizer steps in one epoch (the last may be short)
+        # The batch settings in effect: the config's, or what batch_size/eval_batch_size="auto" and
+        # effective_batch_size resolved to during fit's set-up (`_plan_batch_size`).
+        self.batch_size: int | None = cfg.batch_size if isinstance(cfg.batch_size, int) else None
+        self.grad_accum_steps = cfg.grad_accum_steps
+        self.eval_batch_size: int | None = cfg.eval_batch_size if isinstance(cfg.eval_batch_size, int) else None
         self.resumed_from: str | None = None  # the checkpoint this run resumed from, if any
         self._trainable: list[torch.nn.Parameter] = []  # parameters with gradients (clipped together)
         self._bare_of: tuple = ()  # (model, the same without accelerate's wrappers): see `_bare`
@@ -369,11 +390,13 @@ class Loop:
         if cfg.compile if cfg.compile is not None else on_gpu:
             compiled = compile_layers(self.model)
             logger.info("compiled %d layers (torch.compile); the first steps include compilation", compiled)
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self._plan_batch_size()
         self.sampler = EpochSampler(len(self.train_data), cfg.seed, cfg.shuffle)
         self.state.sampler_seed = cfg.seed
         loader = DataLoader(
             WithSource(self.train_data),
-            batch_size=cfg.batch_size,
+            batch_size=self.batch_size,
             sampler=self.sampler,
             collate_fn=self.train_collator,
             num_workers=cfg.num_workers,
@@ -387,10 +410,9 @@ class Loop:
             persistent_workers=cfg.num_workers > 0,
         )
         # Micro-batches per process per epoch (accelerate gives every process as many).
-        batches_per_epoch = math.ceil(len(self.train_data) / (cfg.batch_size * acc.num_processes))
-        self.steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
+        batches_per_epoch = math.ceil(len(self.train_data) / (self.batch_size * acc.num_processes))
+        self.steps_per_epoch = math.ceil(batches_per_epoch / self.grad_accum_steps)
         self.state.max_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
-        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         checkpointing.check_disk_space(cfg.output_dir, checkpointing.estimate_checkpoint_bytes(self.model))
         result = self.configure_optimizers()
         self.optimizer, self.scheduler = result if isinstance(result, tuple) else (result, None)
@@ -403,6 +425,170 @@ class Loop:
         if cfg.gradient_checkpointing == "auto":
             self._plan_checkpointing()
         self._throughput.setup_mfu(self._bare(), acc.device, acc.num_processes, cfg.peak_tflops)
+
+    def _plan_batch_size(self) -> None:
+        """Resolve ``batch_size`` ("auto": `_auto_batch_size`) and ``effective_batch_size`` into
+        ``self.batch_size`` and ``self.grad_accum_steps``, logging what was chosen and why."""
+        cfg, processes = self.config, self.accelerator.num_processes
+        per_process = None
+        if cfg.effective_batch_size is not None:
+            if cfg.effective_batch_size % processes:
+                raise ValueError(
+                    f"effective_batch_size={cfg.effective_batch_size} does not divide over {processes} processes: "
+                    f"use a multiple of {processes}"
+                )
+            per_process = cfg.effective_batch_size // processes
+        if cfg.batch_size == "auto":
+            fits = self._auto_batch_size(min(per_process or AUTO_BATCH_LIMIT, len(self.train_data), AUTO_BATCH_LIMIT))
+            if per_process is None:
+                self.batch_size = fits
+                logger.info(
+                    'batch_size="auto": %d per device; the effective batch (%d) depends on the GPU: set '
+                    "effective_batch_size to keep it fixed",
+                    *(fits, fits * self.grad_accum_steps * processes),
+                )
+            else:
+                self.batch_size = max(d for d in range(1, fits + 1) if per_process % d == 0)
+                logger.info(
+                    'batch_size="auto": %d fit per device; using %d x %d accumulation steps x %d processes = '
+                    "effective_batch_size %d%s",
+                    *(fits, self.batch_size, per_process // self.batch_size, processes, cfg.effective_batch_size),
+                    ""
+                    if fits == self.batch_size
+                    else f" ({self.batch_size} is the largest size up to {fits} that divides it)",
+                )
+        if per_process is not None:
+            if per_process % self.batch_size:
+                raise ValueError(
+                    f"effective_batch_size={cfg.effective_batch_size} is not a multiple of batch_size={self.batch_size} x "
+                    f"{processes} processes: change one of them"
+                )
+            self.grad_accum_steps = per_process // self.batch_size
+
+    def _auto_batch_size(self, limit: int) -> int:
+        """The largest micro-batch up to ``limit`` whose forward and backward, on copies of the longest of up
+        to 64 training samples, stay within `memory.memory_budget` with the optimizer's state reserved
+        (`memory.find_batch_size`); every process uses the smallest any found. Read from, and written to,
+        ``{output_dir}/auto_batch_size.json`` when what decides it is unchanged (a resumed run does not
+        search again). Weights, RNG and gradients are left as they were."""
+        cfg, acc = self.config, self.accelerator
+        if not can_measure(acc.device):
+            logger.info('batch_size="auto" without a GPU to measure: batch_size=%d', min(CPU_BATCH_SIZE, limit))
+            return min(CPU_BATCH_SIZE, limit)
+        model = self._bare()
+        if not getattr(model, "hf_device_map", None):
+            model.to(acc.device)  # accelerate.prepare would move it next anyway
+        sample = self._longest_samples(1)[0]
+        longest = self.train_collator([sample])["input_ids"].shape[1]
+        key = self._batch_key("train", limit=limit, longest_sample_tokens=int(longest))
+        size = cached_batch_size(cfg.output_dir, "train", key)
+        if size is None:
+            tensors = [(p.numel(), p.element_size()) for p in self._trainable]
+            reserved = torch.empty(optimizer_state_bytes(tensors, cfg.optimizer), dtype=torch.uint8, device=acc.device)
+            rng = get_rng_state()
+
+            def try_batch(n: int) -> int:
+                batch = self._to_device(self.train_collator([sample] * n))
+
+                def step() -> None:
+                    with acc.autocast():
+                        loss, _ = self.training_step(batch)
+                    acc.backward(loss)
+
+                return measure_peak(step, acc.device)
+
+            try:
+                size = find_batch_size(try_batch, limit, memory_budget(acc.device), self._free_probe)
+            finally:
+                del reserved
+                set_rng_state(rng)
+                self._free_probe()
+            logger.info('batch_size="auto": %d fit within %.1f GiB (longest sample: %d tokens)',
+                        size, memory_budget(acc.device) / 2**30, longest)  # fmt: skip
+        else:
+            logger.info('batch_size="auto": %d, as found before in %s (same settings)', size, cfg.output_dir)
+        size = self._smallest_over_processes(size)
+        run_on_main(acc, lambda: save_batch_size(cfg.output_dir, "train", key, size))
+        return size
+
+    def _plan_eval_batch_size(self, dataset: Any) -> None:
+        """eval_batch_size="auto": the largest batch of copies of the longest eval prompt whose
+        `evaluation_step` stays within `memory.memory_budget`, found at the first evaluation (inside its
+        merged-adapters block) and cached like `_auto_batch_size`."""
+        cfg, acc = self.config, self.accelerator
+        n = min(len(dataset), cfg.eval_max_samples or len(dataset))
+        limit = max(1, min(n, AUTO_BATCH_LIMIT))
+        if not can_measure(acc.device):
+            self.eval_batch_size = min(CPU_EVAL_BATCH_SIZE, limit)
+            logger.info('eval_batch_size="auto" without a GPU to measure: eval_batch_size=%d', self.eval_batch_size)
+            return
+        image_tokens = getattr(getattr(self._bare(), "config", None), "image_seq_length", None) or 576
+        first = longest_prompts_first(dataset, n, self.train_collator.tokenizer, image_tokens)[0]
+        item = (first, dataset[first])
+        collate = EvalBatchCollator(self.eval_collator, self.train_collator if cfg.eval_loss else None)
+        prompt = collate([item])["gen"]["input_ids"].shape[1]
+        key = self._batch_key("eval", limit=limit, longest_prompt_tokens=int(prompt), eval_loss=cfg.eval_loss,
+                              max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
+                              generation_cache=cfg.generation_cache, merge=cfg.merge_lora_for_eval)  # fmt: skip
+        size = cached_batch_size(cfg.output_dir, "eval", key)
+        if size is None:
+
+            def try_batch(k: int) -> int:
+                batch = _batch_on(collate([item] * k), acc.device)
+
+                def step() -> None:
+                    with acc.autocast():
+                        self.evaluation_step(batch)
+
+                return measure_peak(step, acc.device)
+
+            with seeded_rng(cfg.seed):
+                size = find_batch_size(try_batch, limit, memory_budget(acc.device), self._free_probe)
+            logger.info('eval_batch_size="auto": %d fit (longest prompt: %d tokens)', size, prompt)
+        size = self._smallest_over_processes(size)
+        run_on_main(acc, lambda: save_batch_size(cfg.output_dir, "eval", key, size))
+        self.eval_batch_size = size
+
+    def _batch_key(self, kind: str, **extra: Any) -> dict:
+        """What decides an automatic batch size: the GPU and its share, the processes, the model and its
+        trainable part, and the settings that change memory (plus ``extra``)."""
+        cfg, acc = self.config, self.accelerator
+        model = self._bare()
+        return {
+            **device_identity(acc.device),
+            "num_processes": acc.num_processes,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "quantization": cfg.quantization,
+            "precision": cfg.resolved_precision(acc.device),
+            **(
+                {
+                    "max_length": cfg.max_length,
+                    "gradient_checkpointing": cfg.gradient_checkpointing,
+                    "compile": cfg.compile,
+                    "labelled_logits_only": cfg.labelled_logits_only,
+                    "optimizer": cfg.optimizer,
+                }
+                if kind == "train"
+                else {}
+            ),  # fmt: skip
+            **extra,
+        }
+
+    def _smallest_over_processes(self, size: int) -> int:
+        """The smallest of ``size`` over the processes (each may have measured another)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return size
+        return int(acc.gather(torch.tensor([size], device=acc.device)).min())
+
+    def _free_probe(self) -> None:
+        """Drop what a probe left: gradients, garbage, the allocator's cached blocks."""
+        for param in self._trainable:
+            param.grad = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _plan_checkpointing(self) -> None:
         """gradient_checkpointing="auto": checkpoint as few decoder layers as fit the memory budget,
@@ -449,6 +635,11 @@ class Loop:
 
     def _longest_batch(self) -> dict:
         """A training micro-batch of the longest of up to 64 samples drawn from the training data."""
+        return self.train_collator(self._longest_samples(self.batch_size))
+
+    def _longest_samples(self, count: int) -> list:
+        """The ``count`` longest (collated token length) of up to 64 training samples drawn at random
+        (seeded with ``seed``)."""
         cfg = self.config
         n = len(self.train_data)
         indices = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:64].tolist())
@@ -458,10 +649,10 @@ class Loop:
             one = self.train_collator([data[i]])
             if one["ids"]:
                 lengths[i] = one["input_ids"].shape[1]
-        longest = sorted(lengths, key=lengths.get, reverse=True)[: cfg.batch_size]
+        longest = sorted(lengths, key=lengths.get, reverse=True)[:count]
         if not longest:
-            raise ValueError("gradient_checkpointing='auto': none of 64 training samples could be loaded to measure")
-        return self.train_collator([data[i] for i in longest])
+            raise ValueError("none of 64 training samples could be loaded to measure memory with")
+        return [data[i] for i in longest]
 
     def _setup_callbacks(self) -> None:
         cfg = self.config
@@ -533,10 +724,10 @@ class Loop:
 
     # ------------------------------------------------------------------ training
     def _train(self) -> None:
-        cfg, state = self.config, self.state
+        state = self.state
         n = len(self.train_data)
         # Samples all processes consume per micro-step (the last one of an epoch may get fewer).
-        per_micro_step = cfg.batch_size * self.accelerator.num_processes
+        per_micro_step = self.batch_size * self.accelerator.num_processes
         while state.step < state.max_steps and not state.should_stop:
             if state.samples_in_epoch >= n:
                 # Resumed from the checkpoint of an epoch's last step (written before on_epoch_end).
@@ -553,7 +744,7 @@ class Loop:
             while state.step < state.max_steps and not state.should_stop and not exhausted:
                 # The last step of an epoch may get fewer micro-batches; the loss is normalised by
                 # its own label tokens, so that is still a correct step.
-                micro_batches = list(itertools.islice(batches, cfg.grad_accum_steps))
+                micro_batches = list(itertools.islice(batches, self.grad_accum_steps))
                 position = state.samples_in_epoch
                 state.samples_in_epoch = min(n, position + len(micro_batches) * per_micro_step)
                 exhausted = not micro_batches or state.samples_in_epoch >= n
@@ -1166,8 +1357,12 @@ class Loop:
         self.model.eval()
         try:
             model = self._bare()
-            batches = self._eval_loader(dataset)  # loading while the adapters merge
+            # Loading while the adapters merge; eval_batch_size="auto" is planned with them merged.
+            batches = self._eval_loader(dataset) if self.eval_batch_size is not None else None
             with uncompiled_layers(model), merged_adapters(model, enabled=self.config.merge_lora_for_eval):
+                if batches is None:
+                    self._plan_eval_batch_size(dataset)
+                    batches = self._eval_loader(dataset)
                 for batch in batches:
                     if self._signals.received is not None and acc.num_processes == 1:
                         # Preempted: the checkpoint matters more than this evaluation. (Several processes
@@ -1195,13 +1390,13 @@ class Loop:
         """
         cfg, acc = self.config, self.accelerator
         n = min(len(dataset), cfg.eval_max_samples or len(dataset))
-        settings = (n, cfg.eval_batch_size, cfg.num_workers, cfg.eval_loss, acc.process_index, acc.num_processes)
+        settings = (n, self.eval_batch_size, cfg.num_workers, cfg.eval_loss, acc.process_index, acc.num_processes)
         if self._eval_plan is None or self._eval_plan[0] is not dataset or self._eval_plan[1] != settings:
             model_config = getattr(self._bare(), "config", None)
             image_tokens = getattr(model_config, "image_seq_length", None) or 576
             order = longest_prompts_first(dataset, n, self.train_collator.tokenizer, image_tokens)
-            batches = shard_batches(list(range(n)), cfg.eval_batch_size, acc.process_index, acc.num_processes)
-            size = math.ceil(cfg.eval_batch_size / cfg.num_workers) if cfg.num_workers > 1 else cfg.eval_batch_size
+            batches = shard_batches(list(range(n)), self.eval_batch_size, acc.process_index, acc.num_processes)
+            size = math.ceil(self.eval_batch_size / cfg.num_workers) if cfg.num_workers > 1 else self.eval_batch_size
             chunks = [(k, b[i : i + size]) for k, b in enumerate(batches) for i in range(0, len(b), size)]
             collate = EvalBatchCollator(self.eval_collator, self.train_collator if cfg.eval_loss else None)
             loader = DataLoader(
@@ -1216,13 +1411,10 @@ class Loop:
         _, _, loader, chunk_batches, collate = self._eval_plan
         parts = zip(chunk_batches, loader)  # starts the workers loading now
 
-        def on_device(batch: dict) -> dict:
-            return {k: on_device(v) if isinstance(v, dict) else _on(v, acc.device) for k, v in batch.items()}
-
         def joined() -> Iterator[dict]:
             # Chunks go to the device (from pinned memory, without waiting) before they are joined.
             for _, group in itertools.groupby(parts, key=lambda part: part[0]):
-                collated = [on_device(batch) for _, batch in group]
+                collated = [_batch_on(batch, acc.device) for _, batch in group]
                 yield collated[0] if len(collated) == 1 else collate.merge(collated)
 
         return joined()
@@ -1286,6 +1478,11 @@ def _eval_rows(batch: dict, out: dict) -> list[dict]:
     keys = ("index", "id", "prompt", "prediction", "references")
     columns = (batch["indices"], gen["ids"], gen["prompts"], out["predictions"], gen["references"])
     return [dict(zip(keys, values)) for values in zip(*columns)]
+
+
+def _batch_on(batch: dict, device: torch.device) -> dict:
+    """An eval batch (nested dicts of tensors) with its tensors on ``device`` (`_on`)."""
+    return {k: _batch_on(v, device) if isinstance(v, dict) else _on(v, device) for k, v in batch.items()}
 
 
 def _on(value: Any, device: torch.device) -> Any:

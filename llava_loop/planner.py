@@ -310,6 +310,23 @@ def layer_bytes(dims: dict[str, int], lora_r: int, compiled: bool, dropout: bool
     )
 
 
+def optimizer_state_bytes(tensors: list[tuple[int, int]], optimizer: str) -> int:
+    """Bytes of GPU memory (PyTorch's allocator) the `LoopConfig.optimizer` keeps for trainable tensors
+    of ``(values, bytes per value)``: AdamW's two moments in the parameter's dtype; bitsandbytes' 8-bit
+    moments (1 byte each, plus an fp32 absmax per `ADAM8_BLOCK`; 32-bit below `ADAM8_MIN_SIZE` values);
+    0 for the paged one, whose memory is outside the allocator.
+
+    Example:
+        >>> optimizer_state_bytes([(8192, 4), (100, 4)], "adamw_8bit")
+        17440
+    """
+    if optimizer == "adamw":
+        return sum(2 * n * size for n, size in tensors)
+    if optimizer == "paged_adamw_8bit":
+        return 0  # cudaMallocManaged: outside torch's allocator (and spilled to the CPU when short)
+    return sum(2 * n + 2 * 4 * math.ceil(n / ADAM8_BLOCK) if n >= ADAM8_MIN_SIZE else 2 * 4 * n for n, _ in tensors)
+
+
 def _model(source: Any, dtype: torch.dtype) -> nn.Module:
     """``source`` as a model: itself, or built weightless on the meta device from its config."""
     from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig
@@ -446,15 +463,7 @@ def _parameters(model: nn.Module, cfg: Any, dtype: torch.dtype) -> dict[str, Any
     if not built:
         weights += trainable_bytes if cfg.lora_r > 0 else 0  # adapters and the trained copies, beside the base
     paged = cfg.optimizer == "paged_adamw_8bit"
-    if cfg.optimizer == "adamw":
-        optimizer = 2 * trainable_bytes
-    elif paged:
-        optimizer = 0  # cudaMallocManaged: outside torch's allocator (and spilled to the CPU when short)
-    else:
-        optimizer = sum(
-            2 * n + 2 * 4 * math.ceil(n / ADAM8_BLOCK) if n >= ADAM8_MIN_SIZE else 2 * 4 * n
-            for n, _ in trainable_tensors
-        )
+    optimizer = optimizer_state_bytes(trainable_tensors, cfg.optimizer)
     largest = max(
         (m.in_features * m.out_features for m in quantized_linears.values() if isinstance(m, nn.Linear)), default=0
     )
