@@ -749,12 +749,17 @@ def _load_tensors(checkpoint: Path, name: str) -> Any:
 
 
 # ---------------------------------------------------------------------- export
+EXPORT_QUANTIZATIONS = ("none", "nf4", "int8", "int4-weight-only")
+"""Values of `export`'s ``quantize``."""
+
+
 def export(
     checkpoint: str | Path,
     out_dir: str | Path,
     base_model: Any = None,
     dtype: Any = None,
     overwrite: bool = False,
+    quantize: str = "none",
 ) -> Path:
     """Merge a checkpoint into its base model and save a standard Hugging Face model + processor.
 
@@ -771,19 +776,39 @@ def export(
             then in the run's directory; a name that is no folder is loaded from the Hub.
         dtype: Optional dtype for loading the base model by name.
         overwrite: Replace an existing non-empty ``out_dir``.
+        quantize: ``"none"`` (16-bit), or quantize the merged model for inference: ``"nf4"``
+            (bitsandbytes NF4 + double quantization), ``"int8"`` (bitsandbytes LLM.int8) or
+            ``"int4-weight-only"`` (torchao int4 weight-only, group size 128; needs a CUDA GPU). As in
+            training, only the language model's decoder linear layers are quantized. The folder is
+            safetensors + JSON, and ``from_pretrained`` loads it (with bitsandbytes / torchao installed).
+
+    A QLoRA checkpoint (its ``config.yaml`` says ``quantization``) is merged into its base model
+    quantized as in training and then dequantized to 16 bit: the adapters were trained against those
+    weights, not the original ones.
 
     Example:
         >>> export("out/checkpoints/step_000120", "merged")  # doctest: +SKIP
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if quantize not in EXPORT_QUANTIZATIONS:
+        raise ValueError(
+            f"quantize={quantize!r} is invalid: expected one of {', '.join(map(repr, EXPORT_QUANTIZATIONS))}"
+        )
+    _check_export_quantization(quantize)
     meta = verify_checkpoint(checkpoint)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (CLI: --overwrite)")
+    trained_on = _checkpoint_quantization(checkpoint)
     if base_model is None or isinstance(base_model, (str, Path)):
         name = str(base_model or meta["base_model"])
         if not name:
             raise ValueError(f"{checkpoint} records no base model name; pass base_model=")
-        base_model = _load_base_model(name, checkpoint, dtype)
+        base_model = _load_base_model(name, checkpoint, dtype, trained_on)
+    from .modeling import model_quantization
+
+    if model_quantization(base_model) is not None:
+        # Merge into the weights the adapters were trained against: the quantized ones, dequantized.
+        base_model = base_model.dequantize()
     folder = checkpoint / "model"
     if meta["kind"] == "lora":
         from peft import PeftModel
@@ -808,6 +833,9 @@ def export(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
+        if quantize != "none":
+            del model
+            _quantize_saved(tmp, quantize)
         processor.save_pretrained(tmp)
         _fsync_tree(tmp)
     except BaseException:
@@ -819,9 +847,78 @@ def export(
     return out_dir
 
 
-def _load_base_model(name: str, checkpoint: Path, dtype: Any) -> Any:
-    """Load the base model ``name``: a local folder (a relative one is looked for in the working
-    directory, then in the run's directory), else a Hub model; failures say which paths were tried."""
+def _checkpoint_quantization(checkpoint: Path) -> str | None:
+    """The ``quantization`` the checkpoint's run trained with (its config.yaml), or None."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((checkpoint / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return saved.get("quantization") if isinstance(saved, dict) else None
+
+
+def _check_export_quantization(quantize: str) -> None:
+    """Raise before any loading if ``quantize`` cannot run here (library missing, no GPU)."""
+    import importlib.util
+
+    if quantize in ("nf4", "int8"):
+        from .modeling import check_bitsandbytes
+
+        check_bitsandbytes(f"export --quantize {quantize}")
+    elif quantize == "int4-weight-only":
+        if importlib.util.find_spec("torchao") is None:
+            raise ImportError(
+                "export --quantize int4-weight-only needs torchao, which is not installed: "
+                "pip install 'llava_loop[quantization]'"
+            )
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "export --quantize int4-weight-only needs a CUDA GPU (torchao's int4 weight-only kernel, tinygemm, "
+                "is CUDA-only); run the export on a GPU machine, or use --quantize nf4 or int8, which run on the CPU"
+            )
+
+
+def _quantize_saved(folder: Path, quantize: str) -> None:
+    """Replace the 16-bit model saved in ``folder`` by its ``quantize`` version (language-model decoder
+    linear layers only, as `modeling.sixteen_bit_modules` says), saved as safetensors."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from .modeling import quantization_config
+
+    config = AutoConfig.from_pretrained(folder)
+    if quantize in ("nf4", "int8"):
+        quantization = quantization_config("4bit" if quantize == "nf4" else "8bit", config)
+        device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    else:
+        from torchao.quantization import Int4WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        keep = quantization_config("8bit", config).llm_int8_skip_modules
+        quantization = TorchAoConfig(
+            Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"), modules_to_not_convert=keep
+        )
+        device_map = {"": 0}
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder, quantization_config=quantization, dtype=torch.bfloat16, device_map=device_map
+    )
+    for file in folder.glob("*.safetensors*"):
+        file.unlink()
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    except Exception as err:  # noqa: BLE001 - a format transformers cannot write as safetensors
+        raise ValueError(
+            f"export --quantize {quantize}: transformers could not save the quantized model as safetensors ({err}); "
+            "refused rather than written as a pickle (which could run code when loaded)"
+        ) from err
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise ValueError(f"export --quantize {quantize} wrote pickle files; refused")
+
+
+def _load_base_model(name: str, checkpoint: Path, dtype: Any, quantization: str | None = None) -> Any:
+    """Load the base model ``name`` (quantized as the run trained it, when ``quantization`` is set): a local
+    folder (a relative one is looked for in the working directory, then in the run's directory), else a
+    Hub model; failures say which paths were tried."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
     from transformers import AutoModelForImageTextToText
@@ -831,6 +928,10 @@ def _load_base_model(name: str, checkpoint: Path, dtype: Any) -> Any:
     tried = [path] if path.is_absolute() else [path.resolve(), (run_dir / path).resolve()]
     for folder in tried:
         if folder.is_dir():
+            if quantization is not None:
+                from .modeling import load_model
+
+                return load_model(str(folder), quantization=quantization, dtype=dtype or "bfloat16")[0]
             return AutoModelForImageTextToText.from_pretrained(str(folder), dtype=dtype or "auto")
     where = " nor ".join(str(p) for p in dict.fromkeys(tried))
     advice = "pass the base model's folder or Hub name as base_model= (CLI: --base_model)"
@@ -841,6 +942,10 @@ def _load_base_model(name: str, checkpoint: Path, dtype: Any) -> Any:
             f"the base model of {checkpoint}, {name!r}, does not exist: there is no folder {where}; {advice}"
         ) from None
     try:
+        if quantization is not None:
+            from .modeling import load_model
+
+            return load_model(name, quantization=quantization, dtype=dtype or "bfloat16")[0]
         return AutoModelForImageTextToText.from_pretrained(name, dtype=dtype or "auto")
     except OSError as err:  # offline, not on the Hub, or no access
         raise OSError(

@@ -128,6 +128,9 @@ def build_parser() -> Any:
     export_p.add_argument("out_dir", help="Folder for the merged model (must be empty unless --overwrite).")
     export_p.add_argument("--base_model", default=None, help="Base model; default: the one the checkpoint names.")
     export_p.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT_DIR.")
+    export_p.add_argument("--quantize", choices=["none", "nf4", "int8", "int4-weight-only"], default="none",
+                          help="Quantize the merged model's language-model layers: nf4 / int8 (bitsandbytes, GPU or "
+                          "CPU), int4-weight-only (torchao, CUDA GPU); none = 16-bit.")  # fmt: skip
     commands.add_subcommand("export", export_p, help="merge a LoRA checkpoint into a plain HF model")
 
     estimate_p = parser(
@@ -344,8 +347,10 @@ def plot(args: Any) -> None:
 def export_cmd(args: Any) -> None:
     from .checkpointing import export
 
-    out = export(args.checkpoint, args.out_dir, base_model=args.base_model, overwrite=args.overwrite)
-    print(f"merged model written to {out}")
+    out = export(
+        args.checkpoint, args.out_dir, base_model=args.base_model, overwrite=args.overwrite, quantize=args.quantize
+    )
+    print(f"merged model{'' if args.quantize == 'none' else ' (' + args.quantize + ')'} written to {out}")
 
 
 def estimate(args: Any) -> None:

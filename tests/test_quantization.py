@@ -13,7 +13,7 @@ import torch
 
 from helpers import small_config
 from llava_loop import Loop, TrainCollator
-from llava_loop.checkpointing import list_checkpoints
+from llava_loop.checkpointing import export, list_checkpoints
 from llava_loop.modeling import (
     check_model_args,
     dense_merged_layers,
@@ -261,3 +261,77 @@ def test_without_room_for_dense_copies_evaluation_generates_unmerged_and_says_so
     with caplog.at_level(logging.INFO, logger="llava_loop.modeling"), merged_adapters(model):
         assert all(model.get_submodule(n) is m for n, m in layers.items()), "swapped although nothing fits"
     assert "unmerged (slower)" in caplog.text, caplog.text
+
+
+# ---------------------------------------------------------------------- export
+@pytest.fixture(scope="module")
+def qlora_checkpoint(saved_tiny, tmp_path_factory):
+    """A 4-bit QLoRA run's last checkpoint and the trained model's logits on a fixed batch."""
+    out = tmp_path_factory.mktemp("qlora_run")
+    loop = qlora_run(saved_tiny, out, "4bit", lora_dropout=0.0, max_steps=3, save_steps=0)
+    trained = loop.accelerator.unwrap_model(loop.model).train()  # the dequantize-then-matmul forward
+    inputs = inputs_of(loop.processor)
+    with torch.no_grad():
+        logits = trained(**inputs).logits.float()
+    return list_checkpoints(out)[-1], inputs, logits
+
+
+def exported_logits(folder: Path, inputs: dict) -> torch.Tensor:
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad():
+        out = model(**inputs).logits.float()
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+    return out
+
+
+def test_a_qlora_checkpoint_exports_merged_into_its_dequantized_base_in_bf16(qlora_checkpoint, tmp_path):
+    checkpoint, inputs, trained = qlora_checkpoint
+    out = export(checkpoint, tmp_path / "merged")
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    logits = exported_logits(out, inputs)
+    assert (logits - trained).abs().max() < 0.05 * trained.abs().max(), (
+        "the export does not compute what the trained QLoRA model computes (merged into the original weights?)"
+    )
+    assert sorted(p.suffix for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pkl")) == []
+
+
+@pytest.mark.parametrize(("quantize", "method"), [("nf4", "bitsandbytes"), ("int8", "bitsandbytes")])
+def test_quantized_export_loads_with_from_pretrained_and_keeps_vision_and_projector_16_bit(
+    qlora_checkpoint, tmp_path, quantize, method
+):
+    from transformers import AutoModelForImageTextToText
+
+    checkpoint, inputs, trained = qlora_checkpoint
+    out = export(checkpoint, tmp_path / quantize, quantize=quantize)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == method
+    assert config.get("load_in_4bit", False) == (quantize == "nf4")
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    kinds = weight_kinds(model)
+    assert (
+        kinds["model.language_model.layers.0.self_attn.q_proj.weight"]
+        == QUANTIZED[{"nf4": "4bit", "int8": "8bit"}[quantize]]
+    )
+    assert kinds["model.multi_modal_projector.linear_1.weight"] == "Parameter"
+    assert kinds["lm_head.weight"] == "Parameter"
+    assert all(p.suffix not in (".bin", ".pt") for p in out.iterdir()), "pickle files in the export"
+    logits = exported_logits(out, inputs)  # generates too
+    assert torch.isfinite(logits).all()
+
+
+def test_export_quantize_errors_come_before_any_loading(qlora_checkpoint, tmp_path, monkeypatch):
+    checkpoint, _, _ = qlora_checkpoint
+    with pytest.raises(ValueError, match=r"quantize='int3' is invalid"):
+        export(checkpoint, tmp_path / "x", quantize="int3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"int4-weight-only needs a CUDA GPU.*nf4 or int8"):
+        export(checkpoint, tmp_path / "x", quantize="int4-weight-only")
+    assert not (tmp_path / "x").exists()
+    from llava_loop.cli import main
+
+    assert main(["export", str(checkpoint), str(tmp_path / "y"), "--quantize", "int3"]) == 2
