@@ -199,8 +199,9 @@ def train(args, run: str, processor, base: str, train_path: str, deadline: float
     result = {
         "run": run,
         "quantization": quantization,
-        "batch_size": loop.config.batch_size,
-        "grad_accum_steps": loop.config.grad_accum_steps,
+        "batch_size": loop.batch_size,  # what batch_size="auto" chose, where it was asked for
+        "grad_accum_steps": loop.grad_accum_steps,
+        "config_batch_size": loop.config.batch_size,
         "gradient_checkpointing": checkpointing,
         "optimizer": optimizer,
         "options": options,
@@ -279,7 +280,8 @@ def main() -> None:
     n = 64 if args.tiny else 1024
     train_path = copy_task(data, n, seed=1, words=(45, 60))  # about 704 tokens with the 576 image tokens
     eval_path = copy_task(data, 8 if args.tiny else 64, seed=2, words=(5, 12))
-    base, results["base_save_s"] = base_folder(args, processor)
+    quantized = any(RUNS.get(run, (None,))[0] for run in args.runs.split(","))
+    base, results["base_save_s"] = base_folder(args, processor) if quantized else ("", 0.0)
     lengths = [len(processor.tokenizer(r["conversations"][1]["value"])["input_ids"]) for r in as_dataset(train_path)]
     results["answer_tokens_mean"] = statistics.mean(lengths)
     last: Loop | None = None
