@@ -99,9 +99,9 @@ def main() -> None:
             continue
         print(f"=== {fmt} ({time.perf_counter() - start:.0f} s)", flush=True)
         try:
-            folder = bf16
+            folder = bf16 if fmt == "bf16" else work / fmt
             record: dict = {}
-            if fmt != "bf16":
+            if fmt != "bf16" and not (work / fmt / "config.json").is_file():
                 folder = work / fmt
                 shutil.rmtree(folder, ignore_errors=True)
                 shutil.copytree(bf16, folder)
@@ -112,10 +112,9 @@ def main() -> None:
             record["size_gb"] = folder_gb(folder)
             record["files"] = sorted(p.name for p in folder.iterdir())
             record.update(decode(folder, processor, 8 if args.tiny else args.new_tokens))
-            results["formats"][fmt] = record
+            results["formats"][fmt if fmt not in results["formats"] else f"{fmt} (again)"] = record
             print(json.dumps(record), flush=True)
-            if fmt != "bf16":
-                shutil.rmtree(folder, ignore_errors=True)  # disk: one quantized copy at a time
+
         except Exception:  # noqa: BLE001 - the other formats still run
             results["errors"][fmt] = traceback.format_exc()
             print(results["errors"][fmt], flush=True)

@@ -167,6 +167,8 @@ def device_identity(device: torch.device | str) -> dict:
     device = torch.device(device)
     if device.type != "cuda":
         return {"device": device.type}
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     properties = torch.cuda.get_device_properties(device)
     return {
         "device": properties.name,
