@@ -204,6 +204,22 @@ def vision_params(model) -> int:
     return sum(p.numel() for p in tower.parameters()) if tower is not None else 0
 
 
+def random_jpeg(rng: random.Random, path: Path, sizes: list[tuple[int, int]], shapes: int, ellipses: bool) -> None:
+    """A JPEG of one of ``sizes`` with ``shapes`` random rectangles (or, with ``ellipses``, rectangles and
+    ellipses) on a random background, drawn from ``rng``."""
+    from PIL import Image, ImageDraw
+
+    w, h = rng.choice(sizes)
+    img = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(shapes):
+        x0, y0 = rng.randrange(w), rng.randrange(h)
+        box = (x0, y0, x0 + rng.randrange(20, w // 2), y0 + rng.randrange(20, h // 2))
+        fill = tuple(rng.randrange(256) for _ in range(3))
+        (draw.ellipse if ellipses and rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+    img.save(path, quality=90)
+
+
 def make_data(
     folder: Path,
     n: int,
@@ -213,8 +229,6 @@ def make_data(
     sizes: list[tuple[int, int]] | None = None,
 ) -> str:
     """Synthetic LLaVA-style records in a JSON file, with JPEG files of varied sizes next to it."""
-    from PIL import Image, ImageDraw
-
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     sizes = sizes or [
@@ -229,21 +243,8 @@ def make_data(
     ]
     records = []
     for i in range(n):
-        w, h = rng.choice(sizes)
-        img = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
-        draw = ImageDraw.Draw(img)
-        for _ in range(12):
-            x0, y0 = rng.randrange(w), rng.randrange(h)
-            box = (
-                x0,
-                y0,
-                x0 + rng.randrange(20, w // 2),
-                y0 + rng.randrange(20, h // 2),
-            )
-            fill = tuple(rng.randrange(256) for _ in range(3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
         name = f"img_{seed}_{i:05d}.jpg"
-        img.save(folder / name, quality=90)
+        random_jpeg(rng, folder / name, sizes, shapes=12, ellipses=True)
         question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*q_words)))
         answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*a_words)))
         records.append(

@@ -41,6 +41,7 @@ from bench_llava import (
     free_memory,
     memory_budget,
     new_results,
+    random_jpeg,
     sync,
 )
 
@@ -101,21 +102,12 @@ class NoSaveLoop(Loop):
 def copy_task(folder: Path, n: int, seed: int, words: tuple[int, int]) -> str:
     """A learnable task: the answer repeats the question's words (so its loss can fall well below the
     entropy of the vocabulary); JPEGs of varied sizes, as bench_llava's data."""
-    from PIL import Image, ImageDraw
-
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
-        w, h = rng.choice([(640, 480), (480, 640), (800, 600), (336, 336), (1024, 768)])
-        img = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
-        draw = ImageDraw.Draw(img)
-        for _ in range(8):
-            x0, y0 = rng.randrange(w), rng.randrange(h)
-            box = (x0, y0, x0 + rng.randrange(20, w // 2), y0 + rng.randrange(20, h // 2))
-            draw.rectangle(box, fill=tuple(rng.randrange(256) for _ in range(3)))
         name = f"img_{seed}_{i:05d}.jpg"
-        img.save(folder / name, quality=90)
+        random_jpeg(rng, folder / name, [(640, 480), (480, 640), (800, 600), (336, 336), (1024, 768)], 8, False)
         question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*words)))
         records.append(
             {
