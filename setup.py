@@ -56,8 +56,10 @@ setup(
                       "datasets>=3.0"],
         # The documentation site (mkdocs.yml); tests/test_docs_site.py builds it with --strict.
         "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0"],
-        # QLoRA / 8-bit training and 8-bit optimizers (bitsandbytes), quantized export (bitsandbytes, torchao)
-        "quantization": ["bitsandbytes>=0.45", "torchao>=0.12"],
+        # QLoRA / 8-bit training, 8-bit optimizers, nf4/int8 export (bitsandbytes)
+        "quantization": ["bitsandbytes>=0.45"],
+        # export --quantize int4-weight-only (torchao; CUDA only, so not in the test extra)
+        "int4": ["torchao>=0.12"],
         "gpu": ["llava_loop[quantization]"],  # the former name
     },
     entry_points={"console_scripts": ["llava-loop=llava_loop.cli:main"]},

@@ -867,15 +867,14 @@ def _check_export_quantization(quantize: str) -> None:
 
         check_bitsandbytes(f"export --quantize {quantize}")
     elif quantize == "int4-weight-only":
-        if importlib.util.find_spec("torchao") is None:
-            raise ImportError(
-                "export --quantize int4-weight-only needs torchao, which is not installed: "
-                "pip install 'llava_loop[quantization]'"
-            )
         if not torch.cuda.is_available():
             raise ValueError(
                 "export --quantize int4-weight-only needs a CUDA GPU (torchao's int4 weight-only kernel, tinygemm, "
                 "is CUDA-only); run the export on a GPU machine, or use --quantize nf4 or int8, which run on the CPU"
+            )
+        if importlib.util.find_spec("torchao") is None:
+            raise ImportError(
+                "export --quantize int4-weight-only needs torchao, which is not installed: pip install 'llava_loop[int4]'"
             )
 
 

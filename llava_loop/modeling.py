@@ -30,6 +30,21 @@ _GC_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
+class _KernelHubHint(logging.Filter):
+    """Drops bitsandbytes' import-time hint on the CPU that its faster 4-bit kernels come from the Hub's
+    `kernels` package (which needs network access); every other record of its logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+# Importing peft imports bitsandbytes when it is installed (the quantization extra). On the CPU that import
+# prints the hint above and, through torch.utils.mkldnn, torch's own deprecation of torch.jit.script_method:
+# noise in every notebook and script that never quantizes. Only those two messages are silenced.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KernelHubHint())
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated", category=DeprecationWarning)
+
+
 def check_model_source(name_or_path: str, what: str = "model") -> None:
     """Raise now, loading nothing, if `name_or_path` is neither a saved model folder nor fetchable.
 
