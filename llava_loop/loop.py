@@ -79,6 +79,7 @@ from .modeling import (
     label_positions,
     logits_at,
     merged_adapters,
+    model_quantization,
     param_groups,
     plain_positions,
     prepare_model,
@@ -476,8 +477,8 @@ class Loop:
             logger.info('batch_size="auto" without a GPU to measure: batch_size=%d', min(CPU_BATCH_SIZE, limit))
             return min(CPU_BATCH_SIZE, limit)
         model = self._bare()
-        if not getattr(model, "hf_device_map", None):
-            model.to(acc.device)  # accelerate.prepare would move it next anyway
+        if not getattr(model, "hf_device_map", None) and model_quantization(model) is None:
+            model.to(acc.device)  # accelerate.prepare would move it next (quantized models are placed when loaded)
         sample = self._longest_samples(1)[0]
         longest = self.train_collator([sample])["input_ids"].shape[1]
         key = self._batch_key("train", limit=limit, longest_sample_tokens=int(longest))
