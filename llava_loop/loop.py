@@ -484,8 +484,7 @@ class Loop:
         key = self._batch_key("train", limit=limit, longest_sample_tokens=int(longest))
         size = cached_batch_size(cfg.output_dir, "train", key)
         if size is None:
-            tensors = [(p.numel(), p.element_size()) for p in self._trainable]
-            reserved = torch.empty(optimizer_state_bytes(tensors, cfg.optimizer), dtype=torch.uint8, device=acc.device)
+            reserved = torch.empty(self._optimizer_state_bytes(), dtype=torch.uint8, device=acc.device)
             rng = get_rng_state()
 
             def try_batch(n: int) -> int:
@@ -583,6 +582,11 @@ class Loop:
             return size
         return int(acc.gather(torch.tensor([size], device=acc.device)).min())
 
+    def _optimizer_state_bytes(self) -> int:
+        """GPU bytes the optimizer's state will take at the first step (`planner.optimizer_state_bytes`)."""
+        tensors = [(p.numel(), p.element_size()) for p in self._trainable]
+        return optimizer_state_bytes(tensors, self.config.optimizer)
+
     def _free_probe(self) -> None:
         """Drop what a probe left: gradients, garbage, the allocator's cached blocks."""
         for param in self._trainable:
@@ -617,8 +621,8 @@ class Loop:
         freed = max(1, num_layers // 4)
         peak_all, peak_freed = peak(num_layers), peak(num_layers - freed)
         set_rng_state(rng)
-        # Adam's two moments appear at the first step, in the parameters' dtype.
-        optimizer_state = sum(2 * p.numel() * p.element_size() for p in self._trainable)
+        # The optimizer's state appears at the first step (8-bit optimizers: a quarter of AdamW's).
+        optimizer_state = self._optimizer_state_bytes()
         budget = memory_budget(acc.device)
         n = layers_to_checkpoint(num_layers, peak_all, peak_freed, freed, budget, optimizer_state)
         # Every process checkpoints the same layers: the most any of them needs.
