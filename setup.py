@@ -44,7 +44,8 @@ setup(
                  "selenium>=4.11",  # drives headless Chromium (tests/test_report_browser.py)
                  # tests/test_trackers.py; wandb 0.31 for `wandb-core leet inspect`, the offline reader it uses
                  "llava_loop[trackers]", "wandb>=0.31",
-                 "llava_loop[quantization]"],  # QLoRA, 8-bit optimizers, quantized export run on the CPU in CI
+                 "llava_loop[quantization]",  # QLoRA, 8-bit optimizers, quantized export run on the CPU in CI
+                 "llava_loop[deepspeed]"],  # ZeRO-2/3 in 2 gloo processes (tests/test_distributed.py)
         "evaluate": ["evaluate>=0.4", "datasets>=2.0"],  # metrics given as evaluate.load(...) modules
         "datasets": ["datasets>=3.0"],  # llava-loop convert / to_llava_json (a datasets.Dataset input needs no extra)
         # report_to: docs/logging.md (trackio: 0.43's Markdown and auto_log_cpu; mlflow 3: SQLite store default)
@@ -60,6 +61,9 @@ setup(
         "quantization": ["bitsandbytes>=0.45"],
         # export --quantize int4-weight-only (torchao; CUDA only, so not in the test extra)
         "int4": ["torchao>=0.12"],
+        # DeepSpeed ZeRO-2/3 (docs/multi_gpu.md); 0.19.8 is a source archive, built without ops (DS_BUILD_OPS=0,
+        # the default): DeepSpeed compiles what it needs when first used
+        "deepspeed": ["deepspeed>=0.19.8"],
         "gpu": ["llava_loop[quantization]"],  # the former name
     },
     entry_points={"console_scripts": ["llava-loop=llava_loop.cli:main"]},

@@ -228,8 +228,12 @@ def _extra_trainable_names(model: Any) -> set[str]:
     }
 
 
-def save_model_weights(model: Any, processor: Any, folder: Path) -> str:
+def save_model_weights(model: Any, processor: Any, folder: Path, weights: dict | None = None) -> str:
     """Save what training changed (adapter + modules_to_save, or trainable weights) and the processor.
+
+    Args:
+        weights: The trainable weights as whole tensors, when the model's own are sharded (gathered by
+            the caller: FSDP, ZeRO-3); None reads them from ``model``.
 
     Returns:
         ``"lora"`` or ``"full"``.
@@ -237,8 +241,14 @@ def save_model_weights(model: Any, processor: Any, folder: Path) -> str:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+
+    def trainable(names: set[str] | None = None) -> dict[str, torch.Tensor]:
+        if weights is None:
+            return _trainable_state_dict(model, names)
+        return {k: v for k, v in weights.items() if names is None or k in names}
+
     if _is_peft(model):
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=weights)
         extra = _extra_trainable_names(model)
         if extra:
             logger.warning(
@@ -248,10 +258,10 @@ def save_model_weights(model: Any, processor: Any, folder: Path) -> str:
                 min(extra),
                 EXTRA_TRAINABLE,
             )
-            save_file(_trainable_state_dict(model, extra), str(folder / EXTRA_TRAINABLE))
+            save_file(trainable(extra), str(folder / EXTRA_TRAINABLE))
         kind = "lora"
     else:
-        save_file(_trainable_state_dict(model), str(folder / "trainable.safetensors"))
+        save_file(trainable(), str(folder / "trainable.safetensors"))
         model.config.save_pretrained(folder)
         kind = "full"
     if processor is not None:
@@ -497,7 +507,9 @@ def save_checkpoint(accelerator: Any, config: Any, state: dict, model: Any, proc
             saved as ``config.yaml``).
         state: Plain state dicts: ``loop_state`` (`LoopState.state_dict()`; its ``step`` names the
             folder, its ``best_checkpoint`` and ``best_metric`` go to ``best.json``), ``callbacks``,
-            ``optimizer``, ``scheduler`` and ``scaler`` (None when absent), ``rng`` (this process's).
+            ``optimizer``, ``scheduler`` and ``scaler`` (None when absent), ``rng`` (this process's), and
+            ``model``: the trainable weights as whole tensors when the model's own are sharded (FSDP),
+            else None (read from ``model``).
         model: The unwrapped model (weights saved with ``save_pretrained``: adapters only for peft).
         processor: Saved next to the weights.
 
@@ -567,7 +579,7 @@ def _record_best(config: Any, loop_state: dict) -> None:
 def _write_main(tmp: Path, config: Any, state: dict, model: Any, processor: Any, num_processes: int) -> None:
     """Everything but the RNG states, written by the main process into ``tmp``."""
     loop_state = state["loop_state"]
-    kind = save_model_weights(model, processor, tmp / "model")
+    kind = save_model_weights(model, processor, tmp / "model", state.get("model"))
     torch.save(state["optimizer"], tmp / "optimizer.pt")
     trainer_state = {
         "loop_state": _plain("LoopState.state_dict()", loop_state),
@@ -706,15 +718,12 @@ def read_resume_info(path: str | Path) -> dict:
     return {"config": LoopConfig.from_file(path / "config.yaml").to_dict(), **training}
 
 
-def load_checkpoint(path: str | Path, model: Any, process_index: int = 0) -> dict:
-    """Load the weights of checkpoint ``path`` into ``model``; return its tensor states.
+def load_checkpoint_weights(path: str | Path, model: Any) -> None:
+    """Load the trained weights of checkpoint ``path`` into ``model`` (before any engine wraps or
+    shards it: the files hold whole tensors, whatever the engine that wrote them).
 
-    ``path`` should come from `resolve_checkpoint`, which verifies the hashes; here only the
-    format and the file sizes are checked again. Nothing is unpickled but tensors and plain values.
-
-    Returns:
-        ``optimizer`` (the optimizer's state dict) and ``rng`` (the RNG state of process
-        ``process_index``, or of process 0 when the checkpoint was written by fewer processes).
+    ``path`` should come from `resolve_checkpoint`, which verifies the hashes; here only the format and
+    the file sizes are checked again.
     """
     path = Path(path)
     verify_checkpoint(path, hashes=False)
@@ -728,10 +737,21 @@ def load_checkpoint(path: str | Path, model: Any, process_index: int = 0) -> dic
             f"the weights of {path} do not fit the model: {first} (resume with the checkpoint's base "
             "model and model settings)"
         ) from err
-    rng_file = path / f"rng_state_{process_index}.safetensors"
-    if not rng_file.is_file():
-        rng_file = path / "rng_state_0.safetensors"
-    return {"optimizer": _load_tensors(path, "optimizer.pt"), "rng": load_rng_state(rng_file)}
+
+
+def load_checkpoint(path: str | Path, process_index: int = 0, num_processes: int = 1) -> dict:
+    """The tensor states of checkpoint ``path`` (its weights: `load_checkpoint_weights`). Nothing is
+    unpickled but tensors and plain values.
+
+    Returns:
+        ``optimizer`` (the optimizer's state dict, whole tensors) and ``rng``: the RNG state process
+        ``process_index`` saved, or None when the checkpoint was written by another number of processes
+        (no process of this run continues the stream of one of that run; the caller seeds them anew).
+    """
+    path = Path(path)
+    saved = len(list(path.glob("rng_state_*.safetensors")))
+    rng = load_rng_state(path / f"rng_state_{process_index}.safetensors") if saved == num_processes else None
+    return {"optimizer": _load_tensors(path, "optimizer.pt"), "rng": rng}
 
 
 def _load_tensors(checkpoint: Path, name: str) -> Any:

@@ -44,13 +44,24 @@ class ModelArgs:
     dtype: str = "auto"
     """Weight dtype: auto (the checkpoint's), bfloat16, float16 or float32."""
     device_map: str | None = None
-    """"auto" spreads one model over all visible GPUs (one process); null = one device."""
+    """"auto" spreads one model over the visible GPUs, then CPU offload (one process); null = one device."""
+    max_memory: dict[str, str] | None = None
+    """With device_map auto: the most each device holds, e.g. {"0": "20GiB", "cpu": "60GiB"}; null = all."""
+    offload_folder: str | None = None
+    """With device_map auto: the folder for layers offloaded to disk; null = no disk offload."""
     attn_implementation: str | None = None
     """Attention kernel, e.g. sdpa or flash_attention_2; null = the transformers default."""
     min_pixels: int | None = None
     """Qwen2-VL / Qwen2.5-VL: fewest pixels per image (tokens = pixels / 784); null = the processor's."""
     max_pixels: int | None = None
     """Qwen2-VL / Qwen2.5-VL: most pixels per image, which bounds its tokens and memory; null = the processor's."""
+
+
+def _device_keys(max_memory: dict[str, str] | None) -> dict | None:
+    """``max_memory`` from a config file or command line: GPU indices as ints ("0" -> 0), as transformers wants."""
+    if max_memory is None:
+        return None
+    return {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
 
 
 @dataclass
@@ -330,6 +341,8 @@ def train(args: Any, parser: Any = None) -> None:
         dtype=model.dtype,
         quantization=config.quantization,
         device_map=model.device_map,
+        max_memory=_device_keys(model.max_memory),
+        offload_folder=model.offload_folder,
         attn_implementation=model.attn_implementation,
         min_pixels=model.min_pixels,
         max_pixels=model.max_pixels,

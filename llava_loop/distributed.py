@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -56,6 +57,205 @@ def make_accelerator(precision: str, project_dir: str) -> Any:
     )
     check_process_count(accelerator.num_processes)
     return accelerator
+
+
+def engine(accelerator: Any) -> str:
+    """How the processes share the model: ``"deepspeed"``, ``"fsdp"``, ``"ddp"`` (several processes,
+    each with the whole model) or ``"single"`` (one process; the model may still be spread over several
+    GPUs with ``device_map``)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    if kind == DistributedType.FSDP:
+        return "fsdp"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def shards_parameters(accelerator: Any) -> bool:
+    """Whether each process holds only a shard of the weights (FSDP, DeepSpeed ZeRO-3). Every forward
+    then gathers weights from all processes: the processes must run the same number of forwards (and
+    of decoding steps, ``synced_gpus``), and saving gathers the trained weights first."""
+    kind = engine(accelerator)
+    if kind == "fsdp":
+        return True
+    return kind == "deepspeed" and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def configure_fsdp(accelerator: Any, model: Any) -> None:
+    """Make accelerate's FSDP plugin shard ``model`` per block, before ``accelerator.prepare``.
+
+    Unless the launch configuration names the classes to wrap (``fsdp_transformer_layer_cls_to_wrap``) or
+    asks for size-based wrapping, every repeated block (`modeling.sharded_layer_classes`: the decoder
+    layers and the vision encoder layers of any family) becomes one FSDP unit, gathered just before it
+    runs and freed after; no class names are listed by hand.
+
+    Raises:
+        ValueError: FSDP version 1 is configured (the loop runs FSDP2: ``fsdp_version: 2``).
+    """
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from .modeling import sharded_layer_classes
+
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise ValueError(
+            f"the accelerate config asks for FSDP version {plugin.fsdp_version}; llava_loop runs FSDP2 (per-parameter "
+            "sharding, which keeps parameter names and mixes frozen and LoRA weights): set `fsdp_version: 2` in the "
+            "accelerate config (llava-loop launch-config fsdp writes one)"
+        )
+    if plugin.transformer_cls_names_to_wrap is None and plugin.auto_wrap_policy in (None, transformer_auto_wrap_policy):
+        plugin.auto_wrap_policy = transformer_auto_wrap_policy
+        plugin.transformer_cls_names_to_wrap = sharded_layer_classes(model)
+        logger.info("FSDP shards each of these blocks on its own: %s", ", ".join(plugin.transformer_cls_names_to_wrap))
+
+
+def configure_deepspeed(accelerator: Any, micro_batch_size: int, max_grad_norm: float) -> None:
+    """Fill the DeepSpeed config with the loop's settings, before ``accelerator.prepare``.
+
+    The loop accumulates micro-batches itself (normalising by the tokens of the whole step), so DeepSpeed
+    sees one micro-batch per step's boundary: ``gradient_accumulation_steps: 1``, and
+    ``train_micro_batch_size_per_gpu`` the loop's batch size. DeepSpeed clips inside its step:
+    ``gradient_clipping`` is ``max_grad_norm``. The loop's own AdamW (or the one `Loop.configure_optimizers`
+    returns) runs inside ZeRO (``zero_allow_untested_optimizer``). Values the launch config sets ("auto"
+    aside) must agree.
+
+    Raises:
+        ValueError: The DeepSpeed config sets one of these to another value; names it and the fix.
+    """
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * accelerator.num_processes,
+        "gradient_clipping": float(max_grad_norm),
+    }
+    for key, value in wanted.items():
+        given = config.get(key, "auto")
+        if given != "auto" and given != value:
+            raise ValueError(
+                f"the DeepSpeed config sets {key}={given!r}, but the loop needs {value!r} (it accumulates "
+                "micro-batches itself: use batch_size, grad_accum_steps and max_grad_norm of LoopConfig); set "
+                f'"{key}": "auto" in the DeepSpeed config'
+            )
+        config[key] = value
+    config.setdefault("zero_allow_untested_optimizer", True)
+
+
+def deepspeed_full_state(groups: list[list[tuple[str, Any]]], optimizer: Any) -> tuple[dict, dict]:
+    """From DeepSpeed's partitions (ZeRO-1/2/3): the trained weights (its fp32 master copies) by name, and
+    the optimizer state in torch's format (whole tensors, parameters by index in ``named`` order, the
+    hyper-parameters of the optimizer's groups), i.e. what one process without DeepSpeed would save. A
+    collective: every process calls it.
+
+    Args:
+        groups: ``(name, parameter)`` of the trainable parameters of each of the optimizer's groups, as they
+            were before DeepSpeed flattened them.
+        optimizer: accelerate's wrapper of DeepSpeed's ZeRO optimizer.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    named = [pair for group in groups for pair in group]
+    zero = optimizer.optimizer  # DeepSpeed's ZeRO optimizer; .optimizer: the torch one, over flat partitions
+    base = zero.optimizer
+    _link_optimizer_state(zero)
+    entry = next(iter(base.state.values()), {})
+    weights, state = {}, {}
+    for index, (name, param) in enumerate(named):
+        weights[name] = safe_get_full_fp32_param(param).detach().cpu()
+        state[index] = {
+            key: value.detach().cpu().clone()
+            if value.dim() == 0
+            else safe_get_full_optimizer_state(param, key).detach().cpu()
+            for key, value in entry.items()
+        }
+    saved_groups, start = [], 0
+    for group, members in zip(base.param_groups, groups):
+        indices = list(range(start, start + len(members)))
+        saved_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": indices})
+        start += len(members)
+    return weights, {"state": state, "param_groups": saved_groups}
+
+
+def deepspeed_load_state(state: dict, groups: list[list[tuple[str, Any]]], weights: dict, optimizer: Any) -> None:
+    """Put a torch-format optimizer state (`deepspeed_full_state`, or one process's) and the fp32 trained
+    weights into DeepSpeed's partitions: its master weights from ``weights`` (by name; DeepSpeed took them
+    from the module, which may be cast to 16 bits), the moments of each parameter, the step counts. A
+    collective."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    named = [pair for group in groups for pair in group]
+    base = optimizer.optimizer.optimizer
+    first = state["state"].get(0, state["state"].get("0", {}))
+    zero = optimizer.optimizer
+    # torch's AdamW creates its state lazily: create it to write into, for DeepSpeed's flat fp32 partitions
+    # (ZeRO-3 keeps them in sub-groups of its own).
+    flats = [p for group in base.param_groups for p in group["params"]]
+    flats += getattr(zero, "fp32_partitioned_groups_flat", [])
+    for flat in {id(f): f for f in flats}.values():
+        base.state[flat] = {k: v.clone() if v.dim() == 0 else torch.zeros_like(flat) for k, v in first.items()}
+    _link_optimizer_state(zero)
+    for index, (name, param) in enumerate(named):
+        safe_set_full_fp32_param(param, weights[name])
+        for key, value in state["state"][index].items():
+            if value.dim() > 0:
+                safe_set_full_optimizer_state(param, value, key)
+    for group, saved in zip(base.param_groups, state["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def _link_optimizer_state(zero: Any) -> None:
+    """Point ZeRO-1/2's per-parameter views at the optimizer state of every group. DeepSpeed links them
+    once, right after stepping the first group, when the other groups have no state yet (their views stay
+    empty and `safe_get_full_optimizer_state` fails for their parameters); linking again fixes that."""
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def full_tensors(tensors: dict[str, Any], keep: bool = True) -> dict[str, Any]:
+    """``tensors`` with every sharded tensor (FSDP2's ``DTensor``) gathered whole, on the CPU; with
+    ``keep=False`` the gathered tensors are dropped (an empty dict: the processes that do not write).
+    A collective under FSDP: every process calls it with the same names, in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, value in tensors.items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()  # one tensor at a time on the device
+        if keep:
+            out[name] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
+    return out
+
+
+def full_optimizer_state(state: dict, keep: bool = True) -> dict:
+    """An optimizer's ``state_dict()`` with every sharded state tensor (FSDP2: exp_avg, exp_avg_sq of
+    sharded parameters) gathered whole on the CPU, so that it is the state dict one process would have
+    (``keep=False``: gathered, then dropped). A collective under FSDP (every process calls it)."""
+    gathered = {index: full_tensors(entry, keep) for index, entry in sorted(state["state"].items())}
+    return {"state": gathered, "param_groups": state["param_groups"]}
+
+
+def shard_optimizer_state(state: dict, optimizer: Any) -> dict:
+    """The inverse of `full_optimizer_state` for ``optimizer``: each whole state tensor of a sharded
+    parameter cut into this process's shard (a ``DTensor`` like the parameter), ready for
+    ``optimizer.load_state_dict``. A state dict without sharded parameters is returned as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = {}
+    for index, entry in state["state"].items():
+        param = params[int(index)] if int(index) < len(params) else None
+        if isinstance(param, DTensor):
+            entry = {
+                key: distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+                if isinstance(value, torch.Tensor) and value.shape == param.shape
+                else value
+                for key, value in entry.items()
+            }
+        sharded[index] = entry
+    return {"state": sharded, "param_groups": state["param_groups"]}
 
 
 def check_process_count(num_processes: int) -> None:
@@ -249,20 +449,29 @@ def seeded_rng(seed: int) -> Iterator[None]:
         set_rng_state(saved)
 
 
-def shard_batches(order: list[int], batch_size: int, process_index: int, num_processes: int) -> list[list[int]]:
+def shard_batches(
+    order: list[int], batch_size: int, process_index: int, num_processes: int, equal: bool = False
+) -> list[list[int]]:
     """Cut ``order`` into batches and give this process every ``num_processes``-th one.
 
     Unlike accelerate's even sharding, nothing is padded or repeated: with 7 samples, batch size 2
     and 2 processes, process 0 gets ``[0, 1], [4, 5]`` and process 1 gets ``[2, 3], [6]``. That
     keeps the eval loss exact; it also means processes run different numbers of batches, so nothing
-    between batches may be a collective operation.
+    between batches may be a collective operation. With ``equal`` (sharded weights, where every forward
+    is a collective) the processes with fewer batches get repeats of the first batch at the end, so
+    that all run as many; the caller drops the repeats' results.
 
     Example:
         >>> shard_batches(list(range(7)), batch_size=2, process_index=0, num_processes=2)
         [[0, 1], [4, 5]]
+        >>> shard_batches(list(range(5)), batch_size=2, process_index=1, num_processes=2, equal=True)
+        [[2, 3], [0, 1]]
     """
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    return batches[process_index::num_processes]
+    mine = batches[process_index::num_processes]
+    if equal:
+        mine += batches[:1] * (math.ceil(len(batches) / num_processes) - len(mine))
+    return mine
 
 
 def gather_in_order(accelerator: Any, rows: list[dict]) -> list[dict]:

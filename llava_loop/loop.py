@@ -39,6 +39,13 @@ from .config import LoopConfig
 from .data import BadSampleError, EpochSampler, Indexed, SkippedSample, WithSource, as_dataset, longest_prompts_first
 from .distributed import (
     SignalWatcher,
+    configure_deepspeed,
+    configure_fsdp,
+    deepspeed_full_state,
+    deepspeed_load_state,
+    engine,
+    full_optimizer_state,
+    full_tensors,
     gather_in_order,
     get_rng_state,
     make_accelerator,
@@ -46,6 +53,8 @@ from .distributed import (
     seeded_rng,
     set_rng_state,
     shard_batches,
+    shard_optimizer_state,
+    shards_parameters,
 )
 from .hf_datasets import eval_split, fit_splits
 from .loggers import (
@@ -76,6 +85,7 @@ from .modeling import (
     decoder_layers,
     generation_cache,
     generation_config,
+    input_device,
     label_positions,
     logits_at,
     merged_adapters,
@@ -85,6 +95,7 @@ from .modeling import (
     prepare_model,
     rewind_cache,
     uncompiled_layers,
+    unsharded_root,
 )
 from .planner import optimizer_state_bytes
 from .plots import RunPlot
@@ -228,7 +239,10 @@ class Loop:
         callbacks: list | None = None,
     ):
         cfg = self.config = config or LoopConfig()  # every setting of the run
-        self.model = model  # after fit's set-up: peft-wrapped (LoRA) and prepared (device, DDP wrapper)
+        self.model = model  # the model trained, never an engine's wrapper: after fit's set-up peft-wrapped (LoRA)
+        # What accelerate.prepare made of it: the DDP wrapper or DeepSpeed engine (else the model itself,
+        # FSDP2 shards it in place). Training's forward runs through it (it synchronises the gradients).
+        self.model_wrapped: Any = model
         self.processor = processor
         self.metrics = resolve_metrics(metrics)  # {name: metric}, scored on the main process
         self.callbacks = list(callbacks or [])  # observers; fit adds the loggers (main process)
@@ -251,7 +265,15 @@ class Loop:
         self.eval_batch_size: int | None = cfg.eval_batch_size if isinstance(cfg.eval_batch_size, int) else None
         self.resumed_from: str | None = None  # the checkpoint this run resumed from, if any
         self._trainable: list[torch.nn.Parameter] = []  # parameters with gradients (clipped together)
-        self._bare_of: tuple = ()  # (model, the same without accelerate's wrappers): see `_bare`
+        self.engine = "single"  # "single", "ddp", "fsdp" or "deepspeed" (`distributed.engine`), set by fit
+        self._sharded = False  # whether each process holds only a shard of the weights (FSDP, ZeRO-3)
+        self._input_device: torch.device | None = None  # where batches go (device_map: the first device)
+        self._spread = False  # device_map spread the model over several devices (one process)
+        self._wrapper_check: Any = None  # hook handle: did the first step's forward run through model_wrapped?
+        # DeepSpeed: (name, parameter) of each optimizer group, recorded before DeepSpeed flattens the groups,
+        # and the trained weights at set-up (fp32, a resumed run's) for DeepSpeed's master copies.
+        self._named_groups: list[list[tuple[str, torch.nn.Parameter]]] = []
+        self._initial_weights: dict[str, torch.Tensor] | None = None
         self._signals = SignalWatcher(cfg.handle_signals)  # SIGTERM/SIGINT during fit: stop after the step
         self._lock: rundir.RunLock | None = None  # the main process's hold on output_dir during fit
         self._clock: float | None = None  # perf_counter() when state.wall_seconds was last advanced
@@ -334,12 +356,12 @@ class Loop:
         set_seed(self.config.seed)  # before prepare_model: LoRA's initial weights come from it
         self._setup_data(train_data, eval_data)
         resume = self._setup_output_dir()
-        self._setup_model_and_optimizer()
-        self._setup_callbacks()
         self.state.data_fingerprint = rundir.data_fingerprint(self.train_data)
         self.state.num_processes = self.accelerator.num_processes
+        plan = self._setup_model_and_optimizer(resume)
+        self._setup_callbacks()
         if resume is not None:
-            self._resume(resume)
+            self._resume(resume, plan)
         if self.accelerator.is_main_process:
             self.config.save(os.path.join(self.config.output_dir, "config.yaml"))
 
@@ -382,15 +404,23 @@ class Loop:
 
         return run_on_main(self.accelerator, own)  # an error there (e.g. in use) is raised on every process
 
-    def _setup_model_and_optimizer(self) -> None:
+    def _setup_model_and_optimizer(self, resume: Any) -> rundir.ResumePlan | None:
+        """Model (LoRA, placement), data loader, optimizer and schedule; with ``resume``, the checkpoint's
+        weights go into the model before the engine wraps (and maybe shards) it. Returns the resume plan."""
         cfg, acc = self.config, self.accelerator
         on_gpu = acc.device.type == "cuda"
-        self.model = prepare_model(self.model, cfg)
+        self.engine, self._sharded = engine(acc), shards_parameters(acc)
+        self._spread = len({str(d) for d in (getattr(self.model, "hf_device_map", None) or {}).values()}) > 1
+        self._check_engine()
+        self.model = self.model_wrapped = prepare_model(self.model, cfg)  # wrapped by accelerate.prepare below
         # from_pretrained returns a model in eval mode, where dropout and gradient checkpointing are off.
         self.model.train()
         if cfg.compile if cfg.compile is not None else on_gpu:
-            compiled = compile_layers(self.model)
-            logger.info("compiled %d layers (torch.compile); the first steps include compilation", compiled)
+            if self.engine in ("single", "ddp"):
+                compiled = compile_layers(self.model)
+                logger.info("compiled %d layers (torch.compile); the first steps include compilation", compiled)
+            else:
+                logger.info("compile: not under %s (its hooks gather the weights around each layer)", self.engine)
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._plan_batch_size()
         self.sampler = EpochSampler(len(self.train_data), cfg.seed, cfg.shuffle)
@@ -417,15 +447,56 @@ class Loop:
         checkpointing.check_disk_space(cfg.output_dir, checkpointing.estimate_checkpoint_bytes(self.model))
         result = self.configure_optimizers()
         self.optimizer, self.scheduler = result if isinstance(result, tuple) else (result, None)
+        plan = None
+        if resume is not None:  # settings that cannot continue are refused before any weight is read
+            plan = self._resume_plan(resume)
+            checkpointing.load_checkpoint_weights(resume, self.model)
+        if self.engine == "fsdp":
+            configure_fsdp(acc, self.model)
+        elif self.engine == "deepspeed":
+            configure_deepspeed(acc, self.batch_size, cfg.max_grad_norm)
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            self._named_groups = [[(names[id(p)], p) for p in g["params"]] for g in self.optimizer.param_groups]
+            if resume is not None:
+                self._initial_weights = {n: p.detach().float().clone() for g in self._named_groups for n, p in g}
         # The scheduler stays outside accelerate.prepare: the loop steps it once per optimizer step
         # (a prepared scheduler steps num_processes times per step).
-        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        self.model_wrapped, self.optimizer = acc.prepare(self.model, self.optimizer)
+        self.model = acc.unwrap_model(self.model_wrapped)
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]  # FSDP2 swapped in its shards
+        self._input_device = input_device(self.model, acc.device)
+        if self.model_wrapped is not self.model:
+            self._wrapper_check = self.model_wrapped.register_forward_pre_hook(self._wrapper_used)
         # Batches stay on the CPU until `_to_device` copies them without waiting for the GPU (accelerate's
         # copy waits), and their labels are counted there (no device sync).
         self.train_loader = acc.prepare_data_loader(loader, device_placement=False)
         if cfg.gradient_checkpointing == "auto":
             self._plan_checkpointing()
-        self._throughput.setup_mfu(self._bare(), acc.device, acc.num_processes, cfg.peak_tflops)
+        self._throughput.setup_mfu(self.model, acc.device, acc.num_processes, cfg.peak_tflops)
+        return plan
+
+    def _check_engine(self) -> None:
+        """Refuse what the engine and the model's placement cannot do, before any work."""
+        cfg, acc = self.config, self.accelerator
+        if self._spread and acc.num_processes > 1:
+            raise ValueError(
+                f"the model was loaded with a device_map that spreads it over {sorted(set(map(str, self.model.hf_device_map.values())))} "
+                f"in one process, but {acc.num_processes} processes were launched: load it without device_map under a "
+                "launcher (each process takes one GPU: DDP; to shard a model too big for one GPU, use FSDP or "
+                "DeepSpeed ZeRO-3), or run one process (python train.py) to keep the device_map"
+            )
+        measured_elsewhere = self._sharded or self.engine == "deepspeed" or self._spread
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(cfg, name) == "auto" and measured_elsewhere:
+                raise ValueError(
+                    f'{name}="auto" measures one process holding the whole model on one GPU; under '
+                    f"{'device_map' if self._spread else self.engine} that is not what runs: set {name} to a number"
+                )
+
+    def _wrapper_used(self, *args: Any) -> None:
+        """Forward pre-hook of ``model_wrapped``, removed once it fired: the first step ran through it."""
+        self._wrapper_check.remove()
+        self._wrapper_check = None
 
     def _plan_batch_size(self) -> None:
         """Resolve ``batch_size`` ("auto": `_auto_batch_size`) and ``effective_batch_size`` into
@@ -476,7 +547,7 @@ class Loop:
         if not can_measure(acc.device):
             logger.info('batch_size="auto" without a GPU to measure: batch_size=%d', min(CPU_BATCH_SIZE, limit))
             return min(CPU_BATCH_SIZE, limit)
-        model = self._bare()
+        model = self.model
         if not getattr(model, "hf_device_map", None) and model_quantization(model) is None:
             model.to(acc.device)  # accelerate.prepare would move it next (quantized models are placed when loaded)
         sample = self._longest_samples(1)[0]
@@ -522,7 +593,7 @@ class Loop:
             self.eval_batch_size = min(CPU_EVAL_BATCH_SIZE, limit)
             logger.info('eval_batch_size="auto" without a GPU to measure: eval_batch_size=%d', self.eval_batch_size)
             return
-        image_tokens = getattr(getattr(self._bare(), "config", None), "image_seq_length", None) or 576
+        image_tokens = getattr(getattr(self.model, "config", None), "image_seq_length", None) or 576
         first = longest_prompts_first(dataset, n, self.train_collator.tokenizer, image_tokens)[0]
         item = (first, dataset[first])
         collate = EvalBatchCollator(self.eval_collator, self.train_collator if cfg.eval_loss else None)
@@ -553,7 +624,7 @@ class Loop:
         """What decides an automatic batch size: the GPU and its share, the processes, the model and its
         trainable part, and the settings that change memory (plus ``extra``)."""
         cfg, acc = self.config, self.accelerator
-        model = self._bare()
+        model = self.model
         return {
             **device_identity(acc.device),
             "num_processes": acc.num_processes,
@@ -600,10 +671,14 @@ class Loop:
         measured with one forward/backward of the longest training samples (weights untouched, RNG
         restored), with every layer checkpointed and with a quarter of them not."""
         acc = self.accelerator
-        model = self._bare()
+        model = self.model
         num_layers = len(decoder_layers(model))
         if acc.device.type != "cuda" or num_layers == 0:
             logger.info('gradient_checkpointing="auto" without a GPU to measure: every layer is checkpointed')
+            return
+        if self._sharded or self.engine == "deepspeed" or self._spread:
+            where = "device_map" if self._spread else self.engine
+            logger.info('gradient_checkpointing="auto" under %s (not measured): every layer is checkpointed', where)
             return
         batch = self._to_device(self._longest_batch())
         rng = get_rng_state()
@@ -673,23 +748,33 @@ class Loop:
             trackers = [TrackerLogger()] if cfg.report_to and not has_trackers else []
             self.callbacks = [jsonl, RunPlot(), ProgressBar(), *summary, *self.callbacks, *trackers]
 
-    def _resume(self, path: Any) -> None:
-        """Continue from the checkpoint ``path``: refuse what cannot continue exactly, restore the rest."""
-        state, acc = self.state, self.accelerator
+    def _resume_plan(self, path: Any) -> rundir.ResumePlan:
+        """What continues from checkpoint ``path`` and how; raises on what cannot (`rundir.resume_plan`)."""
+        state = self.state
         saved = checkpointing.read_resume_info(path)
         here = {
             "max_steps": state.max_steps,
             "data_fingerprint": state.data_fingerprint,
-            "num_processes": acc.num_processes,
+            "num_processes": state.num_processes,
         }
-        plan = rundir.resume_plan(saved["config"], self.config.to_dict(), saved["loop_state"], here, path)
+        return rundir.resume_plan(saved["config"], self.config.to_dict(), saved["loop_state"], here, path)
+
+    def _resume(self, path: Any, plan: rundir.ResumePlan) -> None:
+        """Continue from the checkpoint ``path`` (its weights are loaded already): restore the optimizer,
+        schedule, state, callbacks and RNG as ``plan`` says."""
+        state, acc = self.state, self.accelerator
+        saved = checkpointing.read_resume_info(path)
+        here = (state.data_fingerprint, state.num_processes)
         # This run's optimizer settings and schedule, before the checkpoint's overwrite them.
         fresh_groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
         fresh_schedule = self.scheduler.state_dict() if self.scheduler is not None else None
-        tensors = checkpointing.load_checkpoint(path, self._bare(), acc.process_index)
+        tensors = checkpointing.load_checkpoint(path, acc.process_index, acc.num_processes)
         self._restore(path, saved, tensors["optimizer"])
-        self._rng_after_resume = tensors["rng"]  # applied right before the first step
-        state.data_fingerprint, state.num_processes = here["data_fingerprint"], here["num_processes"]
+        # Applied right before the first step. Another number of processes than the checkpoint's: every
+        # process gets a stream of its own, seeded from (seed, step, process index) (`rundir.resume_plan`
+        # reported it), never a copy of another process's.
+        self._rng_after_resume = tensors["rng"] or self._fresh_rng(state.step)
+        state.data_fingerprint, state.num_processes = here
         if plan.restart_data:
             state.samples_in_epoch = 0
         if plan.rebuild_optimizer_settings:
@@ -708,10 +793,20 @@ class Loop:
         self.resumed_from = str(path)
         logger.info("resumed from %s at step %d", path, state.step)
 
+    def _fresh_rng(self, step: int) -> dict:
+        """RNG states of this process, seeded from (seed, step, process index)."""
+        with seeded_rng(self.config.seed + 1_000_003 * step + self.accelerator.process_index):
+            return get_rng_state()
+
     def _restore(self, path: Any, saved: dict, optimizer_state: dict) -> None:
-        """Apply the checkpoint's optimizer, scheduler, scaler, LoopState and callback states."""
+        """Apply the checkpoint's optimizer (whole tensors: cut into this process's shards under FSDP and
+        DeepSpeed), scheduler, scaler, LoopState and callback states."""
         try:
-            self.optimizer.load_state_dict(optimizer_state)
+            if self.engine == "deepspeed":
+                deepspeed_load_state(optimizer_state, self._named_groups, self._initial_weights, self.optimizer)
+                self._initial_weights = None
+            else:
+                self.optimizer.load_state_dict(shard_optimizer_state(optimizer_state, self.optimizer))
         except ValueError as err:
             raise ValueError(
                 f"cannot restore the optimizer state of {path}: {err}. The trainable parameters differ from "
@@ -786,14 +881,17 @@ class Loop:
             if self.state.should_stop:  # a callback stopped the run: this step is not applied
                 self.optimizer.zero_grad(set_to_none=True)
                 return False
-        # max_grad_norm=0: no clipping, but the norm is still measured (logged, checked).
-        grad_norm = self.accelerator.clip_grad_norm_(self._trainable, self.config.max_grad_norm or math.inf)
+        if self.engine == "deepspeed":
+            grad_norm = self._deepspeed_update(loss_sum, num_tokens)
+        else:  # max_grad_norm=0: no clipping, but the norm is still measured (logged, checked).
+            grad_norm = self.accelerator.clip_grad_norm_(self._trainable, self.config.max_grad_norm or math.inf)
         grad_norm = torch.as_tensor(grad_norm, dtype=torch.float64).to(loss_sum.device)
         stats = torch.stack([loss_sum.double(), num_tokens.double(), grad_norm])  # read together, once
         ids = [i for b in micro_batches for i in b["ids"]]
         step = _Step(stats, counts, ids, learning_rate_logs(self.optimizer), self.state.samples_in_epoch)
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
-        if self.accelerator.scaler is None and getattr(inner, "_step_supports_amp_scaling", False):
+        one_device = self.engine in ("single", "ddp") and not self._spread
+        if self.accelerator.scaler is None and one_device and getattr(inner, "_step_supports_amp_scaling", False):
             mean = stats[0] / stats[1]
             bad = ~torch.isfinite(mean) | ~torch.isfinite(stats[2]) | (stats[1] <= 0)  # `_good`, on the device
             inner.grad_scale, inner.found_inf = None, bad.float()  # what GradScaler hands the optimizer
@@ -810,6 +908,19 @@ class Loop:
         if step.checked or not self._can_wait(self.state.step + 1):
             self._finish_pending()
         return True
+
+    def _deepspeed_update(self, loss_sum: torch.Tensor, num_tokens: torch.Tensor) -> float:
+        """DeepSpeed's update: its engine clips (``gradient_clipping``, set from ``max_grad_norm``), steps the
+        optimizer and zeroes the gradients at once, so the loss is checked first (waits for the device): a
+        non-finite one drops the gradients instead (`_finish_step` reports the step as skipped). Returns the
+        gradient norm DeepSpeed measured (NaN when dropped)."""
+        engine = self.model_wrapped
+        if not math.isfinite(float(loss_sum / num_tokens)):
+            engine.zero_grad()
+            return math.nan
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        return float(norm) if norm is not None else math.nan
 
     def _good(self, step: _Step) -> bool:
         """Whether ``step`` may be applied: a positive token count and nothing `_non_finite`. Waits for
@@ -898,16 +1009,29 @@ class Loop:
                 continue  # every sample of this micro-batch was skipped (and reported)
             batch = self._to_device(batch)
             last = k == len(micro_batches) - 1
-            # Skip DDP's gradient all-reduce on all but the last micro-batch of the step.
-            context = acc.no_sync(self.model) if not last and acc.num_processes > 1 else contextlib.nullcontext()
+            # Skip DDP's gradient all-reduce (FSDP's reduce-scatter) on all but the last micro-batch of the step.
+            syncless = not last and acc.num_processes > 1 and self.engine != "deepspeed"
+            context = acc.no_sync(self.model_wrapped) if syncless else contextlib.nullcontext()
             with context:
                 with acc.autocast():  # forward only: backward runs outside autocast
                     loss, tokens = self.training_step(batch)
                 # Scaled by the label tokens counted before the forward (fp16 gradients stay in range).
-                # DDP averages gradients over processes; the factor num_processes undoes that.
-                acc.backward(loss * acc.num_processes / float(label_tokens))
-            loss_sum += loss.detach().float()
-            num_tokens += tokens
+                # DDP, FSDP and DeepSpeed average gradients over processes; the factor num_processes undoes that.
+                scaled = loss * acc.num_processes / float(label_tokens)
+                if self.engine == "deepspeed":
+                    # DeepSpeed reduces the gradients at the step's last micro-batch; `_deepspeed_update` steps.
+                    self.model_wrapped.set_gradient_accumulation_boundary(last)
+                    self.model_wrapped.backward(scaled)
+                else:
+                    acc.backward(scaled)
+            loss_sum += loss.detach().float().to(loss_sum.device)  # device_map: the loss is on the last device
+            num_tokens += torch.as_tensor(tokens, device=num_tokens.device)
+        if self._wrapper_check is not None:
+            raise RuntimeError(
+                f"training_step ran the model without its {type(self.model_wrapped).__name__} wrapper, so the "
+                "gradients were not synchronised across processes: forward with self.model_wrapped in training_step "
+                "(self.model is the unwrapped model, for everything else)"
+            )
         loss_sum = acc.reduce(loss_sum, reduction="sum")
         if acc.num_processes > 1:
             num_tokens = acc.reduce(num_tokens, reduction="sum")
@@ -916,7 +1040,9 @@ class Loop:
             # the device; the default hooks count exactly the label tokens).
             grads = [p.grad for p in self._trainable if p.grad is not None]
             if grads:
-                torch._foreach_mul_(grads, (label_tokens / num_tokens).to(grads[0].dtype))
+                # Sharded gradients (FSDP's DTensors) take a Python number, which waits for the GPU.
+                factor = (label_tokens / num_tokens).to(grads[0].dtype)
+                torch._foreach_mul_(grads, float(factor) if self._sharded else factor)
         return loss_sum, num_tokens
 
     def _update(self, mean_loss: float, grad_norm: float, lrs: dict) -> dict:
@@ -1012,9 +1138,7 @@ class Loop:
         if best:  # before writing, so that the LoopState saved in the best checkpoint names itself
             state.best_checkpoint = str(checkpointing.checkpoint_path(self.config.output_dir, state.step))
         try:
-            path = checkpointing.save_checkpoint(
-                acc, self.config, self._checkpoint_state(), self._bare(), self.processor
-            )
+            path = checkpointing.save_checkpoint(acc, self.config, self._checkpoint_state(), self.model, self.processor)
         except BaseException:
             state.best_checkpoint = previous_best
             raise
@@ -1023,12 +1147,27 @@ class Loop:
             dispatch(self.callbacks, "on_save", self, path=path)
 
     def _checkpoint_state(self) -> dict:
-        """Everything a checkpoint holds besides the weights, as plain state dicts."""
-        scaler = self.accelerator.scaler
+        """Everything a checkpoint holds besides the model, as plain state dicts; with sharded weights
+        (FSDP) also the trained weights (``model``), gathered whole as the optimizer's state is, so that
+        the files are those one process writes (and any number of processes resumes)."""
+        acc, scaler = self.accelerator, self.accelerator.scaler
+        if self.engine == "deepspeed":  # collectives: from DeepSpeed's partitions, in torch's format
+            weights, optimizer = deepspeed_full_state(self._named_groups, self.optimizer)
+            if not acc.is_main_process:  # gathered on every process; written by the main one
+                weights, optimizer = None, {}
+        else:
+            optimizer, weights = self.optimizer.state_dict(), None
+        if self._sharded and self.engine == "fsdp":  # collectives: every process gathers, the main process keeps
+            names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            weights = full_tensors(
+                {k: v for k, v in self.model.state_dict().items() if k in names}, acc.is_main_process
+            )
+            optimizer = full_optimizer_state(optimizer, acc.is_main_process)
         return {
+            "model": weights,
             "loop_state": self.state.state_dict(),
             "callbacks": callback_states(self.callbacks),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": get_rng_state(),
@@ -1097,13 +1236,13 @@ class Loop:
                 "training batch has no 'labels': batches from EvalCollator (prompt only, left "
                 "padded) cannot be used for training; use TrainCollator"
             )
-        return self.compute_loss(self._forward(self.model, batch), batch)
+        return self.compute_loss(self._forward(self.model_wrapped, batch), batch)
 
     def _forward(self, model: Any, batch: dict) -> Any:
-        """The teacher-forced forward of a `TrainCollator` batch; only at ``batch["label_positions"]``
-        (when `_to_device` added them) does the LM head run."""
-        positions = batch.get("label_positions")
-        with logits_at(self._bare(model) if positions is not None else model, positions):
+        """The teacher-forced forward of a `TrainCollator` batch by ``model`` (`model_wrapped` in training,
+        which synchronises gradients; `model` in evaluation); only at ``batch["label_positions"]`` (when
+        `_to_device` added them) does the LM head run."""
+        with logits_at(self.model, batch.get("label_positions")):
             return model(**self._model_inputs(batch, drop=("labels",)), use_cache=False)
 
     def compute_loss(self, outputs: Any, batch: dict) -> tuple[torch.Tensor, int]:
@@ -1121,7 +1260,7 @@ class Loop:
         labels = batch["labels"].to(logits.device, non_blocking=True)
         labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
         if logits.dim() == 2:  # the labelled positions only, in the order of label_positions
-            targets = labels.index_select(0, batch["label_positions"])
+            targets = labels.index_select(0, batch["label_positions"].to(labels.device))
             return torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), logits.shape[0]
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels, ignore_index=IGNORE_INDEX, reduction="sum"
@@ -1131,23 +1270,20 @@ class Loop:
     def _to_device(self, batch: dict) -> dict:
         """``batch`` with its tensors on the loop's device, copied without waiting for the GPU, and,
         for the default loss with ``labelled_logits_only``, ``label_positions`` (`modeling.label_positions`)."""
-        device = self.accelerator.device
+        device = self._device()
         out = {k: _on(v, device) for k, v in batch.items()}
         if self.config.labelled_logits_only and type(self).compute_loss is Loop.compute_loss and "labels" in batch:
             out["label_positions"] = label_positions(batch["labels"], IGNORE_INDEX).to(device, non_blocking=True)
         return out
 
-    def _bare(self, model: Any = None) -> Any:
-        """``model`` (default: the loop's) without accelerate's wrappers. Remembered for the loop's
-        model: unwrapping walks every module (2 ms a step on a 0.5B LLaVA with LoRA)."""
-        model = self.model if model is None else model
-        if not any(model is m for m in self._bare_of):
-            self._bare_of = (model, self.accelerator.unwrap_model(model))
-        return self._bare_of[1]
+    def _device(self) -> torch.device:
+        """Where batches go: the accelerator's device, or for a model spread with ``device_map`` the device
+        of its first layers (`modeling.input_device`)."""
+        return self._input_device or self.accelerator.device
 
     def _model_inputs(self, batch: dict, drop: tuple = ()) -> dict:
         """The batch's model inputs (meta keys and ``drop`` removed) on the loop's device."""
-        device = self.accelerator.device if self.accelerator else None
+        device = self._device() if self.accelerator else None
         out = {}
         for key, value in batch.items():
             if key in META_KEYS or key in drop:
@@ -1160,7 +1296,7 @@ class Loop:
         """Override this to change decoding settings. Return the `transformers.GenerationConfig` of
         evaluation (default: `llava_loop.modeling.generation_config`: the model's own, with the
         LoopConfig's decoding settings; greedy by default)."""
-        model = self._bare() if self.accelerator is not None else self.model
+        model = self.model
         return generation_config(model, self.train_collator.tokenizer, self.config)
 
     @torch.no_grad()
@@ -1182,12 +1318,14 @@ class Loop:
     def _generate(self, batch: dict, gen_config: Any, keep: bool = False) -> tuple[list[str], int, Any]:
         """`generate`'s answers and token count, and with ``keep`` the ``generate`` output (its cache and
         the raw logits of every step)."""
-        model = self._bare()
+        model = self.model
         inputs = self._model_inputs(batch)
         if keep:
             gen_config = copy.copy(gen_config)
             gen_config.update(return_dict_in_generate=True, output_logits=True)
-        out = model.generate(**inputs, generation_config=gen_config)
+        # Sharded weights: every process runs as many decoding steps as the longest answer of all takes.
+        synced = self._sharded and self.accelerator.num_processes > 1
+        out = model.generate(**inputs, generation_config=gen_config, synced_gpus=synced)
         # Left padding: every row's prompt ends at the same column, so the new tokens start there.
         new_tokens = (out.sequences if keep else out)[:, inputs["input_ids"].shape[1] :]
         texts = self.train_collator.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -1221,7 +1359,7 @@ class Loop:
             # The unwrapped model: processes run different numbers of eval batches, and a DDP
             # forward may talk to the other processes (buffer broadcast).
             loss_batch = self._to_device(loss_batch)
-            loss, tokens = self.compute_loss(self._forward(self._bare(), loss_batch), loss_batch)
+            loss, tokens = self.compute_loss(self._forward(self.model, loss_batch), loss_batch)
             if cached is not None:  # the first cached loss: checked against the full forward once
                 self._check_loss_from_cache(cached, (loss, tokens))
                 if self._loss_from_cache:  # and then used, as in every later evaluation: a resumed run's
@@ -1237,9 +1375,11 @@ class Loop:
         the check against the full forward has failed."""
         if self._loss_from_cache is False or not loss_batch["ids"] or gen_config.num_beams != 1:
             return None
+        if self._sharded or self._spread:  # a forward more or less on some processes; the logits' device
+            return None
         if any(getattr(type(self), name) is not getattr(Loop, name) for name in ("generate", "compute_loss")):
             return None
-        if not plain_positions(self._bare()):
+        if not plain_positions(self.model):
             return None
         return answer_continuations(gen, loss_batch)
 
@@ -1249,7 +1389,7 @@ class Loop:
         a forward of the answers on its cache, cut back to the prompts, predicts the rest. The prompt
         and image are not run again. None where the cache cannot be cut back (`rewind_cache`).
         """
-        model = self._bare()
+        model = self.model
         device = self.accelerator.device
         prompt_length, answer_length = gen["input_ids"].shape[1], answers["input_ids"].shape[1]
         cache = generation_cache(out)
@@ -1355,16 +1495,22 @@ class Loop:
         seconds of the slowest one; the model in eval mode with merged adapters."""
         acc = self.accelerator
         if self.optimizer is None and not self._eval_prepared:
-            self.model = acc.prepare_model(self.model, evaluation_mode=True)  # standalone: onto the device
+            self.model = self.model_wrapped = acc.prepare_model(self.model, evaluation_mode=True)  # onto the device
+            self.engine, self._sharded = engine(acc), shards_parameters(acc)
+            self._input_device = input_device(self.model, acc.device)
             self._eval_prepared = True
         rows, loss_sum, loss_tokens, new_tokens = [], 0.0, 0, 0
         was_training, t0 = self.model.training, time.perf_counter()
         self.model.eval()
         try:
-            model = self._bare()
+            model = self.model
             # Loading while the adapters merge; eval_batch_size="auto" is planned with them merged.
             batches = self._eval_loader(dataset) if self.eval_batch_size is not None else None
-            with uncompiled_layers(model), merged_adapters(model, enabled=self.config.merge_lora_for_eval):
+            with (
+                uncompiled_layers(model),
+                unsharded_root(model),
+                merged_adapters(model, enabled=self.config.merge_lora_for_eval),
+            ):
                 if batches is None:
                     self._plan_eval_batch_size(dataset)
                     batches = self._eval_loader(dataset)
@@ -1375,6 +1521,8 @@ class Loop:
                         raise _EvalInterrupted
                     with acc.autocast():
                         out = self.evaluation_step(batch)
+                    if batch.get("padding"):
+                        continue  # run only so that every process gathers the weights as often (`_eval_loader`)
                     rows += _eval_rows(batch, out)
                     loss_sum += float(out["loss_sum"])
                     loss_tokens += int(out["loss_tokens"])
@@ -1397,10 +1545,14 @@ class Loop:
         n = min(len(dataset), cfg.eval_max_samples or len(dataset))
         settings = (n, self.eval_batch_size, cfg.num_workers, cfg.eval_loss, acc.process_index, acc.num_processes)
         if self._eval_plan is None or self._eval_plan[0] is not dataset or self._eval_plan[1] != settings:
-            model_config = getattr(self._bare(), "config", None)
+            model_config = getattr(self.model, "config", None)
             image_tokens = getattr(model_config, "image_seq_length", None) or 576
             order = longest_prompts_first(dataset, n, self.train_collator.tokenizer, image_tokens)
-            batches = shard_batches(list(range(n)), self.eval_batch_size, acc.process_index, acc.num_processes)
+            shard = (list(range(n)), self.eval_batch_size, acc.process_index, acc.num_processes)
+            real = len(shard_batches(*shard))
+            # Sharded weights: every forward is a collective, so every process runs as many batches (the
+            # repeats that make up the count are dropped in `_eval_pass`).
+            batches = shard_batches(*shard, equal=self._sharded)
             size = math.ceil(self.eval_batch_size / cfg.num_workers) if cfg.num_workers > 1 else self.eval_batch_size
             chunks = [(k, b[i : i + size]) for k, b in enumerate(batches) for i in range(0, len(b), size)]
             collate = EvalBatchCollator(self.eval_collator, self.train_collator if cfg.eval_loss else None)
@@ -1412,15 +1564,16 @@ class Loop:
                 pin_memory=acc.device.type == "cuda",
                 persistent_workers=cfg.num_workers > 0,  # no start-up cost from the second evaluation on
             )
-            self._eval_plan = (dataset, settings, loader, [k for k, _ in chunks], collate)
-        _, _, loader, chunk_batches, collate = self._eval_plan
+            self._eval_plan = (dataset, settings, loader, [k for k, _ in chunks], collate, real)
+        _, _, loader, chunk_batches, collate, real = self._eval_plan
         parts = zip(chunk_batches, loader)  # starts the workers loading now
 
         def joined() -> Iterator[dict]:
             # Chunks go to the device (from pinned memory, without waiting) before they are joined.
-            for _, group in itertools.groupby(parts, key=lambda part: part[0]):
-                collated = [_batch_on(batch, acc.device) for _, batch in group]
-                yield collated[0] if len(collated) == 1 else collate.merge(collated)
+            for k, group in itertools.groupby(parts, key=lambda part: part[0]):
+                collated = [_batch_on(batch, self._device()) for _, batch in group]
+                batch = collated[0] if len(collated) == 1 else collate.merge(collated)
+                yield {**batch, "padding": True} if k >= real else batch
 
         return joined()
 

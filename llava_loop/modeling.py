@@ -234,6 +234,8 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     quantization: str | None = None,
     device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
     attn_implementation: str | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
@@ -253,7 +255,12 @@ def load_model(
             (LLM.int8) base weights via bitsandbytes, for the language model's decoder linear layers only
             (`quantization_config`); vision tower, projector, embeddings and LM head load in ``dtype``
             (``"auto"`` = bfloat16 here). None = not quantized.
-        device_map: ``"auto"`` spreads one model over all visible GPUs (single process only).
+        device_map: ``"auto"`` spreads one model over the visible GPUs, then the CPU, then the disk (one
+            process only; layers on the CPU or disk are offloaded: they run on the GPU, loaded for each
+            forward), or an explicit ``{module name: device}`` map (docs/multi_gpu.md).
+        max_memory: With ``device_map="auto"``: the most each device may hold, e.g. ``{0: "20GiB",
+            "cpu": "60GiB"}``; what does not fit goes to the next device.
+        offload_folder: Where layers offloaded to ``"disk"`` are kept.
         attn_implementation: e.g. ``"sdpa"`` or ``"flash_attention_2"``.
         min_pixels: Qwen2-VL / Qwen2.5-VL: lower bound on each image's pixels, which set its number
             of image tokens (pixels / 28²); None keeps the processor's (see `set_image_pixels`).
@@ -273,6 +280,10 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -524,7 +535,100 @@ def prepare_model(model: nn.Module, config: Any) -> nn.Module:
             checkpoint_layers(model, config.gradient_checkpointing)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no trainable parameters: check lora_r, freeze_vision_tower and train_projector")
+    materialize_offloaded_adapters(model)
     return model
+
+
+def execution_device(module: nn.Module) -> torch.device | None:
+    """The device ``module`` runs on when a ``device_map`` dispatched the model (its accelerate hook's
+    execution device: a GPU for layers offloaded to the CPU or disk), else None."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if isinstance(device, dict):  # a hook for several submodules: they share one device here
+        device = next(iter(device.values()), None)
+    return torch.device(device) if device is not None else None
+
+
+def input_device(model: nn.Module, default: torch.device) -> torch.device:
+    """Where the inputs of ``model`` go: for a model spread with ``device_map``, the device its input
+    embeddings run on (the first device of the map; accelerate's hooks move activations between the
+    others); otherwise ``default``."""
+    if not getattr(model, "hf_device_map", None):
+        return default
+    embeddings = model.get_input_embeddings()
+    device = execution_device(embeddings)
+    if device is None:
+        device = next(embeddings.parameters()).device
+    return default if device.type == "meta" else device
+
+
+def materialize_offloaded_adapters(model: nn.Module) -> int:
+    """Give LoRA adapters of offloaded layers real weights; return how many layers had to.
+
+    With a ``device_map`` that offloads layers to the CPU or disk, the base weights of those layers sit
+    on the ``meta`` device between forwards (accelerate loads them for each forward), and peft creates
+    the adapters where the base weight is: on ``meta``, without values. Here each such adapter is
+    allocated on the device its layer runs on and initialised as peft initialises adapters (the seeded
+    global RNG), so it trains like any other. Other trainable weights on ``meta`` (a projector or vision
+    tower trained in full but offloaded) cannot be trained: they raise.
+
+    Raises:
+        ValueError: A trainable parameter other than a LoRA adapter is offloaded; names it and the fix.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for layer in model.modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        for adapter in list(layer.lora_A.keys()):
+            if layer.lora_A[adapter].weight.device.type != "meta":
+                continue
+            device = execution_device(layer.get_base_layer())
+            if device is None:
+                raise ValueError("a LoRA adapter is on the meta device, but its layer has no device_map hook")
+            layer.lora_A[adapter].to_empty(device=device)
+            layer.lora_B[adapter].to_empty(device=device)
+            init = getattr(getattr(model, "peft_config", {}).get(adapter), "init_lora_weights", True)
+            layer.reset_lora_parameters(adapter, init)
+            count += 1
+    offloaded = [n for n, p in model.named_parameters() if p.requires_grad and p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"{len(offloaded)} trainable weights are offloaded by the device_map (on the meta device between "
+            f"forwards), e.g. {offloaded[0]}: only LoRA adapters can train on offloaded layers. Keep the modules "
+            "trained in full (projector, vision tower) on a GPU in device_map / max_memory, or freeze them "
+            "(train_projector=False, freeze_vision_tower=True)"
+        )
+    if count:
+        logger.info("%d LoRA layers wrap offloaded base layers: their adapters live on the execution device", count)
+    return count
+
+
+def sharded_layer_classes(model: nn.Module) -> list[str]:
+    """Class names of the repeated blocks FSDP shards and gathers as units of their own, whatever the
+    family: every transformers checkpointable layer (``GradientCheckpointingLayer``), i.e. the language
+    model's decoder layers and the vision encoder's layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return sorted({type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)})
+
+
+@contextlib.contextmanager
+def unsharded_root(model: nn.Module):
+    """Inside, an FSDP2 model's root unit (the weights outside its per-layer units: the vision tower's
+    embeddings, the projector, norms) is gathered whole. ``generate`` encodes the images by calling the
+    vision tower and projector directly, outside the model's forward, where FSDP would not gather them.
+    A collective: every process enters together. Other models pass through."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -811,7 +915,8 @@ def merged_adapters(model: nn.Module, enabled: bool = True):
     wrapped layer is swapped, inside the block, for a dense 16-bit linear layer holding the dequantized
     base weight plus the adapters (`dense_merged_layers`), when those copies take at most 75% of the
     free memory of their device; otherwise (and for DoRA or LoRA biases) generation runs with the
-    adapters unmerged, which is slower. The quantized model is untouched either way.
+    adapters unmerged, which is slower. The quantized model is untouched either way. Adapters of layers
+    offloaded by a ``device_map`` or sharded by FSDP or ZeRO-3 are not merged either (`_mergeable`).
 
     A model without LoRA layers, or ``enabled=False``, passes through unchanged.
 
@@ -827,8 +932,7 @@ def merged_adapters(model: nn.Module, enabled: bool = True):
         with _swapped(model, dense_merged_layers(model)):
             yield model
         return
-    mergeable = (torch.float32, torch.bfloat16, torch.float16)
-    if not layers or any(getattr(b, "weight", None) is None or b.weight.dtype not in mergeable for b in bases):
+    if not layers or not all(_mergeable(b) for b in bases):
         yield model
         return
     params = [p for b in bases for p in (b.weight, getattr(b, "bias", None)) if isinstance(p, torch.Tensor)]
@@ -842,6 +946,17 @@ def merged_adapters(model: nn.Module, enabled: bool = True):
         with torch.no_grad():
             for param, saved in backup:
                 param.copy_(saved)
+
+
+def _mergeable(layer: nn.Module) -> bool:
+    """Whether adapters can merge into ``layer``'s weight in place: a 16/32-bit weight that this process
+    holds whole (not offloaded by a device_map: ``meta`` between forwards; not an FSDP or ZeRO-3 shard)."""
+    from torch.distributed.tensor import DTensor
+
+    weight = getattr(layer, "weight", None)
+    if weight is None or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return weight.device.type != "meta" and not isinstance(weight, DTensor) and not hasattr(weight, "ds_id")
 
 
 def _is_quantized_linear(layer: nn.Module) -> bool:

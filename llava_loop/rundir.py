@@ -269,7 +269,8 @@ def resume_plan(
     if saved_state.get("num_processes") not in (None, state["num_processes"]):
         plan.changes.append(
             f"processes: {saved_state['num_processes']} -> {state['num_processes']} (applied; the data position is "
-            "kept in samples)"
+            "kept in samples; no process continues a saved RNG stream: each one's (dropout) is seeded anew from "
+            "(seed, step, process index), so dropout masks differ from an uninterrupted run's)"
         )
     old_data, new_data = saved_state.get("data_fingerprint"), state["data_fingerprint"]
     if old_data != new_data:

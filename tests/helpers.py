@@ -201,3 +201,44 @@ def small_config(out, **settings):
 
     base = dict(output_dir=str(out), learning_rate=1e-2, lora_r=4, lora_alpha=8, precision="fp32", batch_size=2)
     return LoopConfig(**{**base, **settings})
+
+
+def fsdp_on_cpu() -> None:
+    """Make the loop's Accelerators run FSDP2 in gloo processes on the CPU (call it in each worker).
+
+    Accelerate enables FSDP only for GPU process groups; this makes the Accelerator as the loop does, then
+    sets its distributed type to FSDP with a version-2 plugin, so that accelerate's own FSDP2 preparation
+    (`fully_shard` per unit, its gradient-sync switch and clipping) and the loop's FSDP code run on gloo.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    import llava_loop.loop as loop_module
+    from llava_loop.distributed import make_accelerator
+
+    def make(precision: str, project_dir: str):
+        accelerator = make_accelerator(precision, project_dir)
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+        accelerator.state.distributed_type = DistributedType.FSDP
+        return accelerator
+
+    loop_module.make_accelerator = make
+
+
+def deepspeed_on_cpu(stage: int) -> None:
+    """Make the loop's Accelerators run DeepSpeed ZeRO ``stage`` in gloo processes on the CPU (call it in
+    each worker): as `fsdp_on_cpu`, for accelerate's DeepSpeed path (DeepSpeed's CPU accelerator, gloo)."""
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    import llava_loop.loop as loop_module
+    from llava_loop.distributed import make_accelerator
+
+    def make(precision: str, project_dir: str):
+        accelerator = make_accelerator(precision, project_dir)
+        plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": stage}, "bf16": {"enabled": False}})
+        accelerator.state.distributed_type = DistributedType.DEEPSPEED
+        accelerator.state.deepspeed_plugins = plugin
+        plugin.select(_from_accelerator_state=True)
+        accelerator.deepspeed_engine_wrapped = None  # what Accelerator.__init__ sets under DeepSpeed
+        return accelerator
+
+    loop_module.make_accelerator = make

@@ -1,10 +1,13 @@
 """Two real gloo processes on the CPU (tests/helpers.launch_two_processes): DDP training matches one process."""
 
 import json
+import shutil
+from pathlib import Path
 
+import pytest
 import torch
 
-from helpers import launch_two_processes
+from helpers import deepspeed_on_cpu, fsdp_on_cpu, launch_two_processes
 from llava_loop import Loop, LoopConfig
 from llava_loop.testing import synthetic_vqa, tiny_llava
 
@@ -64,10 +67,24 @@ def _trainable(loop) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+class UnwrappedForwardLoop(SGDLoop):
+    """A training_step that forwards with the unwrapped model: DDP would not synchronise its gradients."""
+
+    def training_step(self, batch):
+        return self.compute_loss(self._forward(self.model, batch), batch)
+
+
 def _train_two_processes(output_dir: str) -> None:
     loop = _fit(2, output_dir)
     if loop.accelerator.is_main_process:
         torch.save(_trainable(loop), f"{output_dir}/weights.pt")
+        types = {"model": type(loop.model).__name__, "model_wrapped": type(loop.model_wrapped).__name__}
+        (Path(output_dir) / "types.json").write_text(json.dumps(types))
+    model, processor = tiny_llava(seed=0)
+    try:
+        UnwrappedForwardLoop(model, processor, _config(f"{output_dir}/unwrapped", 2)).fit(_records())
+    except RuntimeError as err:
+        (Path(output_dir) / f"unwrapped_{loop.accelerator.process_index}.txt").write_text(str(err))
 
 
 def _losses(output_dir) -> list[float]:
@@ -96,6 +113,14 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path):
         f"logged losses differ: DDP {ddp_losses} vs single {single_losses}"
     )
     assert (ddp_dir / "checkpoints" / "step_000002" / "meta.json").is_file(), "DDP run wrote no final checkpoint"
+    types = json.loads((ddp_dir / "types.json").read_text())
+    assert types == {"model": "PeftModel", "model_wrapped": "DistributedDataParallel"}, (
+        f"after a DDP fit, loop.model must be the unwrapped (peft) model and loop.model_wrapped the DDP wrapper: {types}"
+    )
+    for rank in (0, 1):
+        refused = ddp_dir / f"unwrapped_{rank}.txt"
+        assert refused.is_file(), f"a training_step forwarding without the DDP wrapper trained on process {rank}"
+        assert "self.model_wrapped" in refused.read_text(), f"unclear refusal: {refused.read_text()}"
 
 
 # ---------------------------------------------------------------- launcher checks
@@ -156,3 +181,185 @@ def test_launch_command_lines_are_recognised():
     assert _accelerate_launch_args(["/v/bin/accelerate-launch", *script]) == script
     assert _accelerate_launch_args(["/v/bin/accelerate", "config"]) is None, "`accelerate config` is no launch"
     assert _accelerate_launch_args(["torchrun", "--nproc_per_node", "2", *script]) is None
+
+
+# ---------------------------------------------------------------- FSDP2 and DeepSpeed ZeRO-2/3
+# Two gloo processes on the CPU through accelerate's own FSDP2 and DeepSpeed paths (tests/helpers.fsdp_on_cpu,
+# deepspeed_on_cpu: accelerate enables them only for GPUs).
+ENGINES = {"fsdp": fsdp_on_cpu, "zero2": lambda: deepspeed_on_cpu(2), "zero3": lambda: deepspeed_on_cpu(3)}
+
+
+class MomentumLoop(Loop):
+    """SGD with momentum: its update scales with the gradient (a wrong loss scale shows, which Adam's
+    would hide), and its state (the momentum buffers) must survive the gathering and re-sharding of
+    checkpoints."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=0.2, momentum=0.9)
+
+
+def _engine_config(output_dir: str, batch_size: int, max_steps: int, **settings) -> LoopConfig:
+    """No clipping (it would hide a wrong loss scale), an evaluation and a checkpoint at step 2."""
+    return LoopConfig(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        shuffle=False,
+        lora_dropout=0.0,
+        precision="fp32",
+        log_steps=1,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        handle_signals=False,
+        max_grad_norm=0.0,
+        eval_steps=2,
+        save_steps=2,
+        eval_batch_size=2,
+        **settings,
+    )
+
+
+def _eval_records():
+    return synthetic_vqa(5, seed=1)  # 5 samples, eval batch 2: 3 batches, so the processes run 2 and 1(+1 repeat)
+
+
+def _engine_fit(output_dir: str, batch_size: int, max_steps: int, **settings) -> Loop:
+    model, processor = tiny_llava(seed=0)
+    loop = MomentumLoop(model, processor, _engine_config(output_dir, batch_size, max_steps, **settings))
+    loop.fit(_records(), eval_data=_eval_records())
+    return loop
+
+
+def _engine_two_processes(name: str, fresh_dir: str, resumed_dir: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    ENGINES[name]()
+    loop = _engine_fit(fresh_dir, 2, 2)
+    params = list(loop.model.named_parameters())
+    sharded = [n for n, p in params if isinstance(p, DTensor) or hasattr(p, "ds_tensor")]  # ZeRO-3: its partition
+    if loop.accelerator.is_main_process:
+        facts = {"engine": loop.engine, "model": type(loop.model).__name__, "sharded": len(sharded)}
+        if name == "fsdp":
+            facts["layers"] = loop.accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap
+        (Path(fresh_dir) / "facts.json").write_text(json.dumps(facts))
+    if name == "zero3":  # accelerate told transformers to create every later model partitioned (zero.Init)
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    _engine_fit(resumed_dir, 2, 4, resume_from="latest")  # a 1-process checkpoint, continued by 2 processes
+
+
+def _adapter(checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint / "model" / "adapter_model.safetensors"))
+
+
+def _assert_close(got: dict, expected: dict, what: str, atol: float = 1e-5) -> None:
+    assert got.keys() == expected.keys(), f"{what}: other tensors ({sorted(set(got) ^ set(expected))[:3]})"
+    for name, value in expected.items():
+        assert got[name].shape == value.shape, f"{what}: {name} has shape {got[name].shape}, not {value.shape}"
+        diff = (got[name].float() - value.float()).abs().max().item()
+        assert diff <= atol, f"{what}: {name} differs by {diff:.2e}"
+
+
+def _predictions(output_dir: Path, step: int) -> list:
+    with open(output_dir / "predictions" / f"step_{step:06d}.jsonl") as f:
+        return [(r["id"], r["prediction"]) for r in map(json.loads, f)]
+
+
+def _eval_loss(output_dir: Path, step: int) -> float:
+    with open(output_dir / "metrics.jsonl") as f:
+        return next(r["eval/loss"] for r in map(json.loads, f) if r["step"] == step and "eval/loss" in r)
+
+
+def _optimizer_state(checkpoint: Path) -> dict:
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    return {f"{i}.{k}": v for i, entry in state["state"].items() for k, v in entry.items() if torch.is_tensor(v)}
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """The reference: one process x batch 4 for 4 steps, evaluated and saved at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    _engine_fit(str(out), 4, 4)
+    return out
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def engine_runs(request, single_run, tmp_path_factory):
+    """2 processes x batch 2 for 2 steps under the engine, and the reference's step-2 checkpoint continued to
+    step 4 by 2 processes under it."""
+    root = tmp_path_factory.mktemp(request.param)
+    resumed = root / "resumed"
+    shutil.copytree(single_run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000004")
+    (resumed / "metrics.jsonl").unlink()
+    launch_two_processes(_engine_two_processes, args=(request.param, str(root / "fresh"), str(resumed)))
+    return request.param, root
+
+
+def test_two_processes_shard_and_train_like_one_process_with_double_batch(engine_runs, single_run):
+    name, root = engine_runs
+    fresh = root / "fresh"
+    facts = json.loads((fresh / "facts.json").read_text())
+    assert facts["engine"] == ("fsdp" if name == "fsdp" else "deepspeed"), f"{name} did not run: {facts}"
+    assert facts["model"] in ("FSDPPeftModel", "PeftModel"), f"loop.model should be the (sharded) peft model: {facts}"
+    if name == "fsdp":
+        assert facts["layers"] == ["CLIPEncoderLayer", "LlamaDecoderLayer"], (
+            f"FSDP units should be the decoder and vision encoder layers, found without a hand-written list: {facts}"
+        )
+    if name != "zero2":
+        assert facts["sharded"] > 0, f"{name}: no parameter is sharded"
+    step2 = "checkpoints/step_000002"
+    _assert_close(_adapter(fresh / step2), _adapter(single_run / step2), f"{name} 2 x 2 vs 1 x 4 trained adapters")
+    _assert_close(_optimizer_state(fresh / step2), _optimizer_state(single_run / step2), f"{name}: momentum buffers saved")
+    assert _losses(fresh) == pytest.approx(_losses(single_run)[:2], abs=1e-5), f"{name}: logged step losses differ"
+    # Generation eval: 3 batches over 2 processes (with sharded weights one repeats a batch so both run 2),
+    # every sample scored once, the same answers and eval loss as one process.
+    assert _predictions(fresh, 2) == _predictions(single_run, 2), f"{name}: evaluation predicted other answers"
+    assert _eval_loss(fresh, 2) == pytest.approx(_eval_loss(single_run, 2), abs=1e-5), f"{name}: eval loss differs"
+
+
+def test_two_processes_continue_a_one_process_checkpoint_exactly(engine_runs, single_run):
+    name, root = engine_runs
+    step4 = "checkpoints/step_000004"
+    _assert_close(
+        _adapter(root / "resumed" / step4), _adapter(single_run / step4), f"1-process checkpoint continued by {name}"
+    )
+
+
+def test_one_process_continues_a_two_process_checkpoint_exactly_with_fresh_rng_streams(
+    engine_runs, single_run, tmp_path, caplog
+):
+    name, root = engine_runs
+    out = tmp_path / "run"
+    shutil.copytree(root / "fresh", out)
+    with caplog.at_level("WARNING"):
+        _engine_fit(str(out), 4, 4, resume_from="latest")
+    step4 = "checkpoints/step_000004"
+    _assert_close(_adapter(out / step4), _adapter(single_run / step4), f"{name} checkpoint continued by 1 process")
+    assert "processes: 2 -> 1" in caplog.text and "seeded anew" in caplog.text, (
+        f"a resume with another number of processes must say that the RNG streams are new:\n{caplog.text}"
+    )
+
+
+def test_a_sharded_checkpoint_is_data_planted_code_is_refused_not_run(engine_runs, tmp_path):
+    from test_checkpointing import Payload, rehash
+
+    name, root = engine_runs
+    out = tmp_path / "run"
+    shutil.copytree(root / "fresh", out)
+    checkpoint = out / "checkpoints" / "step_000002"
+    files = sorted(p.name for p in checkpoint.iterdir() if p.is_file())
+    assert files == [
+        "config.yaml", "meta.json", "optimizer.pt", "rng_state_0.safetensors", "rng_state_1.safetensors",
+        "trainer_state.json",
+    ], f"a {name} checkpoint holds other files than a one-process one (plus an RNG state per process): {files}"  # fmt: skip
+    marker = tmp_path / "ran"
+    torch.save({"state": {0: Payload(marker)}, "param_groups": []}, checkpoint / "optimizer.pt")
+    rehash(checkpoint)
+    with pytest.raises(Exception, match="run code") as err:
+        _engine_fit(str(out), 4, 4, resume_from="latest")
+    assert not marker.exists(), f"resuming a {name} checkpoint ran planted code"
+    assert str(checkpoint) in str(err.value), f"the refusal does not name the checkpoint: {err.value}"
