@@ -9,7 +9,8 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["llava_loop", "llava_loop.*"]),
-    package_data={"llava_loop": ["testing_templates/*.jinja"]},  # published chat templates of the test kit
+    # published chat templates of the test kit; accelerate launch configs (llava-loop launch-config)
+    package_data={"llava_loop": ["testing_templates/*.jinja", "launch_configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

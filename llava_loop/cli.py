@@ -204,8 +204,21 @@ def build_parser() -> Any:
                            help="raise: stop at a bad row; skip: log, count and skip it.")  # fmt: skip
     convert_p.add_argument("--overwrite", action="store_true", help="Write into a non-empty OUT_DIR.")
     commands.add_subcommand("convert", convert_p, help="convert a VQA or caption dataset to LLaVA JSON + images")
+    launch_p = parser(
+        "Write an accelerate launch configuration for several GPUs or machines (docs/multi_gpu.md): ddp (each GPU "
+        "holds the whole model), fsdp (FSDP2: weights sharded), zero2 / zero3 (DeepSpeed). Then run, on every "
+        "machine: accelerate launch --config_file FILE train.py (or -m llava_loop train ...)."
+    )
+    launch_p.add_argument("engine", choices=["ddp", "fsdp", "zero2", "zero3"], help="How the GPUs share the model.")
+    launch_p.add_argument("--num_processes", type=int, default=1, help="GPUs of all machines together.")
+    launch_p.add_argument("--num_machines", type=int, default=1, help="Machines; each runs accelerate launch.")
+    launch_p.add_argument("--machine_rank", type=int, default=0, help="This machine's rank (0: the main one).")
+    launch_p.add_argument("--main_process_ip", default=None, help="Address of machine 0 (several machines).")
+    launch_p.add_argument("--main_process_port", type=int, default=29500, help="A free port on machine 0.")
+    launch_p.add_argument("--out", default=None, help="YAML file to write; default: print it.")
+    commands.add_subcommand("launch-config", launch_p, help="write an accelerate config: DDP, FSDP, DeepSpeed ZeRO")
     root.command_parsers = {"demo": demo_p, "train": train_p, "plot": plot_p, "export": export_p, "convert": convert_p,
-                            "estimate": estimate_p}  # fmt: skip
+                            "estimate": estimate_p, "launch-config": launch_p}  # fmt: skip
     return root
 
 
@@ -384,6 +397,26 @@ def estimate(args: Any) -> None:
     print(json.dumps(dataclasses.asdict(result), indent=1) if args.json else result.table())
 
 
+def launch_config_cmd(args: Any) -> None:
+    """Write (or print) an accelerate launch config; ``args`` is the parsed ``launch-config`` namespace."""
+    from .distributed import launch_config
+
+    text = launch_config(
+        args.engine,
+        num_processes=args.num_processes,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        main_process_ip=args.main_process_ip,
+        main_process_port=args.main_process_port,
+    )
+    if args.out is None:
+        print(text, end="")
+        return
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {args.out}; on every machine run: accelerate launch --config_file {args.out} train.py")
+
+
 def convert(args: Any) -> None:
     """Convert a VQA/caption dataset to LLaVA JSON; ``args`` is the parsed ``convert`` namespace."""
     from .hf_datasets import convert_source
@@ -450,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sub = args[args.command]
     commands = {"demo": demo, "train": lambda a: train(a, parser.command_parsers["train"]),
-                "plot": plot, "export": export_cmd, "convert": convert, "estimate": estimate}  # fmt: skip
+                "plot": plot, "export": export_cmd, "convert": convert, "estimate": estimate,
+                "launch-config": launch_config_cmd}  # fmt: skip
     try:
         commands[args.command](sub)
     except (*USER_ERRORS, RunDirError) as err:

@@ -59,6 +59,65 @@ def make_accelerator(precision: str, project_dir: str) -> Any:
     return accelerator
 
 
+LAUNCH_CONFIGS = ("ddp", "fsdp", "zero2", "zero3")
+"""The accelerate launch configurations llava_loop ships (`launch_config`)."""
+
+
+def launch_config(
+    name: str,
+    num_processes: int = 1,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    main_process_ip: str | None = None,
+    main_process_port: int = 29500,
+) -> str:
+    """The text of one of llava_loop's ``accelerate launch`` configuration files (``llava_loop/launch_configs``:
+    DDP, FSDP2, DeepSpeed ZeRO-2 or ZeRO-3) for this machine of a run, its comments kept.
+
+    Args:
+        name: One of `LAUNCH_CONFIGS`.
+        num_processes: Processes (GPUs) of all machines together.
+        num_machines: Machines of the run; each one runs ``accelerate launch`` with its own ``machine_rank``.
+        machine_rank: This machine's rank, 0 for the one at ``main_process_ip``.
+        main_process_ip: Address of machine 0, reachable from the others (several machines only).
+        main_process_port: Its free port.
+
+    Raises:
+        ValueError: An unknown name, or numbers that do not make one run; says what to change.
+
+    Example:
+        >>> "distributed_type: FSDP" in launch_config("fsdp", num_processes=8)
+        True
+    """
+    from importlib import resources
+
+    if name not in LAUNCH_CONFIGS:
+        raise ValueError(f"no launch config {name!r}: choose one of {', '.join(LAUNCH_CONFIGS)}")
+    if num_machines < 1 or num_processes < num_machines or num_processes % num_machines:
+        raise ValueError(
+            f"num_processes={num_processes} over num_machines={num_machines}: give every machine as many processes "
+            "(num_processes counts all machines' GPUs together)"
+        )
+    if not 0 <= machine_rank < num_machines:
+        raise ValueError(f"machine_rank={machine_rank} with {num_machines} machines: use 0 to {num_machines - 1}")
+    if num_machines > 1 and not main_process_ip:
+        raise ValueError("several machines need main_process_ip: the address of machine 0, reachable from the others")
+    values = {
+        "num_processes": num_processes,
+        "num_machines": num_machines,
+        "machine_rank": machine_rank,
+        "main_process_ip": main_process_ip or "null",
+        "main_process_port": main_process_port,
+    }
+    lines = resources.files("llava_loop").joinpath("launch_configs", f"{name}.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        key, _, rest = line.partition(":")
+        if key in values:
+            comment = rest[rest.index("#") :] if "#" in rest else ""
+            lines[i] = f"{key}: {values[key]}" + (f"  {comment}" if comment else "")
+    return "\n".join(lines) + "\n"
+
+
 def engine(accelerator: Any) -> str:
     """How the processes share the model: ``"deepspeed"``, ``"fsdp"``, ``"ddp"`` (several processes,
     each with the whole model) or ``"single"`` (one process; the model may still be spread over several

@@ -313,7 +313,9 @@ def test_two_processes_shard_and_train_like_one_process_with_double_batch(engine
         assert facts["sharded"] > 0, f"{name}: no parameter is sharded"
     step2 = "checkpoints/step_000002"
     _assert_close(_adapter(fresh / step2), _adapter(single_run / step2), f"{name} 2 x 2 vs 1 x 4 trained adapters")
-    _assert_close(_optimizer_state(fresh / step2), _optimizer_state(single_run / step2), f"{name}: momentum buffers saved")
+    _assert_close(
+        _optimizer_state(fresh / step2), _optimizer_state(single_run / step2), f"{name}: momentum buffers saved"
+    )
     assert _losses(fresh) == pytest.approx(_losses(single_run)[:2], abs=1e-5), f"{name}: logged step losses differ"
     # Generation eval: 3 batches over 2 processes (with sharded weights one repeats a batch so both run 2),
     # every sample scored once, the same answers and eval loss as one process.
@@ -363,3 +365,80 @@ def test_a_sharded_checkpoint_is_data_planted_code_is_refused_not_run(engine_run
         _engine_fit(str(out), 4, 4, resume_from="latest")
     assert not marker.exists(), f"resuming a {name} checkpoint ran planted code"
     assert str(checkpoint) in str(err.value), f"the refusal does not name the checkpoint: {err.value}"
+
+
+# ---------------------------------------------------------------- shipped launch configs
+_PLUGINS = """
+import json, os
+from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+
+out = {"fsdp": os.environ.get("ACCELERATE_USE_FSDP"), "deepspeed": os.environ.get("ACCELERATE_USE_DEEPSPEED")}
+if out["fsdp"] == "true":
+    plugin = FullyShardedDataParallelPlugin()
+    out.update(version=plugin.fsdp_version, wrap=getattr(plugin.auto_wrap_policy, "__name__", None),
+               classes=plugin.transformer_cls_names_to_wrap)
+if out["deepspeed"] == "true":
+    plugin = DeepSpeedPlugin()
+    config = plugin.deepspeed_config
+    out.update(stage=plugin.zero_stage, accumulation=config["gradient_accumulation_steps"],
+               clipping=config.get("gradient_clipping", "auto"))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2", "zero3"])
+def test_shipped_launch_configs_give_accelerate_the_engine_the_loop_expects(tmp_path, name, capsys):
+    import subprocess
+    import sys
+
+    from helpers import child_env
+    from llava_loop.cli import main
+
+    config = tmp_path / f"{name}.yaml"
+    assert main(["launch-config", name, "--num_processes", "1", "--out", str(config)]) == 0
+    (tmp_path / "plugins.py").write_text(_PLUGINS)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run(
+        [str(accelerate), "launch", "--config_file", str(config), str(tmp_path / "plugins.py")],
+        capture_output=True, text=True, timeout=120, env=child_env(HF_HOME=str(tmp_path / "hf")),
+    )  # fmt: skip
+    assert result.returncode == 0, f"accelerate launch refused the shipped {name} config:\n{result.stderr[-2000:]}"
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = {
+        "ddp": {"fsdp": None, "deepspeed": None},
+        "fsdp": {
+            "fsdp": "true",
+            "deepspeed": None,
+            "version": 2,
+            "wrap": "transformer_auto_wrap_policy",
+            "classes": None,
+        },
+        "zero2": {"fsdp": None, "deepspeed": "true", "stage": 2, "accumulation": 1, "clipping": "auto"},
+        "zero3": {"fsdp": None, "deepspeed": "true", "stage": 3, "accumulation": 1, "clipping": "auto"},
+    }[name]
+    assert seen == expected, (
+        f"the {name} config gives accelerate {seen}; the loop expects {expected} (FSDP2 with the loop choosing the "
+        "layer classes; DeepSpeed with accumulation and clipping left to the loop)"
+    )
+
+
+def test_launch_config_for_several_machines_is_what_accelerate_reads_and_bad_numbers_are_refused(tmp_path):
+    from accelerate.commands.config import load_config_from_file
+
+    from llava_loop.distributed import launch_config
+
+    path = tmp_path / "node1.yaml"
+    path.write_text(launch_config("fsdp", num_processes=16, num_machines=2, machine_rank=1, main_process_ip="10.1.2.3"))
+    read = load_config_from_file(str(path))
+    got = (read.num_processes, read.num_machines, read.machine_rank, read.main_process_ip, read.main_process_port)
+    assert got == (16, 2, 1, "10.1.2.3", 29500), f"accelerate reads other values than asked for: {got}"
+    assert read.fsdp_config["fsdp_version"] == 2, read.fsdp_config
+    for bad, message in [
+        (dict(num_processes=3, num_machines=2), "give every machine as many processes"),
+        (dict(num_processes=4, num_machines=2, machine_rank=2, main_process_ip="h"), "use 0 to 1"),
+        (dict(num_processes=4, num_machines=2), "main_process_ip"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            launch_config("ddp", **bad)
+    with pytest.raises(ValueError, match="choose one of ddp, fsdp, zero2, zero3"):
+        launch_config("zero1")
