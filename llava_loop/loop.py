@@ -1038,6 +1038,12 @@ class Loop:
         if type(self).training_step is not Loop.training_step or type(self).compute_loss is not Loop.compute_loss:
             # An overridden hook may count other tokens: its own count is the normaliser (rescaled on
             # the device; the default hooks count exactly the label tokens).
+            if self.engine == "deepspeed" and int(num_tokens) != label_tokens:
+                raise ValueError(
+                    f"compute_loss/training_step counted {int(num_tokens)} tokens for a step with {label_tokens} label "
+                    "tokens; the loop rescales the gradients to your count, which it cannot do under DeepSpeed (the "
+                    "gradients live in DeepSpeed's partitions): count the label tokens, or train with DDP or FSDP"
+                )
             grads = [p.grad for p in self._trainable if p.grad is not None]
             if grads:
                 # Sharded gradients (FSDP's DTensors) take a Python number, which waits for the GPU.

@@ -606,11 +606,16 @@ def materialize_offloaded_adapters(model: nn.Module) -> int:
 
 def sharded_layer_classes(model: nn.Module) -> list[str]:
     """Class names of the repeated blocks FSDP shards and gathers as units of their own, whatever the
-    family: every transformers checkpointable layer (``GradientCheckpointingLayer``), i.e. the language
-    model's decoder layers and the vision encoder's layers."""
+    family: the language model's decoder layers and the vision encoder's layers, i.e. every transformers
+    checkpointable layer (``GradientCheckpointingLayer``) and every transformers module kept in a
+    ``ModuleList`` of several (Mllama's vision layers are not checkpointable)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return sorted({type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)})
+    names = {type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)}
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            names |= {type(m).__name__ for m in module if type(m).__module__.startswith("transformers.")}
+    return sorted(names)
 
 
 @contextlib.contextmanager

@@ -442,3 +442,25 @@ def test_launch_config_for_several_machines_is_what_accelerate_reads_and_bad_num
             launch_config("ddp", **bad)
     with pytest.raises(ValueError, match="choose one of ddp, fsdp, zero2, zero3"):
         launch_config("zero1")
+
+
+def test_another_number_of_processes_gets_fresh_rng_streams_one_per_process(single_run):
+    import types
+
+    from llava_loop.checkpointing import load_checkpoint, load_rng_state
+
+    checkpoint = single_run / "checkpoints" / "step_000002"
+    saved = load_rng_state(checkpoint / "rng_state_0.safetensors")
+    assert torch.equal(load_checkpoint(checkpoint, 0, 1)["rng"]["torch"], saved["torch"]), "same count: not restored"
+    for rank in (0, 1):
+        assert load_checkpoint(checkpoint, rank, 2)["rng"] is None, (
+            f"process {rank} of 2 was handed a saved stream of a 1-process run"
+        )
+    model, processor = tiny_llava(seed=0)
+    loop = Loop(model, processor, _engine_config(str(single_run), 4, 4))
+    streams = []
+    for rank in (0, 1):
+        loop.accelerator = types.SimpleNamespace(process_index=rank)
+        streams.append(loop._fresh_rng(2)["torch"])
+    assert not torch.equal(streams[0], streams[1]), "two processes got the same fresh RNG stream"
+    assert not any(torch.equal(s, saved["torch"]) for s in streams), "a fresh stream is the saved one of process 0"

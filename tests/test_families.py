@@ -375,3 +375,22 @@ def test_qwen_min_and_max_pixels_bound_the_image_tokens(tmp_path):
     processor.save_pretrained(tmp_path)
     _, loaded = load_model(str(tmp_path), max_pixels=16 * 16 * 2)
     assert loaded.image_processor.size["longest_edge"] == 512, "load_model(max_pixels=...) was not applied"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fsdp_units_are_every_decoder_layer_and_every_vision_encoder_layer(family):
+    from llava_loop.modeling import _module_prefix, decoder_layers, sharded_layer_classes
+
+    model, _ = tiny_vlm(family)
+    classes = set(sharded_layer_classes(model))
+    units = [name for name, m in model.named_modules() if type(m).__name__ in classes]
+    vision, language = _module_prefix(model, VISION_NAMES), _module_prefix(model, LANGUAGE_MODEL_NAMES)
+    assert all(type(layer).__name__ in classes for layer in decoder_layers(model)), (
+        f"{family}: a decoder layer is not an FSDP unit ({classes})"
+    )
+    in_vision = [n for n in units if n.startswith(vision + ".")]
+    in_language = [n for n in units if n.startswith(language + ".")]
+    assert in_vision and in_language, f"{family}: units {classes} miss the vision tower or the language model"
+    assert set(units) == set(in_vision) | set(in_language), (
+        f"{family}: units outside the vision tower and language model: {sorted(set(units) - set(in_vision) - set(in_language))}"
+    )
