@@ -1153,9 +1153,9 @@ class Loop:
             dispatch(self.callbacks, "on_save", self, path=path)
 
     def _checkpoint_state(self) -> dict:
-        """Everything a checkpoint holds besides the model, as plain state dicts; with sharded weights
-        (FSDP) also the trained weights (``model``), gathered whole as the optimizer's state is, so that
-        the files are those one process writes (and any number of processes resumes)."""
+        """Everything a checkpoint holds besides the model, as plain state dicts; under FSDP and DeepSpeed
+        also the trained weights (``model``), gathered whole from the shards as the optimizer's state is
+        (collectives), so that the files are those one process writes (and any number of processes resumes)."""
         acc, scaler = self.accelerator, self.accelerator.scaler
         if self.engine == "deepspeed":  # collectives: from DeepSpeed's partitions, in torch's format
             weights, optimizer = deepspeed_full_state(self._named_groups, self.optimizer)
