@@ -464,3 +464,16 @@ def test_another_number_of_processes_gets_fresh_rng_streams_one_per_process(sing
         streams.append(loop._fresh_rng(2)["torch"])
     assert not torch.equal(streams[0], streams[1]), "two processes got the same fresh RNG stream"
     assert not any(torch.equal(s, saved["torch"]) for s in streams), "a fresh stream is the saved one of process 0"
+
+
+def test_a_sharded_run_exports_the_model_a_one_process_run_exports(engine_runs, single_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from llava_loop.checkpointing import export
+
+    name, root = engine_runs
+    merged = {}
+    for label, run in (("engine", root / "fresh"), ("single", single_run)):
+        out = export(run / "checkpoints" / "step_000002", tmp_path / label, base_model=tiny_llava(seed=0)[0])
+        merged[label] = {k: v for f in sorted(Path(out).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    _assert_close(merged["engine"], merged["single"], f"model exported from the {name} checkpoint")
