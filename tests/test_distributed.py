@@ -45,21 +45,14 @@ def _fit(batch_size: int, output_dir: str) -> Loop:
     return loop
 
 
-def _config(output_dir: str, batch_size: int) -> LoopConfig:
-    return LoopConfig(
-        output_dir=output_dir,
-        max_steps=2,
-        batch_size=batch_size,
-        shuffle=False,
-        lora_dropout=0.0,
-        precision="fp32",
-        log_steps=1,
-        learning_rate=1e-2,
-        warmup_ratio=0.0,
-        lr_scheduler="constant",
-        handle_signals=False,
+def _config(output_dir: str, batch_size: int, max_steps: int = 2, **settings) -> LoopConfig:
+    """Unshuffled, fp32, no dropout, no warm-up, and no clipping (it would hide a wrong loss scale)."""
+    base = dict(
+        output_dir=output_dir, max_steps=max_steps, batch_size=batch_size, shuffle=False, lora_dropout=0.0,
+        precision="fp32", log_steps=1, warmup_ratio=0.0, lr_scheduler="constant", handle_signals=False,
         max_grad_norm=0.0,
-    )  # clipping would hide a wrong loss scale
+    )  # fmt: skip
+    return LoopConfig(**{**base, **settings})
 
 
 def _trainable(loop) -> dict:
@@ -199,24 +192,8 @@ class MomentumLoop(Loop):
 
 
 def _engine_config(output_dir: str, batch_size: int, max_steps: int, **settings) -> LoopConfig:
-    """No clipping (it would hide a wrong loss scale), an evaluation and a checkpoint at step 2."""
-    return LoopConfig(
-        output_dir=output_dir,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        shuffle=False,
-        lora_dropout=0.0,
-        precision="fp32",
-        log_steps=1,
-        warmup_ratio=0.0,
-        lr_scheduler="constant",
-        handle_signals=False,
-        max_grad_norm=0.0,
-        eval_steps=2,
-        save_steps=2,
-        eval_batch_size=2,
-        **settings,
-    )
+    """`_config` with an evaluation (eval batch 2) and a checkpoint at step 2."""
+    return _config(output_dir, batch_size, max_steps, eval_steps=2, save_steps=2, eval_batch_size=2, **settings)
 
 
 def _eval_records():
