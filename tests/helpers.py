@@ -218,7 +218,7 @@ def fsdp_on_cpu() -> None:
     def make(precision: str, project_dir: str):
         accelerator = make_accelerator(precision, project_dir)
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
-        accelerator.state.distributed_type = DistributedType.FSDP
+        _set_distributed_type(accelerator, DistributedType.FSDP)
         return accelerator
 
     loop_module.make_accelerator = make
@@ -235,10 +235,19 @@ def deepspeed_on_cpu(stage: int) -> None:
     def make(precision: str, project_dir: str):
         accelerator = make_accelerator(precision, project_dir)
         plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": stage}, "bf16": {"enabled": False}})
-        accelerator.state.distributed_type = DistributedType.DEEPSPEED
+        _set_distributed_type(accelerator, DistributedType.DEEPSPEED)
         accelerator.state.deepspeed_plugins = plugin
         plugin.select(_from_accelerator_state=True)
         accelerator.deepspeed_engine_wrapped = None  # what Accelerator.__init__ sets under DeepSpeed
         return accelerator
 
     loop_module.make_accelerator = make
+
+
+def _set_distributed_type(accelerator, kind) -> None:
+    """Set the distributed type in accelerate's process-wide state (`AcceleratorState`, and `PartialState`,
+    which AcceleratorState copies it from again whenever one is made, e.g. by accelerate's optimizer wrapper)."""
+    from accelerate.state import PartialState
+
+    accelerator.state.distributed_type = kind
+    PartialState._shared_state["distributed_type"] = kind

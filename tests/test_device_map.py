@@ -95,7 +95,9 @@ def test_max_memory_sends_what_does_not_fit_to_the_next_device(saved_model, tmp_
         str(saved_model), device_map="auto", max_memory={"cpu": "400KB"}, offload_folder=str(tmp_path / "offload")
     )
     devices = set(model.hf_device_map.values())
-    assert devices == {"cpu", "disk"}, f"max_memory cpu=400KB (of 620 KB) should push layers to the disk: {model.hf_device_map}"
+    assert devices == {"cpu", "disk"}, (
+        f"max_memory cpu=400KB (of 620 KB) should push layers to the disk: {model.hf_device_map}"
+    )
 
 
 def test_batch_size_auto_is_refused_for_a_spread_model(saved_model, tmp_path):

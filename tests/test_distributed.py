@@ -192,8 +192,10 @@ class MomentumLoop(Loop):
 
 
 def _engine_config(output_dir: str, batch_size: int, max_steps: int, **settings) -> LoopConfig:
-    """`_config` with an evaluation (eval batch 2) and a checkpoint at step 2."""
-    return _config(output_dir, batch_size, max_steps, eval_steps=2, save_steps=2, eval_batch_size=2, **settings)
+    """`_config` with (non-reentrant) gradient checkpointing, an evaluation (eval batch 2) and a checkpoint at
+    step 2."""
+    every = dict(gradient_checkpointing=True, eval_steps=2, save_steps=2, eval_batch_size=2)
+    return _config(output_dir, batch_size, max_steps, **every, **settings)
 
 
 def _eval_records():
@@ -211,11 +213,13 @@ def _engine_two_processes(name: str, fresh_dir: str, resumed_dir: str) -> None:
     from torch.distributed.tensor import DTensor
 
     ENGINES[name]()
-    loop = _engine_fit(fresh_dir, 2, 2)
+    loop = _engine_fit(fresh_dir, 1, 2, grad_accum_steps=2)  # 2 micro-batches a step: no sync / DeepSpeed's boundary
     params = list(loop.model.named_parameters())
     sharded = [n for n, p in params if isinstance(p, DTensor) or hasattr(p, "ds_tensor")]  # ZeRO-3: its partition
     if loop.accelerator.is_main_process:
         facts = {"engine": loop.engine, "model": type(loop.model).__name__, "sharded": len(sharded)}
+        facts["distributed_type"] = loop.accelerator.distributed_type.value
+        facts["deepspeed_steps"] = getattr(loop.model_wrapped, "global_steps", None)
         if name == "fsdp":
             facts["layers"] = loop.accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap
         (Path(fresh_dir) / "facts.json").write_text(json.dumps(facts))
@@ -265,8 +269,8 @@ def single_run(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=list(ENGINES))
 def engine_runs(request, single_run, tmp_path_factory):
-    """2 processes x batch 2 for 2 steps under the engine, and the reference's step-2 checkpoint continued to
-    step 4 by 2 processes under it."""
+    """2 processes x batch 1 x 2 accumulated micro-batches for 2 steps under the engine, and the reference's
+    step-2 checkpoint continued to step 4 by 2 processes (batch 2) under it."""
     root = tmp_path_factory.mktemp(request.param)
     resumed = root / "resumed"
     shutil.copytree(single_run, resumed)
@@ -276,12 +280,15 @@ def engine_runs(request, single_run, tmp_path_factory):
     return request.param, root
 
 
-def test_two_processes_shard_and_train_like_one_process_with_double_batch(engine_runs, single_run):
+def test_two_processes_accumulating_two_micro_batches_train_like_one_process_with_batch_4(engine_runs, single_run):
     name, root = engine_runs
     fresh = root / "fresh"
     facts = json.loads((fresh / "facts.json").read_text())
     assert facts["engine"] == ("fsdp" if name == "fsdp" else "deepspeed"), f"{name} did not run: {facts}"
     assert facts["model"] in ("FSDPPeftModel", "PeftModel"), f"loop.model should be the (sharded) peft model: {facts}"
+    assert facts["distributed_type"] == ("FSDP" if name == "fsdp" else "DEEPSPEED"), f"accelerate ran {facts}"
+    if name != "fsdp":
+        assert facts["deepspeed_steps"] == 2, f"DeepSpeed's engine did not take the 2 steps: {facts}"
     if name == "fsdp":
         assert facts["layers"] == ["CLIPEncoderLayer", "LlamaDecoderLayer"], (
             f"FSDP units should be the decoder and vision encoder layers, found without a hand-written list: {facts}"
@@ -289,7 +296,7 @@ def test_two_processes_shard_and_train_like_one_process_with_double_batch(engine
     if name != "zero2":
         assert facts["sharded"] > 0, f"{name}: no parameter is sharded"
     step2 = "checkpoints/step_000002"
-    _assert_close(_adapter(fresh / step2), _adapter(single_run / step2), f"{name} 2 x 2 vs 1 x 4 trained adapters")
+    _assert_close(_adapter(fresh / step2), _adapter(single_run / step2), f"{name} 2 x 1 x 2 vs 1 x 4 trained adapters")
     _assert_close(
         _optimizer_state(fresh / step2), _optimizer_state(single_run / step2), f"{name}: momentum buffers saved"
     )
