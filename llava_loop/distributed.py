@@ -168,6 +168,13 @@ def configure_fsdp(accelerator: Any, model: Any) -> None:
         plugin.auto_wrap_policy = transformer_auto_wrap_policy
         plugin.transformer_cls_names_to_wrap = sharded_layer_classes(model)
         logger.info("FSDP shards each of these blocks on its own: %s", ", ".join(plugin.transformer_cls_names_to_wrap))
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        # transformers' own marker of an FSDP model (what its apply_fsdp2 sets): `generate` then turns
+        # synced_gpus on by itself with several processes, for an overridden `Loop.generate` too.
+        if isinstance(module, PreTrainedModel):
+            module._is_fsdp_managed_module = True
 
 
 def configure_deepspeed(accelerator: Any, micro_batch_size: int, max_grad_norm: float) -> None:

@@ -221,7 +221,10 @@ def _engine_two_processes(name: str, fresh_dir: str, resumed_dir: str) -> None:
         facts["distributed_type"] = loop.accelerator.distributed_type.value
         facts["deepspeed_steps"] = getattr(loop.model_wrapped, "global_steps", None)
         if name == "fsdp":
+            from transformers.distributed.fsdp import is_fsdp_managed_module
+
             facts["layers"] = loop.accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap
+            facts["generate_syncs"] = is_fsdp_managed_module(loop.model.get_base_model())
         (Path(fresh_dir) / "facts.json").write_text(json.dumps(facts))
     if name == "zero3":  # accelerate told transformers to create every later model partitioned (zero.Init)
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -290,6 +293,7 @@ def test_two_processes_accumulating_two_micro_batches_train_like_one_process_wit
     if name != "fsdp":
         assert facts["deepspeed_steps"] == 2, f"DeepSpeed's engine did not take the 2 steps: {facts}"
     if name == "fsdp":
+        assert facts["generate_syncs"], "transformers' generate does not know the model is FSDP (synced_gpus)"
         assert facts["layers"] == ["CLIPEncoderLayer", "LlamaDecoderLayer"], (
             f"FSDP units should be the decoder and vision encoder layers, found without a hand-written list: {facts}"
         )
