@@ -259,8 +259,13 @@ def deepspeed_load_state(state: dict, groups: list[list[tuple[str, Any]]], weigh
     # (ZeRO-3 keeps them in sub-groups of its own).
     flats = [p for group in base.param_groups for p in group["params"]]
     flats += getattr(zero, "fp32_partitioned_groups_flat", [])
+    fused = any(group.get("fused") or group.get("capturable") for group in base.param_groups)
     for flat in {id(f): f for f in flats}.values():
-        base.state[flat] = {k: v.clone() if v.dim() == 0 else torch.zeros_like(flat) for k, v in first.items()}
+        # torch keeps AdamW's step count on the CPU, or on the parameter's device when fused / capturable
+        scalar = flat.device if fused else "cpu"
+        base.state[flat] = {
+            k: v.clone().to(scalar) if v.dim() == 0 else torch.zeros_like(flat) for k, v in first.items()
+        }
     _link_optimizer_state(zero)
     for index, (name, param) in enumerate(named):
         safe_set_full_fp32_param(param, weights[name])

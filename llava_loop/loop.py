@@ -885,6 +885,8 @@ class Loop:
             grad_norm = self._deepspeed_update(loss_sum, num_tokens)
         else:  # max_grad_norm=0: no clipping, but the norm is still measured (logged, checked).
             grad_norm = self.accelerator.clip_grad_norm_(self._trainable, self.config.max_grad_norm or math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm is a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         grad_norm = torch.as_tensor(grad_norm, dtype=torch.float64).to(loss_sum.device)
         stats = torch.stack([loss_sum.double(), num_tokens.double(), grad_norm])  # read together, once
         ids = [i for b in micro_batches for i in b["ids"]]
@@ -1302,8 +1304,12 @@ class Loop:
         """Override this to change decoding settings. Return the `transformers.GenerationConfig` of
         evaluation (default: `llava_loop.modeling.generation_config`: the model's own, with the
         LoopConfig's decoding settings; greedy by default)."""
-        model = self.model
-        return generation_config(model, self.train_collator.tokenizer, self.config)
+        gen = generation_config(self.model, self.train_collator.tokenizer, self.config)
+        if self.config.generation_cache is None and (self.engine in ("fsdp", "deepspeed") or self._spread):
+            # A dynamic cache: transformers compiles a static cache's decoding step, and the engines' hooks
+            # (gathering shards, loading offloaded layers) make it recompile at every layer.
+            gen.cache_implementation = None
+        return gen
 
     @torch.no_grad()
     def generate(self, batch: dict) -> tuple[list[str], int | None]:
