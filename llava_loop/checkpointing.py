@@ -508,8 +508,8 @@ def save_checkpoint(accelerator: Any, config: Any, state: dict, model: Any, proc
         state: Plain state dicts: ``loop_state`` (`LoopState.state_dict()`; its ``step`` names the
             folder, its ``best_checkpoint`` and ``best_metric`` go to ``best.json``), ``callbacks``,
             ``optimizer``, ``scheduler`` and ``scaler`` (None when absent), ``rng`` (this process's), and
-            ``model``: the trainable weights as whole tensors when the model's own are sharded (FSDP),
-            else None (read from ``model``).
+            ``model``: the trainable weights as whole tensors, gathered by the caller under FSDP and
+            DeepSpeed, else None (read from ``model``).
         model: The unwrapped model (weights saved with ``save_pretrained``: adapters only for peft).
         processor: Saved next to the weights.
 

@@ -211,7 +211,7 @@ def configure_deepspeed(accelerator: Any, micro_batch_size: int, max_grad_norm: 
 
 def deepspeed_full_state(groups: list[list[tuple[str, Any]]], optimizer: Any) -> tuple[dict, dict]:
     """From DeepSpeed's partitions (ZeRO-1/2/3): the trained weights (its fp32 master copies) by name, and
-    the optimizer state in torch's format (whole tensors, parameters by index in ``named`` order, the
+    the optimizer state in torch's format (whole tensors, parameters by index in the order of ``groups``, the
     hyper-parameters of the optimizer's groups), i.e. what one process without DeepSpeed would save. A
     collective: every process calls it.
 

@@ -358,10 +358,10 @@ class Loop:
         resume = self._setup_output_dir()
         self.state.data_fingerprint = rundir.data_fingerprint(self.train_data)
         self.state.num_processes = self.accelerator.num_processes
-        plan = self._setup_model_and_optimizer(resume)
+        saved_and_plan = self._setup_model_and_optimizer(resume)
         self._setup_callbacks()
         if resume is not None:
-            self._resume(resume, plan)
+            self._resume(resume, *saved_and_plan)
         if self.accelerator.is_main_process:
             self.config.save(os.path.join(self.config.output_dir, "config.yaml"))
 
@@ -404,9 +404,10 @@ class Loop:
 
         return run_on_main(self.accelerator, own)  # an error there (e.g. in use) is raised on every process
 
-    def _setup_model_and_optimizer(self, resume: Any) -> rundir.ResumePlan | None:
+    def _setup_model_and_optimizer(self, resume: Any) -> tuple[dict, rundir.ResumePlan] | None:
         """Model (LoRA, placement), data loader, optimizer and schedule; with ``resume``, the checkpoint's
-        weights go into the model before the engine wraps (and maybe shards) it. Returns the resume plan."""
+        weights go into the model before the engine wraps (and maybe shards) it. Returns what `_resume_plan`
+        read and decided (None without ``resume``)."""
         cfg, acc = self.config, self.accelerator
         on_gpu = acc.device.type == "cuda"
         self.engine, self._sharded = engine(acc), shards_parameters(acc)
@@ -447,9 +448,9 @@ class Loop:
         checkpointing.check_disk_space(cfg.output_dir, checkpointing.estimate_checkpoint_bytes(self.model))
         result = self.configure_optimizers()
         self.optimizer, self.scheduler = result if isinstance(result, tuple) else (result, None)
-        plan = None
+        saved_and_plan = None
         if resume is not None:  # settings that cannot continue are refused before any weight is read
-            plan = self._resume_plan(resume)
+            saved_and_plan = self._resume_plan(resume)
             checkpointing.load_checkpoint_weights(resume, self.model)
         if self.engine == "fsdp":
             configure_fsdp(acc, self.model)
@@ -473,7 +474,7 @@ class Loop:
         if cfg.gradient_checkpointing == "auto":
             self._plan_checkpointing()
         self._throughput.setup_mfu(self.model, acc.device, acc.num_processes, cfg.peak_tflops)
-        return plan
+        return saved_and_plan
 
     def _check_engine(self) -> None:
         """Refuse what the engine and the model's placement cannot do, before any work."""
@@ -485,13 +486,21 @@ class Loop:
                 "launcher (each process takes one GPU: DDP; to shard a model too big for one GPU, use FSDP or "
                 "DeepSpeed ZeRO-3), or run one process (python train.py) to keep the device_map"
             )
-        measured_elsewhere = self._sharded or self.engine == "deepspeed" or self._spread
+        hooks = self._hooked_by()
         for name in ("batch_size", "eval_batch_size"):
-            if getattr(cfg, name) == "auto" and measured_elsewhere:
+            if getattr(cfg, name) == "auto" and hooks is not None:
                 raise ValueError(
                     f'{name}="auto" measures one process holding the whole model on one GPU; under '
-                    f"{'device_map' if self._spread else self.engine} that is not what runs: set {name} to a number"
+                    f"{hooks} that is not what runs: set {name} to a number"
                 )
+
+    def _hooked_by(self) -> str | None:
+        """What runs the model's layers through hooks of its own (gathering shards, loading offloaded
+        weights): ``"device_map"``, ``"fsdp"`` or ``"deepspeed"``; None when the model runs as it is, on one
+        device. Memory probes, compiled decoding steps and the update skipped on the device need the latter."""
+        if self._spread:
+            return "device_map"
+        return self.engine if self.engine in ("fsdp", "deepspeed") else None
 
     def _wrapper_used(self, *args: Any) -> None:
         """Forward pre-hook of ``model_wrapped``, removed once it fired: the first step ran through it."""
@@ -676,9 +685,10 @@ class Loop:
         if acc.device.type != "cuda" or num_layers == 0:
             logger.info('gradient_checkpointing="auto" without a GPU to measure: every layer is checkpointed')
             return
-        if self._sharded or self.engine == "deepspeed" or self._spread:
-            where = "device_map" if self._spread else self.engine
-            logger.info('gradient_checkpointing="auto" under %s (not measured): every layer is checkpointed', where)
+        if self._hooked_by() is not None:
+            logger.info(
+                'gradient_checkpointing="auto" under %s (not measured): every layer is checkpointed', self._hooked_by()
+            )
             return
         batch = self._to_device(self._longest_batch())
         rng = get_rng_state()
@@ -748,8 +758,9 @@ class Loop:
             trackers = [TrackerLogger()] if cfg.report_to and not has_trackers else []
             self.callbacks = [jsonl, RunPlot(), ProgressBar(), *summary, *self.callbacks, *trackers]
 
-    def _resume_plan(self, path: Any) -> rundir.ResumePlan:
-        """What continues from checkpoint ``path`` and how; raises on what cannot (`rundir.resume_plan`)."""
+    def _resume_plan(self, path: Any) -> tuple[dict, rundir.ResumePlan]:
+        """The resume information of checkpoint ``path`` (`checkpointing.read_resume_info`), and what continues
+        from it and how; raises on what cannot (`rundir.resume_plan`)."""
         state = self.state
         saved = checkpointing.read_resume_info(path)
         here = {
@@ -757,13 +768,12 @@ class Loop:
             "data_fingerprint": state.data_fingerprint,
             "num_processes": state.num_processes,
         }
-        return rundir.resume_plan(saved["config"], self.config.to_dict(), saved["loop_state"], here, path)
+        return saved, rundir.resume_plan(saved["config"], self.config.to_dict(), saved["loop_state"], here, path)
 
-    def _resume(self, path: Any, plan: rundir.ResumePlan) -> None:
-        """Continue from the checkpoint ``path`` (its weights are loaded already): restore the optimizer,
-        schedule, state, callbacks and RNG as ``plan`` says."""
+    def _resume(self, path: Any, saved: dict, plan: rundir.ResumePlan) -> None:
+        """Continue from the checkpoint ``path`` (its weights are loaded already; ``saved``: its resume
+        information): restore the optimizer, schedule, state, callbacks and RNG as ``plan`` says."""
         state, acc = self.state, self.accelerator
-        saved = checkpointing.read_resume_info(path)
         here = (state.data_fingerprint, state.num_processes)
         # This run's optimizer settings and schedule, before the checkpoint's overwrite them.
         fresh_groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
@@ -892,8 +902,8 @@ class Loop:
         ids = [i for b in micro_batches for i in b["ids"]]
         step = _Step(stats, counts, ids, learning_rate_logs(self.optimizer), self.state.samples_in_epoch)
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
-        one_device = self.engine in ("single", "ddp") and not self._spread
-        if self.accelerator.scaler is None and one_device and getattr(inner, "_step_supports_amp_scaling", False):
+        plain = self._hooked_by() is None
+        if self.accelerator.scaler is None and plain and getattr(inner, "_step_supports_amp_scaling", False):
             mean = stats[0] / stats[1]
             bad = ~torch.isfinite(mean) | ~torch.isfinite(stats[2]) | (stats[1] <= 0)  # `_good`, on the device
             inner.grad_scale, inner.found_inf = None, bad.float()  # what GradScaler hands the optimizer
@@ -1305,7 +1315,7 @@ class Loop:
         evaluation (default: `llava_loop.modeling.generation_config`: the model's own, with the
         LoopConfig's decoding settings; greedy by default)."""
         gen = generation_config(self.model, self.train_collator.tokenizer, self.config)
-        if self.config.generation_cache is None and (self.engine in ("fsdp", "deepspeed") or self._spread):
+        if self.config.generation_cache is None and self._hooked_by() is not None:
             # A dynamic cache: transformers compiles a static cache's decoding step, and the engines' hooks
             # (gathering shards, loading offloaded layers) make it recompile at every layer.
             gen.cache_implementation = None

@@ -212,16 +212,11 @@ def fsdp_on_cpu() -> None:
     """
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    import llava_loop.loop as loop_module
-    from llava_loop.distributed import make_accelerator
-
-    def make(precision: str, project_dir: str):
-        accelerator = make_accelerator(precision, project_dir)
+    def switch(accelerator) -> None:
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
         _set_distributed_type(accelerator, DistributedType.FSDP)
-        return accelerator
 
-    loop_module.make_accelerator = make
+    _switch_loop_accelerators(switch)
 
 
 def deepspeed_on_cpu(stage: int) -> None:
@@ -229,16 +224,24 @@ def deepspeed_on_cpu(stage: int) -> None:
     each worker): as `fsdp_on_cpu`, for accelerate's DeepSpeed path (DeepSpeed's CPU accelerator, gloo)."""
     from accelerate.utils import DeepSpeedPlugin, DistributedType
 
-    import llava_loop.loop as loop_module
-    from llava_loop.distributed import make_accelerator
-
-    def make(precision: str, project_dir: str):
-        accelerator = make_accelerator(precision, project_dir)
+    def switch(accelerator) -> None:
         plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": stage}, "bf16": {"enabled": False}})
         _set_distributed_type(accelerator, DistributedType.DEEPSPEED)
         accelerator.state.deepspeed_plugins = plugin
         plugin.select(_from_accelerator_state=True)
         accelerator.deepspeed_engine_wrapped = None  # what Accelerator.__init__ sets under DeepSpeed
+
+    _switch_loop_accelerators(switch)
+
+
+def _switch_loop_accelerators(switch) -> None:
+    """Make the loop create its Accelerators as it does (`make_accelerator`), then pass each to ``switch``."""
+    import llava_loop.loop as loop_module
+    from llava_loop.distributed import make_accelerator
+
+    def make(precision: str, project_dir: str):
+        accelerator = make_accelerator(precision, project_dir)
+        switch(accelerator)
         return accelerator
 
     loop_module.make_accelerator = make
